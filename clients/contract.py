@@ -1,0 +1,74 @@
+"""The served model's contract: tensor names, datatypes, dims and generation parameters, defined once.
+
+Used by the server (metadata, config, validation), the exporters and the clients. Pure Python: the SDK
+imports it, so it must not import torch, ray or anything under serve/ or deployments/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODEL_NAME = "blip2"
+MODEL_VERSION = "1"
+SERVER_NAME = "blip2-serve"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output tensor. `dims` excludes the batch dimension, as in a Triton config."""
+
+    name: str
+    datatype: str  # KServe v2 datatype: "BYTES", "FP32", ...
+    dims: tuple[int, ...]
+    optional: bool = False
+
+    @property
+    def triton_type(self) -> str:
+        """The `data_type` a Triton model config uses for this datatype."""
+        return "TYPE_STRING" if self.datatype == "BYTES" else f"TYPE_{self.datatype}"
+
+
+# IMAGE: one encoded image file (PNG, JPEG, WebP, ...) per batch row; request shape [N, 1] (or [N]).
+IMAGE = TensorSpec("IMAGE", "BYTES", (1,))
+# PROMPT: UTF-8 text per row ([N, 1]), or one prompt for every row ([1, 1]); absent means captioning.
+PROMPT = TensorSpec("PROMPT", "BYTES", (1,), optional=True)
+# TEXT: the generated text per row, without the prompt.
+TEXT = TensorSpec("TEXT", "BYTES", (1,))
+
+INPUTS = (IMAGE, PROMPT)
+OUTPUTS = (TEXT,)
+
+# The exported vision stage (vision tower + Q-Former + language projection).
+PIXEL_VALUES = TensorSpec("pixel_values", "FP32", (3, -1, -1))
+IMAGE_EMBEDS = TensorSpec("image_embeds", "FP32", (-1, -1))  # [num_query_tokens, llm_hidden]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A generation parameter sent as a request parameter; `minimum` is exclusive where `exclusive_min`."""
+
+    name: str
+    kind: type  # int, float or bool
+    default: int | float | bool | None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_min: bool = False
+
+
+GENERATION_PARAMETERS = (
+    ParamSpec("max_new_tokens", int, 30, 1, 1024),
+    ParamSpec("min_new_tokens", int, 0, 0, 1024),
+    ParamSpec("num_beams", int, 1, 1, 16),
+    ParamSpec("do_sample", bool, False),
+    ParamSpec("temperature", float, 1.0, 0.0, 10.0, exclusive_min=True),
+    ParamSpec("top_p", float, 1.0, 0.0, 1.0, exclusive_min=True),
+    ParamSpec("top_k", int, 50, 0, 100_000),
+    ParamSpec("repetition_penalty", float, 1.0, 0.0, 10.0, exclusive_min=True),
+    ParamSpec("seed", int, None, 0, 2**63 - 1),
+)
+PARAMETERS_BY_NAME = {p.name: p for p in GENERATION_PARAMETERS}
+
+# Request parameters that stock Triton clients may send and that are not generation parameters.
+TRANSPORT_PARAMETERS = frozenset(
+    {"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "headers"}
+)

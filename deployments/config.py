@@ -1,0 +1,33 @@
+"""Typed settings the model deployments receive. The application config (serve/config.py) composes them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Dtype = Literal["auto", "fp32", "fp16", "bf16"]
+Quantization = Literal["none", "int8", "int4"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ModelConfig(BaseModel):
+    """Which checkpoint to load and how: a local directory or a hub name such as `Salesforce/blip2-opt-2.7b`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    checkpoint: str
+    revision: str | None = None
+    dtype: Dtype = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    quantization: Quantization = "none"  # bitsandbytes, LLM stage only
+    device: Device = "auto"  # auto: CUDA when the replica sees a GPU
+    local_files_only: bool = False  # never contact the hub (HF_HUB_OFFLINE=1 does the same)
+
+
+class BatchConfig(BaseModel):
+    """Dynamic batching of one stage: at most `max_batch_size` requests, waiting up to `wait_timeout_s`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(8, ge=1, le=256)
+    wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)

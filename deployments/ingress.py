@@ -1,0 +1,52 @@
+"""The composition of the two model stages through Ray Serve DeploymentHandles.
+
+Every protocol's ingress holds one Blip2Pipeline and calls it with GenerateRequests; it never sees tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ray.serve.handle import DeploymentHandle
+
+from deployments.types import GenerateRequest, GenerateResult
+
+logger = logging.getLogger(__name__)
+
+
+class Blip2Pipeline:
+    """image -> vision stage -> ImageEmbeds -> LLM stage -> GenerateResult, one request at a time or many."""
+
+    def __init__(self, vision: DeploymentHandle, llm: DeploymentHandle):
+        self._vision = vision
+        self._llm = llm
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        """Run one request through both stages; the stages batch it with concurrent requests."""
+        if request.image is None:
+            raise ValueError("GenerateRequest without an image reached the pipeline")
+        embeds = await self._vision.embed.remote(request.image)
+        return await self._llm.generate.remote(request.without_image(), embeds)
+
+    async def generate_all(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        """Run requests concurrently (so they share batches); the first error fails the call, after all finish."""
+        outcomes = await asyncio.gather(*(self.generate(r) for r in requests), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return list(outcomes)
+
+    async def ready(self, timeout_s: float = 5.0) -> bool:
+        """True when both stages answer within `timeout_s`."""
+        try:
+            checks = (self._vision.ready.remote(), self._llm.ready.remote())
+            return all(await asyncio.wait_for(asyncio.gather(*checks), timeout_s))
+        except Exception as exc:  # any failure to answer means not ready
+            logger.info("not ready: %s", exc)
+            return False
+
+    async def stats(self) -> dict:
+        """Batch sizes seen by one replica of each stage."""
+        vision, llm = await asyncio.gather(self._vision.stats.remote(), self._llm.stats.remote())
+        return {"vision": vision, "llm": llm}

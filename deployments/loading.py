@@ -1,0 +1,150 @@
+"""Loading one half of a BLIP-2 checkpoint through transformers `from_pretrained`.
+
+The vision stage loads only the vision tower, the query tokens, the Q-Former and the language projection;
+the LLM stage loads only the language model. Both read the same checkpoint (a directory or a hub name)
+that `Blip2ForConditionalGeneration.from_pretrained` reads, with the same dtype rules, and skip the other
+half's weights, so a replica holds only what it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoProcessor, Blip2Processor
+from transformers.models.blip_2.modeling_blip_2 import (
+    Blip2PreTrainedModel,
+    Blip2QFormerModel,
+    Blip2VisionModel,
+)
+
+from deployments.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Blip2VisionConnector(Blip2PreTrainedModel):
+    """Vision tower + Q-Former + language projection: `pixel_values [B,3,H,W] -> image_embeds [B,Q,llm_hidden]`.
+
+    Parameter names match Blip2ForConditionalGeneration, so its checkpoints load as they are.
+    """
+
+    main_input_name = "pixel_values"
+    _keep_in_fp32_modules = ["query_tokens", "qformer"]
+    _keys_to_ignore_on_load_unexpected = [r"^language_model\."]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+        self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The same steps, in the same dtypes, as the first half of `Blip2ForConditionalGeneration.generate`."""
+        # image_features: [B, num_patches + 1, vision_hidden]
+        image_features = self.vision_model(pixel_values, return_dict=True).last_hidden_state
+        image_attention_mask = torch.ones(image_features.shape[:-1], dtype=torch.long, device=image_features.device)
+        query_tokens = self.query_tokens.expand(image_features.shape[0], -1, -1)
+        # query_output: [B, num_query_tokens, qformer_hidden]
+        query_output = self.qformer(
+            query_embeds=query_tokens,
+            encoder_hidden_states=image_features,
+            encoder_attention_mask=image_attention_mask,
+            return_dict=True,
+        ).last_hidden_state
+        if query_output.dtype != image_features.dtype:  # the Q-Former may be kept in fp32
+            query_output = query_output.to(image_features.dtype)
+        return self.language_projection(query_output)  # [B, num_query_tokens, llm_hidden]
+
+
+class Blip2LanguageModel(Blip2PreTrainedModel):
+    """Only `language_model` (OPT decoder-only or Flan-T5 encoder-decoder) of a BLIP-2 checkpoint."""
+
+    _keys_to_ignore_on_load_unexpected = [
+        r"^vision_model\.",
+        r"^qformer\.",
+        r"^query_tokens",
+        r"^language_projection\.",
+    ]
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.use_decoder_only_language_model:
+            self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        else:
+            self.language_model = AutoModelForSeq2SeqLM.from_config(config.text_config)
+        self.post_init()
+
+
+def resolve_device(config: ModelConfig) -> torch.device:
+    """CUDA when asked for, or when `auto` and this process sees a GPU; else CPU."""
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for but this replica sees no GPU")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
+    """fp16 on CUDA and fp32 on CPU for `auto`; half precision on CPU works but is slow, so it is logged."""
+    if config.dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    dtype = _DTYPES[config.dtype]
+    if device.type == "cpu" and dtype != torch.float32:
+        logger.warning("dtype %s on CPU is much slower than fp32 on most CPUs", config.dtype)
+    return dtype
+
+
+def _hub_kwargs(config: ModelConfig) -> dict:
+    return {"revision": config.revision, "local_files_only": config.local_files_only}
+
+
+def load_processor(config: ModelConfig) -> Blip2Processor:
+    """The checkpoint's processor; it must insert the image tokens (`num_query_tokens` set)."""
+    processor = AutoProcessor.from_pretrained(config.checkpoint, **_hub_kwargs(config))
+    if getattr(processor, "num_query_tokens", None) is None:
+        raise RuntimeError(
+            f"the processor of {config.checkpoint} has no num_query_tokens: it would insert no image tokens"
+        )
+    return processor
+
+
+def load_vision(config: ModelConfig) -> tuple[Blip2VisionConnector, torch.device, torch.dtype]:
+    """The vision half on its device, in eval mode."""
+    device = resolve_device(config)
+    dtype = resolve_dtype(config, device)
+    model = Blip2VisionConnector.from_pretrained(config.checkpoint, dtype=dtype, **_hub_kwargs(config))
+    return model.to(device).eval(), device, dtype
+
+
+def _quantization_config(config: ModelConfig, dtype: torch.dtype):
+    if config.quantization == "none":
+        return None
+    try:
+        from transformers import BitsAndBytesConfig
+
+        import bitsandbytes  # noqa: F401  (fail here, with the fix, rather than deep in from_pretrained)
+    except ImportError as exc:
+        raise RuntimeError(f"quantization {config.quantization} needs bitsandbytes: pip install 'blip2-serve[quant]'") from exc
+    if config.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def load_language_model(config: ModelConfig) -> tuple[Blip2LanguageModel, torch.device, torch.dtype]:
+    """The LLM half on its device, in eval mode, quantized by bitsandbytes when configured."""
+    device = resolve_device(config)
+    dtype = resolve_dtype(config, device)
+    quantization = _quantization_config(config, dtype)
+    kwargs = _hub_kwargs(config)
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": str(device)})
+    model = Blip2LanguageModel.from_pretrained(config.checkpoint, dtype=dtype, **kwargs)
+    if quantization is None:
+        model = model.to(device)
+    return model.eval(), device, dtype

@@ -1,0 +1,159 @@
+"""The internal request and result types that travel between the edge and the deployments.
+
+Every protocol (KServe v2 HTTP/gRPC, OpenAI chat, Triton's Python backend) converts to and from these
+in one place each; the deployments know nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, Mapping
+
+from clients.contract import GENERATION_PARAMETERS, PARAMETERS_BY_NAME, ParamSpec
+from deployments.errors import InvalidInput
+
+if TYPE_CHECKING:  # torch stays out of the edge's import path
+    import torch
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Per-request decoding settings, validated against the contract's ranges."""
+
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: GenerationParams | None = None) -> GenerationParams:
+        """Validate `values` (names from clients.contract) over `base`; raises InvalidInput on any bad value."""
+        base = base or cls()
+        updates = {}
+        for name, raw in values.items():
+            spec = PARAMETERS_BY_NAME.get(name)
+            if spec is None:
+                known = ", ".join(p.name for p in GENERATION_PARAMETERS)
+                raise InvalidInput(f"unknown generation parameter {name!r}; known: {known}")
+            updates[name] = _coerce(spec, raw)
+        params = replace(base, **updates)
+        if params.min_new_tokens > params.max_new_tokens:
+            raise InvalidInput(
+                f"min_new_tokens ({params.min_new_tokens}) must not exceed max_new_tokens ({params.max_new_tokens})"
+            )
+        return params
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys may share one generate call without changing their results.
+
+        Greedy and unseeded sampling ignore max_new_tokens (each row is cut to its own length); beam search
+        keeps it (it changes which beams finish); a seeded sampling request runs alone, so its seed decides.
+        """
+        key = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.num_beams == 1:
+            key.pop("max_new_tokens")
+        if not self.do_sample:
+            for name in ("temperature", "top_p", "top_k", "seed"):
+                key.pop(name)
+        return tuple(sorted(key.items()))
+
+    @property
+    def runs_alone(self) -> bool:
+        """A seeded sampling request owns the random generator for its whole generate call."""
+        return self.do_sample and self.seed is not None
+
+    def generate_kwargs(self, max_new_tokens: int) -> dict[str, Any]:
+        """Keyword arguments for transformers `generate`; sampling knobs only when sampling."""
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "num_beams": self.num_beams}
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = self.min_new_tokens
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        kwargs["do_sample"] = self.do_sample
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return kwargs
+
+
+def _coerce(spec: ParamSpec, raw: Any) -> int | float | bool | None:
+    """`raw` as `spec.kind`, within range; JSON numbers and numeric strings (gRPC string params) accepted."""
+    if spec.kind is bool:
+        if isinstance(raw, str) and raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        if not isinstance(raw, bool):
+            raise InvalidInput(f"parameter {spec.name!r} must be a boolean, not {raw!r}")
+        return raw
+    if raw is None and spec.default is None:
+        return None
+    number = raw
+    if isinstance(raw, str):
+        try:
+            number = float(raw)
+        except ValueError:
+            raise InvalidInput(f"parameter {spec.name!r} must be a number, not {raw!r}") from None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+        raise InvalidInput(f"parameter {spec.name!r} must be a finite number, not {raw!r}")
+    if spec.kind is int and not float(number).is_integer():
+        raise InvalidInput(f"parameter {spec.name!r} must be an integer, not {raw!r}")
+    value = spec.kind(number)
+    low_ok = spec.minimum is None or (value > spec.minimum if spec.exclusive_min else value >= spec.minimum)
+    high_ok = spec.maximum is None or value <= spec.maximum
+    if not (low_ok and high_ok):
+        low = "(" if spec.exclusive_min else "["
+        raise InvalidInput(f"parameter {spec.name!r}={raw!r} is out of range {low}{spec.minimum}, {spec.maximum}]")
+    return value
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file as the client sent it; `digest` (sha256 hex) keys caches. Checked, not decoded."""
+
+    data: bytes
+    digest: str
+    width: int
+    height: int
+    format: str
+
+    @classmethod
+    def of(cls, data: bytes, width: int, height: int, format: str) -> EncodedImage:
+        return cls(data, hashlib.sha256(data).hexdigest(), width, height, format)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One image and one prompt to generate from. `prompt` "" means plain captioning."""
+
+    request_id: str
+    image: EncodedImage | None
+    prompt: str = ""
+    params: GenerationParams = GenerationParams()
+
+    def without_image(self) -> GenerateRequest:
+        """The request as the LLM stage needs it: the image travels as ImageEmbeds instead."""
+        return replace(self, image=None)
+
+
+@dataclass(frozen=True)
+class ImageEmbeds:
+    """The vision stage's output for one image: `embeds [num_query_tokens, llm_hidden]`, CPU, model dtype."""
+
+    embeds: torch.Tensor
+    digest: str
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """Generated tokens (without prompt, pads or decoder start) and their text."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length" (max_new_tokens reached)

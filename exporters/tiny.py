@@ -1,0 +1,207 @@
+"""Small random BLIP-2 checkpoints with real tokenizers, for offline runs and tests.
+
+The checkpoint is shaped like `Salesforce/blip2-opt-*` or `Salesforce/blip2-flan-t5-*` (same classes,
+same processor, same file layout) but tiny, so that `blip2-serve run` works with no model hub. Its
+captions are gibberish: the weights are random.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+LlmKind = Literal["opt", "t5"]
+
+# Words the tokenizers are trained on: enough for a few hundred merges and BLIP-2 style prompts.
+_CORPUS_WORDS = (
+    "a an the of in on at with and or to from by for is are was were be this that these those what which who "
+    "where when how why question answer picture photo image of cat dog man woman child people car bus train "
+    "street road city tree trees sky cloud clouds sun water sea beach boat mountain snow grass field house room "
+    "table chair bed window door kitchen food pizza cake plate cup bottle phone computer book red green blue "
+    "yellow black white brown orange pink purple small large big little tall short old young happy sad standing "
+    "sitting walking running playing eating holding looking riding flying two three many some one color colour "
+    "does do there it he she they his her their its front back left right top bottom near next inside outside "
+    "describe caption tell me about please detail shows show showing kind type animal vehicle building person"
+).split()
+
+IMAGE_TOKEN = "<image>"
+
+
+def _corpus(lines: int = 4000) -> list[str]:
+    """Deterministic pseudo-sentences over `_CORPUS_WORDS`."""
+    words = _CORPUS_WORDS
+    n = len(words)
+    out = []
+    for i in range(lines):
+        length = 4 + (i * 7) % 9
+        out.append(" ".join(words[(i * 31 + j * (i % 13 + 1) * 17) % n] for j in range(length)))
+    out.append("Question: what is in the picture? Answer: a cat. Question: what color is it? Answer:")
+    return out
+
+
+def _opt_tokenizer(vocab_size: int):
+    """Byte-level BPE like OPT's GPT-2 tokenizer: <s>=0 <pad>=1 </s>=2 <unk>=3, BOS (</s>) prepended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def _t5_tokenizer(vocab_size: int):
+    """Unigram (SentencePiece-style) like T5's: <pad>=0 </s>=1 <unk>=2, EOS appended."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", padding_side="right"
+    )
+
+
+def _reinitialise(model, seed: int) -> None:
+    """Give every weight a visible variance: the default init makes every image give the same caption."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name.lower():
+                centre = 1.0 if name.endswith("weight") else 0.0
+                param.copy_(centre + 0.1 * torch.randn(param.shape, generator=gen))
+            else:
+                # std 2/sqrt(fan_in), measured: smaller gives one repeated token for every image.
+                std = 2.0 / max(1, param.shape[-1]) ** 0.5 if param.dim() >= 2 else 0.1
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def make_tiny_checkpoint(
+    out_dir: str | Path,
+    llm: LlmKind = "opt",
+    *,
+    image_size: int = 32,
+    num_query_tokens: int = 8,
+    vocab_size: int = 600,
+    seed: int = 0,
+) -> Path:
+    """Write a small random BLIP-2 checkpoint (safetensors + processor + tokenizer) to `out_dir`.
+
+    Loads through `Blip2ForConditionalGeneration.from_pretrained(out_dir)` and `Blip2Processor.from_pretrained`,
+    exactly as a hub checkpoint does.
+    """
+    import torch
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        OPTConfig,
+        T5Config,
+    )
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    if llm not in ("opt", "t5"):
+        raise ValueError(f"llm must be 'opt' or 't5', not {llm!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = _opt_tokenizer(vocab_size) if llm == "opt" else _t5_tokenizer(vocab_size)
+    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
+    image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    vocab = len(tokenizer)
+
+    vision = Blip2VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=8,
+        initializer_range=0.02,
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=64,
+        cross_attention_frequency=1,
+        encoder_hidden_size=32,
+    )
+    if llm == "opt":
+        text = OPTConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            word_embed_proj_dim=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    else:
+        text = T5Config(
+            vocab_size=vocab,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    config = Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token_index,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    _reinitialise(model, seed)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    logger.info("wrote a tiny BLIP-2 (%s) checkpoint to %s", llm, out)
+    return out

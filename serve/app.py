@@ -1,0 +1,50 @@
+"""`build_app(config)`: the typed config becomes a bound Ray Serve application (ingress -> vision, LLM).
+
+`app_builder` is the same thing for `serve run serve.app:app_builder model.checkpoint=...` and for a Serve
+config file (KubeRay RayService, `serve deploy`): Ray validates the arguments into AppConfig.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ray.serve import Application
+
+from deployments.llm import LLMDeployment
+from deployments.vision import VisionDeployment
+from serve.config import AppConfig, StageConfig
+from serve.http import HttpIngress
+
+logger = logging.getLogger(__name__)
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _gpus_for(stage: StageConfig, config: AppConfig) -> float:
+    """A model stage takes one GPU where the cluster has GPUs and the model is not pinned to the CPU."""
+    if stage.num_gpus != "auto":
+        return float(stage.num_gpus)
+    if config.model.device == "cpu":
+        return 0.0
+    return 1.0 if config.model.device == "cuda" or _cluster_has_gpus() else 0.0
+
+
+def build_app(config: AppConfig) -> Application:
+    """The BLIP-2 graph: HttpIngress holding handles to VisionDeployment and LLMDeployment."""
+    vision = VisionDeployment.options(**config.vision.deployment_options(_gpus_for(config.vision, config))).bind(
+        config.model, config.vision.batch, config.server.image_limits(), config.vision.torch_threads
+    )
+    llm = LLMDeployment.options(**config.llm.deployment_options(_gpus_for(config.llm, config))).bind(
+        config.model, config.llm.batch, config.server.max_prompt_tokens, config.llm.torch_threads
+    )
+    ingress_gpus = 0.0 if config.ingress.num_gpus == "auto" else float(config.ingress.num_gpus)
+    return HttpIngress.options(**config.ingress.deployment_options(ingress_gpus)).bind(vision, llm, config)
+
+
+def app_builder(args: AppConfig) -> Application:
+    """Entry point for Ray Serve config files and `serve run`."""
+    return build_app(args)

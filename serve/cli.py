@@ -1,0 +1,118 @@
+"""`blip2-serve`: run the server on an embedded local Ray (or an existing cluster), write tiny checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+logger = logging.getLogger("blip2_serve")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from serve.config import AppConfig
+
+    if args.config:
+        config = AppConfig.from_file(args.config)
+    elif args.model:
+        config = AppConfig.model_validate({"model": {"checkpoint": args.model}})
+    else:
+        raise SystemExit("blip2-serve run: give --model CHECKPOINT or --config FILE")
+    data: dict[str, Any] = config.model_dump()
+    if args.model:
+        data["model"]["checkpoint"] = args.model
+    for name in ("dtype", "quantization", "device"):
+        if getattr(args, name):
+            data["model"][name] = getattr(args, name)
+    if args.host:
+        data["server"]["host"] = args.host
+    if args.port is not None:
+        data["server"]["http_port"] = args.port
+    return AppConfig.model_validate(data)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start Ray (local unless --address), deploy the graph, serve until SIGINT/SIGTERM."""
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    config = _config_from_args(args)
+    ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
+    serve.start(http_options={"host": config.server.host, "port": config.server.http_port})
+    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+    url = f"http://{config.server.host}:{config.server.http_port}{config.route_prefix.rstrip('/')}"
+    print(f"blip2-serve: model '{config.server.model_name}' ready at {url} (KServe v2: {url}/v2)", flush=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("blip2-serve: shutting down", flush=True)
+    serve.delete(config.app_name)
+    if args.address is None:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def make_tiny(args: argparse.Namespace) -> int:
+    """Write a small random checkpoint; its captions are gibberish."""
+    from exporters.tiny import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(args.dir, args.llm, seed=args.seed)
+    print(f"wrote a tiny random BLIP-2 ({args.llm}) checkpoint to {path}; its outputs are gibberish")
+    return 0
+
+
+def print_config(args: argparse.Namespace) -> int:
+    """The full configuration with every default, as YAML, to edit and pass back with --config."""
+    import yaml
+
+    from serve.config import AppConfig
+
+    config = AppConfig.model_validate({"model": {"checkpoint": args.model}})
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="blip2-serve", description="A model server for Salesforce BLIP-2.")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    run_cmd = commands.add_parser("run", help="serve a checkpoint over HTTP (KServe v2)")
+    run_cmd.add_argument("--model", help="checkpoint directory or hub name, e.g. Salesforce/blip2-opt-2.7b")
+    run_cmd.add_argument("--config", help="YAML or JSON AppConfig (see `blip2-serve config`)")
+    run_cmd.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    run_cmd.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    run_cmd.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"])
+    run_cmd.add_argument("--quantization", choices=["none", "int8", "int4"], help="LLM weights via bitsandbytes")
+    run_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    run_cmd.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    run_cmd.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    run_cmd.set_defaults(func=run)
+
+    tiny = commands.add_parser("make-tiny", help="write a small random BLIP-2 checkpoint (no hub needed)")
+    tiny.add_argument("dir")
+    tiny.add_argument("--llm", choices=["opt", "t5"], default="opt")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=make_tiny)
+
+    cfg = commands.add_parser("config", help="print the default configuration as YAML")
+    cfg.add_argument("--model", default="Salesforce/blip2-opt-2.7b")
+    cfg.set_defaults(func=print_config)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

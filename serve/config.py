@@ -1,0 +1,120 @@
+"""The application's one typed configuration: model, stages (replicas, autoscaling, batching, resources), server.
+
+Flows one way: YAML/JSON or CLI flags -> AppConfig -> build_app(config) -> .bind(). Nothing reads argv here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from clients.contract import MODEL_NAME
+from deployments.config import BatchConfig, ModelConfig
+from deployments.images import ImageLimits
+from deployments.types import GenerationParams
+
+
+class AutoscalingConfig(BaseModel):
+    """Ray Serve autoscaling of one stage, by ongoing requests per replica."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(300.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class StageConfig(BaseModel):
+    """Replicas, resources and batching of one deployment. `autoscaling` replaces `num_replicas` when set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    max_ongoing_requests: int | None = Field(None, ge=1)  # default: 2 x max_batch_size
+    max_queued_requests: int = Field(1024, ge=-1)  # beyond this a caller gets 503; -1: unbounded
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float | Literal["auto"] = "auto"  # auto: 1 where the cluster has GPUs and the model may use one
+    torch_threads: int | None = Field(None, ge=1)
+    batch: BatchConfig = BatchConfig()
+
+    def deployment_options(self, num_gpus: float) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options()`."""
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests or 2 * self.batch.max_batch_size,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": num_gpus},
+        }
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+    @model_validator(mode="after")
+    def _room_for_a_batch(self) -> StageConfig:
+        # Ray caps a replica's in-flight calls at max_ongoing_requests, so a smaller value caps every batch.
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.batch.max_batch_size:
+            raise ValueError("max_ongoing_requests must be at least batch.max_batch_size")
+        return self
+
+
+class ServerConfig(BaseModel):
+    """The HTTP edge: address, public model name, request limits and default generation parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+    model_name: str = MODEL_NAME
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_images_per_request: int = Field(8, ge=1, le=1024)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_prompt_tokens: int = Field(512, ge=1)
+    default_max_new_tokens: int = Field(30, ge=1, le=1024)
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+    def default_params(self) -> GenerationParams:
+        return GenerationParams(max_new_tokens=self.default_max_new_tokens)
+
+
+def _ingress_default() -> StageConfig:
+    return StageConfig(num_cpus=0.0, num_gpus=0, max_ongoing_requests=256)
+
+
+class AppConfig(BaseModel):
+    """Everything `build_app` needs. Load from YAML/JSON with `AppConfig.from_file`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelConfig
+    server: ServerConfig = ServerConfig()
+    ingress: StageConfig = Field(default_factory=_ingress_default)
+    vision: StageConfig = StageConfig()
+    llm: StageConfig = StageConfig()
+    app_name: str = "blip2"
+    route_prefix: str = "/"
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> AppConfig:
+        """Read a YAML (.yaml/.yml) or JSON file."""
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            return cls.model_validate(yaml.safe_load(text))
+        return cls.model_validate(json.loads(text))
