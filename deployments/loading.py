@@ -100,13 +100,19 @@ def resolve_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def _hub_kwargs(config: ModelConfig) -> dict:
-    return {"revision": config.revision, "local_files_only": config.local_files_only}
+def _from_pretrained(cls, config: ModelConfig, **kwargs):
+    """`cls.from_pretrained(checkpoint)`: a local directory, or a hub name fetched (and cached) by transformers."""
+    try:
+        return cls.from_pretrained(
+            config.checkpoint, revision=config.revision, local_files_only=config.local_files_only, **kwargs
+        )
+    except OSError as exc:
+        raise OSError(f"cannot load checkpoint {config.checkpoint!r} (a local directory or a hub name): {exc}") from exc
 
 
 def load_processor(config: ModelConfig) -> Blip2Processor:
     """The checkpoint's processor; it must insert the image tokens (`num_query_tokens` set)."""
-    processor = AutoProcessor.from_pretrained(config.checkpoint, **_hub_kwargs(config))
+    processor = _from_pretrained(AutoProcessor, config)
     if getattr(processor, "num_query_tokens", None) is None:
         raise RuntimeError(
             f"the processor of {config.checkpoint} has no num_query_tokens: it would insert no image tokens"
@@ -118,7 +124,7 @@ def load_vision(config: ModelConfig) -> tuple[Blip2VisionConnector, torch.device
     """The vision half on its device, in eval mode."""
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
-    model = Blip2VisionConnector.from_pretrained(config.checkpoint, dtype=dtype, **_hub_kwargs(config))
+    model = _from_pretrained(Blip2VisionConnector, config, dtype=dtype)
     return model.to(device).eval(), device, dtype
 
 
@@ -141,10 +147,10 @@ def load_language_model(config: ModelConfig) -> tuple[Blip2LanguageModel, torch.
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
     quantization = _quantization_config(config, dtype)
-    kwargs = _hub_kwargs(config)
+    kwargs = {}
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": str(device)})
-    model = Blip2LanguageModel.from_pretrained(config.checkpoint, dtype=dtype, **kwargs)
+    model = _from_pretrained(Blip2LanguageModel, config, dtype=dtype, **kwargs)
     if quantization is None:
         model = model.to(device)
     return model.eval(), device, dtype

@@ -1,0 +1,121 @@
+"""Session fixtures: tiny checkpoints built once, one Ray + Serve instance, both graphs (OPT and T5) deployed once.
+
+Ray starts once per session (12-15 s on two cores); every Serve test shares it.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before ray is imported anywhere: no token auth, no usage stats, nothing from the hub.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Reference
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random BLIP-2 checkpoints written with save_pretrained: {"opt": dir, "t5": dir}."""
+    from exporters.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {llm: make_tiny_checkpoint(root / llm, llm) for llm in ("opt", "t5")}
+
+
+@pytest.fixture(scope="session")
+def references(checkpoints) -> dict[str, Reference]:
+    """transformers' own Blip2ForConditionalGeneration + Blip2Processor on each checkpoint."""
+    return {llm: Reference(path) for llm, path in checkpoints.items()}
+
+
+@dataclass(frozen=True)
+class ServedApp:
+    """One deployed BLIP-2 application on the shared Serve instance."""
+
+    llm: str
+    name: str
+    port: int
+    route_prefix: str
+
+    @property
+    def url(self) -> str:
+        """host:port/prefix, as tritonclient takes it."""
+        return f"127.0.0.1:{self.port}{self.route_prefix}"
+
+    @property
+    def http(self) -> str:
+        return f"http://{self.url}"
+
+    def handle(self):
+        from ray import serve
+
+        return serve.get_app_handle(self.name)
+
+    def deployment(self, name: str):
+        from ray import serve
+
+        return serve.get_deployment_handle(name, app_name=self.name)
+
+
+# Small limits so that oversize requests are cheap to send; model stages on no CPU reservation (2-core box).
+TEST_SERVER = {"max_request_bytes": 2 * 1024 * 1024, "max_image_bytes": 1024 * 1024, "max_image_pixels": 4_000_000}
+TEST_STAGE = {"num_cpus": 0, "torch_threads": 1, "batch": {"max_batch_size": 8, "wait_timeout_s": 0.02}}
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> int:
+    """Ray (local, loopback) and Serve's HTTP proxy on 127.0.0.1, once per session."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def apps(serve_port, checkpoints) -> dict[str, ServedApp]:
+    """Both graphs, deployed through build_app from an AppConfig, at /opt and /t5."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import AppConfig
+
+    served = {}
+    for llm, path in checkpoints.items():
+        config = AppConfig.model_validate(
+            {
+                "model": {"checkpoint": str(path)},
+                "server": TEST_SERVER,
+                "vision": TEST_STAGE,
+                "llm": TEST_STAGE,
+                "app_name": llm,
+                "route_prefix": f"/{llm}",
+            }
+        )
+        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+        served[llm] = ServedApp(llm, config.app_name, serve_port, config.route_prefix)
+    return served
+
+
+@pytest.fixture(params=["opt", "t5"])
+def app(request, apps) -> ServedApp:
+    return apps[request.param]

@@ -1,0 +1,99 @@
+"""Test images and the reference: transformers' own BLIP-2 generate on the same checkpoint."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def image_bytes(index: int, size: tuple[int, int] = (48, 64), fmt: str = "PNG") -> bytes:
+    """A distinct synthetic image per index: a background colour and a coloured block in a moving place."""
+    rng = np.random.default_rng(index + 1)
+    height, width = size
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[...] = rng.integers(0, 255, 3)
+    top, left = (index * 5) % max(1, height - 16), (index * 11) % max(1, width - 20)
+    pixels[top : top + 16, left : left + 20] = rng.integers(0, 255, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A well-formed PNG claiming width x height whose pixel data is a few bytes: a decompression bomb's header."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def truncated_png(index: int = 0) -> bytes:
+    """A real PNG cut inside its pixel data: the header reads, the pixels do not."""
+    pixels = np.random.default_rng(index).integers(0, 255, (96, 96, 3), dtype=np.uint8)  # noise: a long IDAT
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    data = buffer.getvalue()
+    return data[: len(data) // 2]
+
+
+def new_tokens(output_row: list[int], input_length: int, decoder_only: bool, eos_ids: set[int]) -> list[int]:
+    """The generated part of one `generate` row: after the prompt (OPT) or decoder start (T5), up to EOS."""
+    tokens = output_row[input_length:] if decoder_only else output_row[1:]
+    for position, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[: position + 1]
+    return tokens
+
+
+class Reference:
+    """Blip2ForConditionalGeneration.generate exactly as the model card runs it."""
+
+    def __init__(self, checkpoint: Path):
+        self.checkpoint = checkpoint
+
+    @cached_property
+    def processor(self):
+        from transformers import Blip2Processor
+
+        return Blip2Processor.from_pretrained(self.checkpoint)
+
+    @cached_property
+    def model(self):
+        from transformers import Blip2ForConditionalGeneration
+
+        return Blip2ForConditionalGeneration.from_pretrained(self.checkpoint).eval()
+
+    @property
+    def decoder_only(self) -> bool:
+        return bool(self.model.config.use_decoder_only_language_model)
+
+    def generate(self, images: list[bytes], prompts: list[str] | None, **kwargs) -> list[list[int]]:
+        """New token ids per image; `prompts=None` is captioning (T5 needs text="": see NOTES-models.md)."""
+        import torch
+
+        pil = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+        self.processor.tokenizer.padding_side = "left" if self.decoder_only else "right"
+        if prompts is None and self.decoder_only:
+            inputs = self.processor(images=pil, return_tensors="pt")
+            input_length = self.model.config.num_query_tokens + 1  # image tokens + BOS, built by generate
+        else:
+            text = prompts if prompts is not None else [""] * len(pil)
+            inputs = self.processor(images=pil, text=text, padding=True, return_tensors="pt")
+            input_length = inputs["input_ids"].shape[1]
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **kwargs)
+        eos = self.model.language_model.generation_config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos)
+        return [new_tokens(row.tolist(), input_length, self.decoder_only, eos_ids) for row in output]
+
+    def text(self, tokens: list[int]) -> str:
+        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()

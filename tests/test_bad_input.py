@@ -1,0 +1,181 @@
+"""Bad input gets a clear 4xx, the server keeps serving, and a bad request never fails its batch neighbours."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tests.helpers import image_bytes, png_header_only, truncated_png
+
+pytestmark = pytest.mark.serve
+
+
+def _infer(app, image: bytes, prompt: bytes | None = None, **parameters) -> httpclient.InferResult:
+    client = httpclient.InferenceServerClient(app.url)
+    tensor = httpclient.InferInput("IMAGE", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
+    inputs = [tensor]
+    if prompt is not None:
+        prompt_tensor = httpclient.InferInput("PROMPT", [1, 1], "BYTES")
+        prompt_tensor.set_data_from_numpy(np.array([[prompt]], dtype=np.object_))
+        inputs.append(prompt_tensor)
+    return client.infer("blip2", inputs, parameters={"max_new_tokens": 4, **parameters})
+
+
+def _still_serving(app) -> None:
+    assert _infer(app, image_bytes(1)).as_numpy("TEXT").shape == (1, 1)
+
+
+BAD_IMAGES = {
+    "not an image": (b"this is not an image file at all", "not an image file"),
+    "empty": (b"", "empty"),
+    "truncated": (truncated_png(), "truncated or corrupt"),
+    "zero size": (png_header_only(0, 10), "IMAGE"),
+    "decompression bomb": (png_header_only(60_000, 60_000), "decompression bomb"),
+    "over the pixel limit": (png_header_only(3000, 2000), "over the limit of 4000000 pixels"),
+    "over the image byte limit": (image_bytes(0)[:8] + b"\0" * (1024 * 1024 + 10), "over the limit"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_IMAGES)
+def test_bad_images_are_400(app, case):
+    data, words = BAD_IMAGES[case]
+    with pytest.raises(InferenceServerException) as info:
+        _infer(app, data)
+    assert info.value.status() == "400", info.value.message()
+    assert words in info.value.message()
+    _still_serving(app)
+
+
+BAD_PARAMETERS = {
+    "max_new_tokens zero": ({"max_new_tokens": 0}, "out of range"),
+    "max_new_tokens not a number": ({"max_new_tokens": "many"}, "must be a number"),
+    "max_new_tokens fractional": ({"max_new_tokens": 2.5}, "integer"),
+    "temperature zero": ({"temperature": 0.0}, "out of range"),
+    "top_p above one": ({"top_p": 1.5}, "out of range"),
+    "num_beams huge": ({"num_beams": 1000}, "out of range"),
+    "do_sample not a bool": ({"do_sample": 3}, "boolean"),
+    "min over max": ({"min_new_tokens": 9, "max_new_tokens": 3}, "must not exceed"),
+    "unknown name": ({"max_tokens": 3}, "unknown generation parameter 'max_tokens'"),
+    "answer longer than the model": ({"max_new_tokens": 1024}, "positions"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PARAMETERS)
+def test_out_of_range_parameters_are_400(apps, case):
+    app = apps["opt"] if case == "answer longer than the model" else apps["t5"]
+    parameters, words = BAD_PARAMETERS[case]
+    with pytest.raises(InferenceServerException) as info:
+        _infer(app, image_bytes(2), **parameters)
+    assert info.value.status() == "400" and words in info.value.message(), info.value.message()
+    _still_serving(app)
+
+
+def _post(app, body: bytes | dict, **headers) -> httpx.Response:
+    url = f"{app.http}/v2/models/blip2/infer"
+    if isinstance(body, dict):
+        return httpx.post(url, json=body, headers=headers, timeout=60)
+    return httpx.post(url, content=body, headers=headers, timeout=60)
+
+
+def _image_json(data: bytes, datatype: str = "BYTES", shape=None) -> dict:
+    return {"name": "IMAGE", "datatype": datatype, "shape": shape or [1, 1], "data": [base64.b64encode(data).decode()]}
+
+
+BAD_REQUESTS = {
+    "body not JSON": (b"{not json", "not valid JSON"),
+    "no inputs": ({"inputs": []}, "non-empty 'inputs'"),
+    "missing IMAGE": ({"inputs": [{"name": "PROMPT", "datatype": "BYTES", "shape": [1], "data": ["hi"]}]}, "'IMAGE' is required"),
+    "wrong datatype": ({"inputs": [_image_json(image_bytes(3), "FP32")]}, "datatype BYTES"),
+    "wrong shape": ({"inputs": [_image_json(image_bytes(3), shape=[1, 2])]}, "shape [N] or [N, 1]"),
+    "shape and data disagree": ({"inputs": [_image_json(image_bytes(3), shape=[2, 1])]}, "needs 2 elements"),
+    "IMAGE not base64": ({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["@@@"]}]}, "base64"),
+    "unknown input": ({"inputs": [_image_json(image_bytes(3)), {"name": "X", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}, "unknown input 'X'"),
+    "too many images": ({"inputs": [{**_image_json(image_bytes(3)), "shape": [9], "data": ["aGk="] * 9}]}, "batch size must be 1..8"),
+    "PROMPT rows mismatch": (
+        {"inputs": [{**_image_json(image_bytes(3)), "shape": [1]}, {"name": "PROMPT", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]}]},
+        "PROMPT must have 1 or 1 rows",
+    ),
+    "PROMPT with <image>": (
+        {"inputs": [_image_json(image_bytes(3)), {"name": "PROMPT", "datatype": "BYTES", "shape": [1, 1], "data": ["look <image> here"]}]},
+        "image placeholder",
+    ),
+    "PROMPT too long": (
+        {"inputs": [_image_json(image_bytes(3)), {"name": "PROMPT", "datatype": "BYTES", "shape": [1, 1], "data": ["word " * 700]}]},
+        "over the limit",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_malformed_requests_are_400(app, case):
+    body, words = BAD_REQUESTS[case]
+    response = _post(app, body)
+    assert response.status_code == 400, response.text
+    assert words in response.json()["error"]
+    _still_serving(app)
+
+
+def test_binary_framing_errors_are_400(app):
+    header = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1], "parameters": {"binary_data_size": 100}}]}).encode()
+    cases = {
+        "binary shorter than declared": (header + b"\x05\x00\x00\x00abc", str(len(header)), "does not fit"),
+        "header length past the body": (header, str(len(header) + 50), "does not fit"),
+        "header length not a number": (header, "abc", "must be an integer"),
+    }
+    for name, (body, length, words) in cases.items():
+        response = _post(app, body, **{"Inference-Header-Content-Length": length})
+        assert response.status_code == 400, (name, response.text)
+        assert words in response.json()["error"], name
+    element = b"\xff\xff\x00\x00" + b"x"
+    header = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1], "parameters": {"binary_data_size": len(element)}}]}).encode()
+    response = _post(app, header + element, **{"Inference-Header-Content-Length": str(len(header))})
+    assert response.status_code == 400 and "runs past the data" in response.json()["error"]
+    _still_serving(app)
+
+
+def test_oversize_body_is_413(app):
+    body = {"inputs": [_image_json(b"x" * (3 * 1024 * 1024))]}  # over the test server's 2 MiB
+    response = _post(app, json.dumps(body).encode())
+    assert response.status_code == 413 and "over the limit" in response.json()["error"]
+    bomb = __import__("gzip").compress(b" " * (8 * 1024 * 1024))  # 8 KiB on the wire, 8 MiB inflated
+    response = _post(app, bomb, **{"Content-Encoding": "gzip"})
+    assert response.status_code == 413
+    _still_serving(app)
+
+
+def test_one_bad_request_fails_alone_among_concurrent_good_ones(app):
+    """Good and bad requests sent together: the good ones are answered (in shared batches), the bad ones 400."""
+    good = [image_bytes(60 + i) for i in range(6)]
+    expected = [_infer(app, image, b"a").as_numpy("TEXT")[0, 0] for image in good]
+    before = app.deployment("LLM").stats.remote().result(timeout_s=30)["batches"]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+
+            async def send(image: bytes, prompt: str = "a") -> httpx.Response:
+                body = {
+                    "inputs": [_image_json(image), {"name": "PROMPT", "datatype": "BYTES", "shape": [1, 1], "data": [prompt]}],
+                    "parameters": {"max_new_tokens": 4},
+                }
+                return await client.post(f"{app.http}/v2/models/blip2/infer", json=body)
+
+            sends = [send(image) for image in good[:3]]
+            sends += [send(truncated_png(1)), send(image_bytes(99), "<image>")]  # fails in vision / in LLM prepare
+            sends += [send(image) for image in good[3:]]
+            return await asyncio.gather(*sends)
+
+    responses = asyncio.run(main())
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200, 200, 200, 400, 400, 200, 200, 200], [r.text for r in responses]
+    texts = [r.json()["outputs"][0]["data"][0].encode() for r in responses if r.status_code == 200]
+    assert texts == list(expected)
+    after = app.deployment("LLM").stats.remote().result(timeout_s=30)["batches"]
+    assert after - before < len(good), "the good requests shared batches"

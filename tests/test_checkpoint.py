@@ -1,0 +1,58 @@
+"""The tiny checkpoint factory and the split loaders, through `from_pretrained` only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deployments.config import ModelConfig
+from deployments.loading import Blip2LanguageModel, Blip2VisionConnector, load_processor
+from tests.helpers import image_bytes
+
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+def test_tiny_checkpoint_is_a_real_blip2_checkpoint(checkpoints, references, llm):
+    path = checkpoints[llm]
+    assert (path / "model.safetensors").exists()
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["Blip2ForConditionalGeneration"]
+    processor = references[llm].processor
+    assert processor.num_query_tokens == config["num_query_tokens"]
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == config["image_token_index"]
+    # Different images give different captions (the default init would give one caption for all).
+    reference = references[llm]
+    captions = [tuple(reference.generate([image_bytes(i)], None, max_new_tokens=8)[0]) for i in range(6)]
+    assert len(set(captions)) >= 5, captions
+
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+def test_split_loaders_hold_exactly_their_half(checkpoints, references, llm):
+    full = references[llm].model.state_dict()
+    vision = Blip2VisionConnector.from_pretrained(checkpoints[llm]).state_dict()
+    language = Blip2LanguageModel.from_pretrained(checkpoints[llm]).state_dict()
+    assert vision.keys() | language.keys() == full.keys()
+    assert not any(k.startswith("language_model.") for k in vision)
+    assert all(k.startswith("language_model.") for k in language)
+    for name, tensor in {**vision, **language}.items():
+        assert torch.equal(tensor, full[name]), name
+
+
+def test_hub_names_go_through_the_same_loader():
+    """With no hub here, a hub name fails inside transformers' hub lookup; the error names the checkpoint."""
+    with pytest.raises(OSError, match="'Salesforce/blip2-opt-2.7b'.*huggingface.co"):
+        load_processor(ModelConfig(checkpoint="Salesforce/blip2-opt-2.7b", local_files_only=True))
+
+
+def test_processor_without_num_query_tokens_is_refused(checkpoints, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["opt"], copy)
+    config_file = copy / "processor_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("num_query_tokens")
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="num_query_tokens"):
+        load_processor(ModelConfig(checkpoint=str(copy)))

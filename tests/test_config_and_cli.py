@@ -1,0 +1,106 @@
+"""The typed config, the application builder's options, the light client package, and the CLI end to end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from serve.config import AppConfig, StageConfig
+from tests.conftest import free_port
+from tests.helpers import image_bytes
+
+
+def test_stage_options_and_validation():
+    stage = StageConfig(batch={"max_batch_size": 16})
+    options = stage.deployment_options(num_gpus=1.0)
+    assert options["max_ongoing_requests"] == 32 and options["num_replicas"] == 1
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
+    scaled = StageConfig(autoscaling={"min_replicas": 1, "max_replicas": 3}).deployment_options(num_gpus=0)
+    assert "num_replicas" not in scaled and scaled["autoscaling_config"]["max_replicas"] == 3
+    with pytest.raises(ValidationError, match="max_ongoing_requests"):
+        StageConfig(max_ongoing_requests=4, batch={"max_batch_size": 8})
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate({"model": {"checkpoint": "x", "dtype": "fp8"}})
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate({"model": {"checkpoint": "x"}, "vision": {"replicas": 2}})
+
+
+def test_model_stages_take_gpus_only_where_there_are_gpus():
+    from serve.app import _gpus_for
+
+    config = AppConfig.model_validate({"model": {"checkpoint": "x"}})
+    assert _gpus_for(config.vision, config) == 0.0  # this machine has no GPU
+    cuda = AppConfig.model_validate({"model": {"checkpoint": "x", "device": "cuda"}})
+    assert _gpus_for(cuda.llm, cuda) == 1.0
+    pinned = AppConfig.model_validate({"model": {"checkpoint": "x"}, "llm": {"num_gpus": 0.5}})
+    assert _gpus_for(pinned.llm, pinned) == 0.5
+
+
+def test_client_package_imports_no_server_code():
+    code = (
+        "import sys, clients, clients.contract\n"
+        "heavy = [m for m in ('torch', 'ray', 'fastapi', 'transformers', 'serve', 'deployments') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# The console script that `pip install` put beside this interpreter: the command users type.
+BLIP2_SERVE = str(Path(sys.executable).parent / "blip2-serve")
+
+
+def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([BLIP2_SERVE, *args], capture_output=True, text=True, **kwargs)
+
+
+def test_config_command_round_trips(tmp_path):
+    result = _cli("config", "--model", "Salesforce/blip2-flan-t5-xl", check=True)
+    config = AppConfig.model_validate(yaml.safe_load(result.stdout))
+    assert config.model.checkpoint == "Salesforce/blip2-flan-t5-xl"
+    path = tmp_path / "config.yaml"
+    path.write_text(result.stdout)
+    assert AppConfig.from_file(path) == config
+
+
+def test_make_tiny_then_run_serves_stock_tritonclient(tmp_path):
+    """The README's path: make-tiny, then `blip2-serve run` on its own embedded Ray, then Ctrl-C."""
+    import tritonclient.http as httpclient
+
+    checkpoint = tmp_path / "tiny-t5"
+    made = _cli("make-tiny", str(checkpoint), "--llm", "t5", check=True, timeout=120)
+    assert "gibberish" in made.stdout and (checkpoint / "model.safetensors").exists()
+
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    command = [BLIP2_SERVE, "run", "--model", str(checkpoint), "--port", str(port), "--num-cpus", "4"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if client.is_server_ready():
+                    break
+            except Exception:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(1)
+        image = httpclient.InferInput("IMAGE", [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[image_bytes(5)]], dtype=np.object_))
+        text = client.infer("blip2", [image], parameters={"max_new_tokens": 5}).as_numpy("TEXT")[0, 0]
+        assert isinstance(text, bytes) and text
+    finally:
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=120)
+    assert server.returncode == 0, output
+    assert "ready at http://127.0.0.1" in output and "shutting down" in output

@@ -1,0 +1,48 @@
+"""fp32/fp16/bf16 through config, int8/int4 (bitsandbytes) for the LLM stage; on CPU here, the same code on GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deployments.config import ModelConfig
+from deployments.images import check_image
+from deployments.llm import LanguageGenerator
+from deployments.types import GenerateRequest, GenerationParams
+from deployments.vision import VisionEncoder
+from tests.helpers import image_bytes
+
+
+def _run(checkpoint, vision_dtype: str, llm: dict) -> tuple[VisionEncoder, LanguageGenerator, list[int]]:
+    vision = VisionEncoder(ModelConfig(checkpoint=str(checkpoint), dtype=vision_dtype, device="cpu"))
+    generator = LanguageGenerator(ModelConfig(checkpoint=str(checkpoint), device="cpu", **llm))
+    image = check_image(image_bytes(3))
+    (embeds,) = vision.encode([vision.preprocess(image)])
+    request = GenerateRequest("p", None, "a", GenerationParams(max_new_tokens=6))
+    (result,) = generator.run([generator.prepare(request, embeds)])
+    assert not isinstance(result, BaseException), result
+    return vision, generator, list(result.token_ids)
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_precision(checkpoints, dtype, torch_dtype):
+    vision, generator, tokens = _run(checkpoints["opt"], dtype, {"dtype": dtype})
+    assert vision.model.vision_model.embeddings.patch_embedding.weight.dtype == torch_dtype
+    # transformers keeps the Q-Former in fp32 under fp16 (not bf16), as in Blip2ForConditionalGeneration
+    qformer_dtype = torch.float32 if dtype == "fp16" else torch_dtype
+    assert vision.model.qformer.layernorm.weight.dtype == qformer_dtype
+    assert generator.model.language_model.lm_head.weight.dtype == torch_dtype
+    assert len(tokens) == 6
+
+
+def test_fp32_is_the_cpu_default(checkpoints):
+    vision, generator, _ = _run(checkpoints["t5"], "auto", {})
+    assert vision.dtype == generator.dtype == torch.float32
+
+
+@pytest.mark.parametrize("quantization,layer", [("int8", "Linear8bitLt"), ("int4", "Linear4bit")])
+def test_bitsandbytes_quantized_llm(checkpoints, quantization, layer):
+    _, generator, tokens = _run(checkpoints["opt"], "fp32", {"quantization": quantization})
+    fc1 = generator.model.language_model.model.decoder.layers[0].fc1
+    assert type(fc1).__name__ == layer
+    assert len(tokens) == 6
