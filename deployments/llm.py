@@ -57,6 +57,9 @@ class LanguageGenerator:
                 f"image embeddings of shape {tuple(embeds.shape)}; this model takes "
                 f"[{self.num_query_tokens}, {self.llm_hidden}]"
             )
+        # A token is rarely over 32 characters: a longer prompt is refused before it costs a tokenizer pass.
+        if len(request.prompt) > 32 * self.max_prompt_tokens:
+            raise InvalidInput(f"PROMPT is {len(request.prompt)} characters, over the limit of {self.max_prompt_tokens} tokens")
         text_ids = tuple(self.tokenizer(request.prompt)["input_ids"])
         if self.image_token_id in text_ids:
             raise InvalidInput("PROMPT must not contain the image placeholder token '<image>'")
