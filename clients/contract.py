@@ -48,8 +48,8 @@ class ParamSpec:
     """A generation parameter sent as a request parameter; `minimum` is exclusive where `exclusive_min`."""
 
     name: str
-    kind: type  # int, float or bool
-    default: int | float | bool | None
+    kind: type  # int, float, bool or str
+    default: int | float | bool | str | None
     minimum: float | None = None
     maximum: float | None = None
     exclusive_min: bool = False
@@ -65,7 +65,10 @@ GENERATION_PARAMETERS = (
     ParamSpec("top_k", int, 50, 0, 100_000),
     ParamSpec("repetition_penalty", float, 1.0, 0.0, 10.0, exclusive_min=True),
     ParamSpec("seed", int, None, 0, 2**63 - 1),
+    # stop: a string (or, over OpenAI, up to MAX_STOP strings); generation ends before it, the text excludes it
+    ParamSpec("stop", str, None, 1, 64),
 )
+MAX_STOP = 4
 PARAMETERS_BY_NAME = {p.name: p for p in GENERATION_PARAMETERS}
 
 # Request parameters that stock Triton clients may send and that are not generation parameters.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
 from deployments.config import BatchConfig
@@ -58,6 +58,10 @@ class ModelWorker:
         """Record the batch size, then run `fn(items)` on the worker thread."""
         self.batch_sizes.append(len(items))
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, items)
+
+    def submit(self, fn: Callable[..., R], *args) -> "Future[R]":
+        """Run `fn(*args)` on the model thread, after the batches already queued there."""
+        return self._executor.submit(fn, *args)
 
     def stats(self) -> dict:
         """Batch sizes this replica's model saw: the histogram and the largest."""

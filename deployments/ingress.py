@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import AsyncIterator
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.types import GenerateRequest, GenerateResult
+from deployments.types import GenerateChunk, GenerateRequest, GenerateResult, ImageEmbeds
 
 logger = logging.getLogger(__name__)
 
@@ -22,20 +23,42 @@ class Blip2Pipeline:
         self._vision = vision
         self._llm = llm
 
-    async def generate(self, request: GenerateRequest) -> GenerateResult:
-        """Run one request through both stages; the stages batch it with concurrent requests."""
+    async def _embed(self, request: GenerateRequest) -> ImageEmbeds:
         if request.image is None:
             raise ValueError("GenerateRequest without an image reached the pipeline")
-        embeds = await self._vision.embed.remote(request.image)
-        return await self._llm.generate.remote(request.without_image(), embeds)
+        return await self._vision.embed.remote(request.image)
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        """Run one request through both stages; the stages batch it with concurrent requests."""
+        return await self._llm.generate.remote(request.without_image(), await self._embed(request))
 
     async def generate_all(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        """Run requests concurrently (so they share batches); the first error fails the call, after all finish."""
-        outcomes = await asyncio.gather(*(self.generate(r) for r in requests), return_exceptions=True)
+        """Run requests concurrently (so they share batches), each distinct image through the vision stage once;
+        the first error fails the call, after all finish."""
+        embeds: dict[str, asyncio.Task] = {}
+        for request in requests:
+            if request.image is not None and request.image.digest not in embeds:
+                embeds[request.image.digest] = asyncio.ensure_future(self._embed(request))
+
+        async def one(request: GenerateRequest) -> GenerateResult:
+            image = await embeds[request.image.digest] if request.image is not None else await self._embed(request)
+            return await self._llm.generate.remote(request.without_image(), image)
+
+        outcomes = await asyncio.gather(*(one(r) for r in requests), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
         return list(outcomes)
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Run one request, yielding text as the LLM stage produces it; closing this generator stops it there."""
+        embeds = await self._embed(request)
+        chunks = self._llm.options(stream=True).generate_stream.remote(request.without_image(), embeds)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            chunks.cancel()  # a no-op once finished; stops the LLM stage when our caller went away
 
     async def ready(self, timeout_s: float = 5.0) -> bool:
         """True when both stages answer within `timeout_s`."""

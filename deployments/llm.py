@@ -8,17 +8,23 @@ the end (right padding).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from dataclasses import dataclass
+from typing import AsyncIterator
 
 import torch
 from ray import serve
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from deployments.batching import ModelWorker, configure_batching, run_isolated, set_torch_threads, unwrap
 from deployments.config import BatchConfig, ModelConfig
 from deployments.errors import InvalidInput
 from deployments.loading import load_language_model, load_processor
-from deployments.types import GenerateRequest, GenerateResult, ImageEmbeds
+from deployments.text import TextAssembler, final_text
+from deployments.types import GenerateChunk, GenerateRequest, GenerateResult, ImageEmbeds
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +56,10 @@ class LanguageGenerator:
         eos = self.model.language_model.generation_config.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
 
-    def prepare(self, request: GenerateRequest, embeds: torch.Tensor) -> PreparedRequest:
+    def prepare(self, request: GenerateRequest, embeds: torch.Tensor, streaming: bool = False) -> PreparedRequest:
         """Tokenize and check one request; raises InvalidInput for a prompt the model cannot take."""
+        if streaming and request.params.num_beams > 1:
+            raise InvalidInput("streaming generates one token at a time: num_beams must be 1")
         if tuple(embeds.shape) != (self.num_query_tokens, self.llm_hidden):
             raise InvalidInput(
                 f"image embeddings of shape {tuple(embeds.shape)}; this model takes "
@@ -59,7 +67,9 @@ class LanguageGenerator:
             )
         # A token is rarely over 32 characters: a longer prompt is refused before it costs a tokenizer pass.
         if len(request.prompt) > 32 * self.max_prompt_tokens:
-            raise InvalidInput(f"PROMPT is {len(request.prompt)} characters, over the limit of {self.max_prompt_tokens} tokens")
+            raise InvalidInput(
+                f"PROMPT is {len(request.prompt)} characters, over the limit of {self.max_prompt_tokens} tokens"
+            )
         text_ids = tuple(self.tokenizer(request.prompt)["input_ids"])
         if self.image_token_id in text_ids:
             raise InvalidInput("PROMPT must not contain the image placeholder token '<image>'")
@@ -101,8 +111,8 @@ class LanguageGenerator:
         return torch.tensor(rows, device=self.device), torch.tensor(masks, device=self.device)
 
     @torch.inference_mode()
-    def generate(self, batch: list[PreparedRequest]) -> list[GenerateResult]:
-        """One generate call for requests with equal batch keys."""
+    def generate(self, batch: list[PreparedRequest], **extra) -> list[GenerateResult]:
+        """One generate call for requests with equal batch keys; `extra` goes to `generate` (streamer, ...)."""
         params = batch[0].request.params
         input_ids, attention_mask = self._collate(batch)  # [B, L]
         language_model = self.model.language_model
@@ -116,7 +126,10 @@ class LanguageGenerator:
         if params.runs_alone:
             torch.manual_seed(params.seed)
         max_new_tokens = max(item.request.params.max_new_tokens for item in batch)
-        output = language_model.generate(**inputs, **params.generate_kwargs(max_new_tokens))
+        kwargs = params.generate_kwargs(max_new_tokens)
+        if params.stop:
+            kwargs["tokenizer"] = self.tokenizer
+        output = language_model.generate(**inputs, **kwargs, **extra)
         # OPT returns prompt + new tokens; T5 returns the decoder start token + new tokens.
         new_tokens = output[:, input_ids.shape[1] :] if self.decoder_only else output[:, 1:]
         return [self._result(item, row.tolist()) for item, row in zip(batch, new_tokens)]
@@ -128,8 +141,48 @@ class LanguageGenerator:
             if token in self.eos_ids:
                 tokens, finish_reason = tokens[: position + 1], "stop"
                 break
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        return GenerateResult(item.request.request_id, text, tuple(tokens), len(item.text_ids), finish_reason)
+        text, stopped = final_text(self.tokenizer, tokens, item.request.params.stop)
+        return GenerateResult(
+            item.request.request_id, text, tuple(tokens), self.prompt_tokens(item), "stop" if stopped else finish_reason
+        )
+
+    def prompt_tokens(self, item: PreparedRequest) -> int:
+        """What the language model reads: the image tokens and the prompt's tokens."""
+        return self.num_query_tokens + len(item.text_ids)
+
+    def stream(self, item: PreparedRequest, on_tokens, cancelled: threading.Event) -> GenerateResult:
+        """Generate for one request, calling `on_tokens(list[int])` as each token comes; ends early when
+        `cancelled` is set. Runs on the model thread; streams greedy or sampled decoding (not beams)."""
+        streamer = _TokenStreamer(on_tokens)
+        stopping = StoppingCriteriaList([_Cancelled(cancelled)])
+        return self.generate([item], streamer=streamer, stopping_criteria=stopping)[0]
+
+
+class _TokenStreamer(BaseStreamer):
+    """transformers streamer that forwards new token ids; the first `put` is the prompt (or decoder start)."""
+
+    def __init__(self, on_tokens):
+        self._on_tokens = on_tokens
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self._on_tokens(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops generation once the consumer of a stream has gone away."""
+
+    def __init__(self, event: threading.Event):
+        self._event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 @serve.deployment(name="LLM")
@@ -146,6 +199,7 @@ class LLMDeployment:
         set_torch_threads(torch_threads)
         self._generator = LanguageGenerator(model, max_prompt_tokens)
         self._worker = ModelWorker("llm")
+        self._streams = {"active": 0, "finished": 0, "cancelled": 0}
         configure_batching(self._generate_batch, batch)
         logger.info("LLM stage ready on %s (%s)", self._generator.device, self._generator.dtype)
 
@@ -158,9 +212,46 @@ class LLMDeployment:
     async def _generate_batch(self, batch: list[PreparedRequest]) -> list:
         return await self._worker.run(self._generator.run, batch)
 
+    async def generate_stream(self, request: GenerateRequest, embeds: ImageEmbeds) -> AsyncIterator[GenerateChunk]:
+        """Stream one request's text as the model produces it. When the caller goes away (Ray cancels this
+        generator), the model stops generating for it at the next token."""
+        prepared = self._generator.prepare(request, embeds.embeds, streaming=True)
+        loop = asyncio.get_running_loop()
+        arrivals: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        done = object()
+
+        def on_tokens(tokens: list[int]) -> None:  # on the model thread
+            loop.call_soon_threadsafe(arrivals.put_nowait, tokens)
+
+        future = self._worker.submit(self._generator.stream, prepared, on_tokens, cancelled)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(arrivals.put_nowait, done))
+        assembler = TextAssembler(self._generator.tokenizer, request.params.stop)
+        prompt_tokens, generated = self._generator.prompt_tokens(prepared), 0
+        self._streams["active"] += 1
+        try:
+            while (tokens := await arrivals.get()) is not done:
+                generated += len(tokens)
+                text = assembler.update(tokens)
+                if assembler.stopped:
+                    cancelled.set()  # the rest would be cut anyway
+                if text:
+                    yield GenerateChunk(request.request_id, text, tuple(tokens), prompt_tokens, generated)
+            result = future.result()
+            yield GenerateChunk(
+                request.request_id, assembler.finish(), (), prompt_tokens, len(result.token_ids), result.finish_reason
+            )
+            self._streams["finished"] += 1
+        finally:
+            self._streams["active"] -= 1
+            if not future.done():
+                cancelled.set()
+                self._streams["cancelled"] += 1
+                logger.info("stream %s cancelled by its caller after %d tokens", request.request_id, generated)
+
     async def ready(self) -> bool:
         return True
 
     async def stats(self) -> dict:
         """What this replica's model saw, for tests and operators."""
-        return self._worker.stats()
+        return {**self._worker.stats(), "streams": dict(self._streams)}

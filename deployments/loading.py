@@ -132,11 +132,12 @@ def _quantization_config(config: ModelConfig, dtype: torch.dtype):
     if config.quantization == "none":
         return None
     try:
-        from transformers import BitsAndBytesConfig
-
         import bitsandbytes  # noqa: F401  (fail here, with the fix, rather than deep in from_pretrained)
+        from transformers import BitsAndBytesConfig
     except ImportError as exc:
-        raise RuntimeError(f"quantization {config.quantization} needs bitsandbytes: pip install 'blip2-serve[quant]'") from exc
+        raise RuntimeError(
+            f"quantization {config.quantization} needs bitsandbytes: pip install 'blip2-serve[quant]'"
+        ) from exc
     if config.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)

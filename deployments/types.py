@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
-from clients.contract import GENERATION_PARAMETERS, PARAMETERS_BY_NAME, ParamSpec
+from clients.contract import GENERATION_PARAMETERS, MAX_STOP, PARAMETERS_BY_NAME, ParamSpec
 from deployments.errors import InvalidInput
 
 if TYPE_CHECKING:  # torch stays out of the edge's import path
@@ -31,6 +31,7 @@ class GenerationParams:
     top_k: int = 50
     repetition_penalty: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], base: GenerationParams | None = None) -> GenerationParams:
@@ -79,11 +80,15 @@ class GenerationParams:
         kwargs["do_sample"] = self.do_sample
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        if self.stop:
+            kwargs["stop_strings"] = list(self.stop)  # generate also needs tokenizer= for these
         return kwargs
 
 
-def _coerce(spec: ParamSpec, raw: Any) -> int | float | bool | None:
+def _coerce(spec: ParamSpec, raw: Any) -> int | float | bool | tuple[str, ...] | None:
     """`raw` as `spec.kind`, within range; JSON numbers and numeric strings (gRPC string params) accepted."""
+    if spec.kind is str:
+        return _stop_strings(spec, raw)
     if spec.kind is bool:
         if isinstance(raw, str) and raw.lower() in ("true", "false"):
             return raw.lower() == "true"
@@ -109,6 +114,23 @@ def _coerce(spec: ParamSpec, raw: Any) -> int | float | bool | None:
         low = "(" if spec.exclusive_min else "["
         raise InvalidInput(f"parameter {spec.name!r}={raw!r} is out of range {low}{spec.minimum}, {spec.maximum}]")
     return value
+
+
+def _stop_strings(spec: ParamSpec, raw: Any) -> tuple[str, ...]:
+    """A string or a list of up to MAX_STOP strings, each of `minimum`..`maximum` characters."""
+    if raw is None:
+        return ()
+    values = [raw] if isinstance(raw, str) else raw
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise InvalidInput(f"parameter {spec.name!r} must be a string or a list of strings, not {raw!r}")
+    if len(values) > MAX_STOP:
+        raise InvalidInput(f"parameter {spec.name!r} takes at most {MAX_STOP} strings, not {len(values)}")
+    for value in values:
+        if not spec.minimum <= len(value) <= spec.maximum:
+            raise InvalidInput(
+                f"parameter {spec.name!r}: each string must be {spec.minimum}..{spec.maximum} characters"
+            )
+    return tuple(values)
 
 
 @dataclass(frozen=True)
@@ -150,10 +172,22 @@ class ImageEmbeds:
 
 @dataclass(frozen=True)
 class GenerateResult:
-    """Generated tokens (without prompt, pads or decoder start) and their text."""
+    """Generated tokens (without prompt, pads or decoder start) and their text (cut before a stop string)."""
 
     request_id: str
     text: str
     token_ids: tuple[int, ...]
+    prompt_tokens: int  # what the language model read: image tokens + prompt tokens
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length" (max_new_tokens reached)
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    """One step of a streamed generation: new text and tokens; the last chunk has `finish_reason`."""
+
+    request_id: str
+    text: str  # the text added since the previous chunk
+    token_ids: tuple[int, ...]  # the tokens added since the previous chunk
     prompt_tokens: int
-    finish_reason: str  # "stop" (end of sequence) or "length" (max_new_tokens reached)
+    completion_tokens: int  # tokens generated so far
+    finish_reason: str | None = None

@@ -13,7 +13,7 @@ from ray.serve import Application
 from deployments.llm import LLMDeployment
 from deployments.vision import VisionDeployment
 from serve.config import AppConfig, StageConfig
-from serve.http import HttpIngress
+from serve.ingress import Ingress
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def _gpus_for(stage: StageConfig, config: AppConfig) -> float:
 
 
 def build_app(config: AppConfig) -> Application:
-    """The BLIP-2 graph: HttpIngress holding handles to VisionDeployment and LLMDeployment."""
+    """The BLIP-2 graph: Ingress holding handles to VisionDeployment and LLMDeployment."""
     vision = VisionDeployment.options(**config.vision.deployment_options(_gpus_for(config.vision, config))).bind(
         config.model, config.vision.batch, config.server.image_limits(), config.vision.torch_threads
     )
@@ -42,7 +42,17 @@ def build_app(config: AppConfig) -> Application:
         config.model, config.llm.batch, config.server.max_prompt_tokens, config.llm.torch_threads
     )
     ingress_gpus = 0.0 if config.ingress.num_gpus == "auto" else float(config.ingress.num_gpus)
-    return HttpIngress.options(**config.ingress.deployment_options(ingress_gpus)).bind(vision, llm, config)
+    return Ingress.options(**config.ingress.deployment_options(ingress_gpus)).bind(vision, llm, config)
+
+
+def serve_options(config: AppConfig) -> dict:
+    """Keyword arguments for `serve.start`: the HTTP proxy, and the gRPC proxy unless turned off."""
+    options: dict = {"http_options": {"host": config.server.host, "port": config.server.http_port}}
+    if config.server.grpc_port is not None:
+        from serve.grpc import SERVICER_FUNCTION
+
+        options["grpc_options"] = {"port": config.server.grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
+    return options
 
 
 def app_builder(args: AppConfig) -> Application:

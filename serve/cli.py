@@ -31,6 +31,8 @@ def _config_from_args(args: argparse.Namespace):
         data["server"]["host"] = args.host
     if args.port is not None:
         data["server"]["http_port"] = args.port
+    if args.grpc_port is not None:
+        data["server"]["grpc_port"] = args.grpc_port if args.grpc_port > 0 else None
     return AppConfig.model_validate(data)
 
 
@@ -39,14 +41,18 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import build_app, serve_options
 
     config = _config_from_args(args)
     ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
-    serve.start(http_options={"host": config.server.host, "port": config.server.http_port})
+    serve.start(**serve_options(config))
     serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
     url = f"http://{config.server.host}:{config.server.http_port}{config.route_prefix.rstrip('/')}"
-    print(f"blip2-serve: model '{config.server.model_name}' ready at {url} (KServe v2: {url}/v2)", flush=True)
+    grpc = f", gRPC on port {config.server.grpc_port}" if config.server.grpc_port is not None else ""
+    print(
+        f"blip2-serve: model '{config.server.model_name}' ready at {url} (KServe v2: {url}/v2, OpenAI: {url}/v1{grpc})",
+        flush=True,
+    )
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -89,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--config", help="YAML or JSON AppConfig (see `blip2-serve config`)")
     run_cmd.add_argument("--host", help="address to bind (default 127.0.0.1)")
     run_cmd.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    run_cmd.add_argument("--grpc-port", type=int, help="KServe v2 gRPC port (default 8001; 0 turns gRPC off)")
     run_cmd.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"])
     run_cmd.add_argument("--quantization", choices=["none", "int8", "int4"], help="LLM weights via bitsandbytes")
     run_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"])

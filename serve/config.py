@@ -77,6 +77,8 @@ class ServerConfig(BaseModel):
 
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int | None = Field(8001, ge=0, le=65535)  # None: no gRPC
+    image_url_allowlist: tuple[str, ...] = ()  # URL prefixes the OpenAI route may fetch images from
     model_name: str = MODEL_NAME
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_images_per_request: int = Field(8, ge=1, le=1024)

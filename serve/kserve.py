@@ -68,7 +68,7 @@ def _flatten(data: Any) -> list[Any]:
     return [data]
 
 
-def _split_bytes_tensor(raw: bytes, name: str) -> list[bytes]:
+def split_bytes_tensor(raw: bytes, name: str) -> list[bytes]:
     """Elements of a serialized BYTES tensor: repeated (uint32 little-endian length, bytes)."""
     elements, offset = [], 0
     while offset < len(raw):
@@ -125,7 +125,7 @@ def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise InvalidInput(f"input {name!r}: binary_data_size {size!r} does not fit the binary data")
-            elements = _split_bytes_tensor(binary[offset : offset + size], name) if datatype == "BYTES" else []
+            elements = split_bytes_tensor(binary[offset : offset + size], name) if datatype == "BYTES" else []
             offset += size
         elif "data" in raw:
             elements = _json_elements(name, raw["data"]) if datatype == "BYTES" else []
@@ -171,24 +171,25 @@ def _rows(tensor: InputTensor, expected_type: str) -> int:
 def to_generate_requests(
     infer: InferRequest, limits: ImageLimits, max_images: int, defaults: GenerationParams
 ) -> list[GenerateRequest]:
-    """One GenerateRequest per IMAGE row; PROMPT has one row per image or one for all."""
+    """One GenerateRequest per row. IMAGE and PROMPT have N rows each, or one of them has one row for all:
+    one image with N questions, or N images with one prompt."""
     if IMAGE.name not in infer.inputs:
         raise InvalidInput("input 'IMAGE' is required")
     images = infer.inputs[IMAGE.name]
-    rows = _rows(images, IMAGE.datatype)
-    if not 1 <= rows <= max_images:
-        raise InvalidInput(f"IMAGE batch size must be 1..{max_images}, not {rows}")
-    prompts = [""] * rows
+    image_rows = _rows(images, IMAGE.datatype)
+    texts = [""]
     if PROMPT.name in infer.inputs:
         tensor = infer.inputs[PROMPT.name]
-        prompt_rows = _rows(tensor, PROMPT.datatype)
-        if prompt_rows not in (1, rows):
-            raise InvalidInput(f"PROMPT must have 1 or {rows} rows (one per IMAGE row), not {prompt_rows}")
+        _rows(tensor, PROMPT.datatype)
         try:
             texts = [element.decode("utf-8") for element in tensor.elements]
         except UnicodeDecodeError:
             raise InvalidInput("PROMPT must be UTF-8 text") from None
-        prompts = texts * rows if prompt_rows == 1 else texts
+    rows = max(image_rows, len(texts))
+    if not 1 <= rows <= max_images:
+        raise InvalidInput(f"batch size (rows of IMAGE or PROMPT) must be 1..{max_images}, not {rows}")
+    if image_rows not in (1, rows) or len(texts) not in (1, rows):
+        raise InvalidInput(f"IMAGE has {image_rows} rows and PROMPT {len(texts)}: they must be equal, or one of them 1")
     generation = {
         k: v for k, v in infer.parameters.items() if k not in TRANSPORT_PARAMETERS and not k.startswith("triton_")
     }
@@ -196,9 +197,19 @@ def to_generate_requests(
     request_id = infer.id or uuid.uuid4().hex
     checked = [check_image(data, limits) for data in images.elements]
     return [
-        GenerateRequest(f"{request_id}/{row}", image, prompt, params)
-        for row, (image, prompt) in enumerate(zip(checked, prompts))
+        GenerateRequest(f"{request_id}/{row}", checked[row % image_rows], texts[row % len(texts)], params)
+        for row in range(rows)
     ]
+
+
+def serialize_bytes(elements: list[bytes]) -> bytes:
+    """A BYTES tensor in the binary form both transports use: (uint32 little-endian length, bytes) each."""
+    return b"".join(struct.pack("<I", len(element)) + element for element in elements)
+
+
+def output_shape(infer: InferRequest, rows: int) -> list[int]:
+    """TEXT has one row per result, with IMAGE's rank ([N] or [N, 1])."""
+    return [rows, *infer.inputs[IMAGE.name].shape[1:]]
 
 
 def encode_infer_response(
@@ -206,12 +217,11 @@ def encode_infer_response(
 ) -> tuple[bytes, dict[str, str]]:
     """The v2 response body and headers; TEXT is binary when the request asked for binary outputs."""
     texts = [result.text.encode("utf-8") for result in results]
-    shape = list(infer.inputs[IMAGE.name].shape)
-    output: dict[str, Any] = {"name": TEXT.name, "datatype": TEXT.datatype, "shape": shape}
+    output: dict[str, Any] = {"name": TEXT.name, "datatype": TEXT.datatype, "shape": output_shape(infer, len(texts))}
     binary = infer.requested_outputs.get(TEXT.name, infer.binary_output)
     payload = b""
     if binary:
-        payload = b"".join(struct.pack("<I", len(text)) + text for text in texts)
+        payload = serialize_bytes(texts)
         output["parameters"] = {"binary_data_size": len(payload)}
     else:
         output["data"] = [text.decode("utf-8") for text in texts]

@@ -50,6 +50,7 @@ class ServedApp:
     llm: str
     name: str
     port: int
+    grpc_port: int
     route_prefix: str
 
     @property
@@ -60,6 +61,15 @@ class ServedApp:
     @property
     def http(self) -> str:
         return f"http://{self.url}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def grpc_headers(self) -> dict[str, str]:
+        """Ray's gRPC proxy picks the application by this metadata when it serves more than one."""
+        return {"application": self.name}
 
     def handle(self):
         from ray import serve
@@ -77,22 +87,33 @@ TEST_SERVER = {"max_request_bytes": 2 * 1024 * 1024, "max_image_bytes": 1024 * 1
 TEST_STAGE = {"num_cpus": 0, "torch_threads": 1, "batch": {"max_batch_size": 8, "wait_timeout_s": 0.02}}
 
 
+@dataclass(frozen=True)
+class ServePorts:
+    http: int
+    grpc: int
+
+
 @pytest.fixture(scope="session")
-def serve_port() -> int:
+def serve_ports() -> ServePorts:
     """Ray (local, loopback) and Serve's HTTP proxy on 127.0.0.1, once per session."""
     import ray
     from ray import serve
 
-    port = free_port()
+    from serve.grpc import SERVICER_FUNCTION
+
+    port, grpc_port = free_port(), free_port()
     ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
+    )
+    yield ServePorts(port, grpc_port)
     serve.shutdown()
     ray.shutdown()
 
 
 @pytest.fixture(scope="session")
-def apps(serve_port, checkpoints) -> dict[str, ServedApp]:
+def apps(serve_ports, checkpoints) -> dict[str, ServedApp]:
     """Both graphs, deployed through build_app from an AppConfig, at /opt and /t5."""
     from ray import serve
 
@@ -112,7 +133,7 @@ def apps(serve_port, checkpoints) -> dict[str, ServedApp]:
             }
         )
         serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
-        served[llm] = ServedApp(llm, config.app_name, serve_port, config.route_prefix)
+        served[llm] = ServedApp(llm, config.app_name, serve_ports.http, serve_ports.grpc, config.route_prefix)
     return served
 
 

@@ -92,23 +92,47 @@ def _image_json(data: bytes, datatype: str = "BYTES", shape=None) -> dict:
 BAD_REQUESTS = {
     "body not JSON": (b"{not json", "not valid JSON"),
     "no inputs": ({"inputs": []}, "non-empty 'inputs'"),
-    "missing IMAGE": ({"inputs": [{"name": "PROMPT", "datatype": "BYTES", "shape": [1], "data": ["hi"]}]}, "'IMAGE' is required"),
+    "missing IMAGE": (
+        {"inputs": [{"name": "PROMPT", "datatype": "BYTES", "shape": [1], "data": ["hi"]}]},
+        "'IMAGE' is required",
+    ),
     "wrong datatype": ({"inputs": [_image_json(image_bytes(3), "FP32")]}, "datatype BYTES"),
     "wrong shape": ({"inputs": [_image_json(image_bytes(3), shape=[1, 2])]}, "shape [N] or [N, 1]"),
     "shape and data disagree": ({"inputs": [_image_json(image_bytes(3), shape=[2, 1])]}, "needs 2 elements"),
     "IMAGE not base64": ({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["@@@"]}]}, "base64"),
-    "unknown input": ({"inputs": [_image_json(image_bytes(3)), {"name": "X", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}, "unknown input 'X'"),
-    "too many images": ({"inputs": [{**_image_json(image_bytes(3)), "shape": [9], "data": ["aGk="] * 9}]}, "batch size must be 1..8"),
+    "unknown input": (
+        {"inputs": [_image_json(image_bytes(3)), {"name": "X", "datatype": "BYTES", "shape": [1], "data": ["x"]}]},
+        "unknown input 'X'",
+    ),
+    "too many images": (
+        {"inputs": [{**_image_json(image_bytes(3)), "shape": [9], "data": ["aGk="] * 9}]},
+        "must be 1..8",
+    ),
     "PROMPT rows mismatch": (
-        {"inputs": [{**_image_json(image_bytes(3)), "shape": [1]}, {"name": "PROMPT", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]}]},
-        "PROMPT must have 1 or 1 rows",
+        {
+            "inputs": [
+                {**_image_json(image_bytes(3)), "shape": [2], "data": ["aGk="] * 2},
+                {"name": "PROMPT", "datatype": "BYTES", "shape": [3], "data": ["a", "b", "c"]},
+            ]
+        },
+        "IMAGE has 2 rows and PROMPT 3",
     ),
     "PROMPT with <image>": (
-        {"inputs": [_image_json(image_bytes(3)), {"name": "PROMPT", "datatype": "BYTES", "shape": [1, 1], "data": ["look <image> here"]}]},
+        {
+            "inputs": [
+                _image_json(image_bytes(3)),
+                {"name": "PROMPT", "datatype": "BYTES", "shape": [1, 1], "data": ["look <image> here"]},
+            ]
+        },
         "image placeholder",
     ),
     "PROMPT too long": (
-        {"inputs": [_image_json(image_bytes(3)), {"name": "PROMPT", "datatype": "BYTES", "shape": [1, 1], "data": ["word " * 700]}]},
+        {
+            "inputs": [
+                _image_json(image_bytes(3)),
+                {"name": "PROMPT", "datatype": "BYTES", "shape": [1, 1], "data": ["word " * 700]},
+            ]
+        },
         "over the limit",
     ),
 }
@@ -124,7 +148,9 @@ def test_malformed_requests_are_400(app, case):
 
 
 def test_binary_framing_errors_are_400(app):
-    header = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1], "parameters": {"binary_data_size": 100}}]}).encode()
+    header = json.dumps(
+        {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1], "parameters": {"binary_data_size": 100}}]}
+    ).encode()
     cases = {
         "binary shorter than declared": (header + b"\x05\x00\x00\x00abc", str(len(header)), "does not fit"),
         "header length past the body": (header, str(len(header) + 50), "does not fit"),
@@ -135,7 +161,18 @@ def test_binary_framing_errors_are_400(app):
         assert response.status_code == 400, (name, response.text)
         assert words in response.json()["error"], name
     element = b"\xff\xff\x00\x00" + b"x"
-    header = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1], "parameters": {"binary_data_size": len(element)}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "IMAGE",
+                    "datatype": "BYTES",
+                    "shape": [1, 1],
+                    "parameters": {"binary_data_size": len(element)},
+                }
+            ]
+        }
+    ).encode()
     response = _post(app, header + element, **{"Inference-Header-Content-Length": str(len(header))})
     assert response.status_code == 400 and "runs past the data" in response.json()["error"]
     _still_serving(app)
@@ -162,7 +199,10 @@ def test_one_bad_request_fails_alone_among_concurrent_good_ones(app):
 
             async def send(image: bytes, prompt: str = "a") -> httpx.Response:
                 body = {
-                    "inputs": [_image_json(image), {"name": "PROMPT", "datatype": "BYTES", "shape": [1, 1], "data": [prompt]}],
+                    "inputs": [
+                        _image_json(image),
+                        {"name": "PROMPT", "datatype": "BYTES", "shape": [1, 1], "data": [prompt]},
+                    ],
                     "parameters": {"max_new_tokens": 4},
                 }
                 return await client.post(f"{app.http}/v2/models/blip2/infer", json=body)

@@ -46,11 +46,16 @@ def test_response_parses_with_stock_client(binary):
         [_image_input([image_bytes(1)] * 2)], outputs=[httpclient.InferRequestedOutput("TEXT", binary_data=binary)]
     )
     infer = kserve.decode_infer_request(body, header_length)
-    results = [GenerateResult("r1/0", "a cat", (5, 6), 3, "stop"), GenerateResult("r1/1", "ünïcode ✓", (7,), 3, "length")]
+    results = [
+        GenerateResult("r1/0", "a cat", (5, 6), 3, "stop"),
+        GenerateResult("r1/1", "ünïcode ✓", (7,), 3, "length"),
+    ]
     content, headers = kserve.encode_infer_response("blip2", infer, results)
 
     length = headers.get("inference-header-content-length")
-    parsed = httpclient.InferenceServerClient.parse_response_body(content, header_length=int(length) if length else None)
+    parsed = httpclient.InferenceServerClient.parse_response_body(
+        content, header_length=int(length) if length else None
+    )
     texts = parsed.as_numpy("TEXT").reshape(-1)
     assert [t.decode() if isinstance(t, bytes) else t for t in texts] == ["a cat", "ünïcode ✓"]
     assert parsed.get_response()["id"] == "r1"
@@ -58,11 +63,11 @@ def test_response_parses_with_stock_client(binary):
 
 
 def test_split_bytes_tensor_rejects_broken_framing():
-    assert kserve._split_bytes_tensor(b"\x02\x00\x00\x00hi\x00\x00\x00\x00", "X") == [b"hi", b""]
+    assert kserve.split_bytes_tensor(b"\x02\x00\x00\x00hi\x00\x00\x00\x00", "X") == [b"hi", b""]
     with pytest.raises(InvalidInput, match="ends inside an element length"):
-        kserve._split_bytes_tensor(b"\x02\x00", "X")
+        kserve.split_bytes_tensor(b"\x02\x00", "X")
     with pytest.raises(InvalidInput, match="runs past the data"):
-        kserve._split_bytes_tensor(b"\x09\x00\x00\x00hi", "X")
+        kserve.split_bytes_tensor(b"\x09\x00\x00\x00hi", "X")
 
 
 def test_transport_parameters_are_not_generation_parameters():

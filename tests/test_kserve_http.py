@@ -99,7 +99,12 @@ def test_json_tensors_and_prompt_broadcast(app, references):
     body = {
         "id": "json-1",
         "inputs": [
-            {"name": "IMAGE", "datatype": "BYTES", "shape": [2], "data": [base64.b64encode(i).decode() for i in images]},
+            {
+                "name": "IMAGE",
+                "datatype": "BYTES",
+                "shape": [2],
+                "data": [base64.b64encode(i).decode() for i in images],
+            },
             {"name": "PROMPT", "datatype": "BYTES", "shape": [1], "data": ["a photo of"]},
         ],
         "parameters": {"max_new_tokens": 7, "num_beams": 2},

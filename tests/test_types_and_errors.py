@@ -41,7 +41,7 @@ def test_unknown_errors_are_internal_and_hide_their_text():
     assert status_of(ValueError("secret detail")) == (500, "INTERNAL", "internal server error")
 
 
-def test_errors_raised_in_a_ray_actor_keep_their_class(serve_port):
+def test_errors_raised_in_a_ray_actor_keep_their_class(serve_ports):
     import ray
 
     @ray.remote

@@ -1,0 +1,85 @@
+"""The one FastAPI app every HTTP route hangs on, its error handlers, and body reading with limits.
+
+Errors are raised in routes and rendered here from deployments/errors.status_of: KServe v2 routes answer
+`{"error": "..."}` (what tritonclient reads), OpenAI routes answer OpenAI's `{"error": {"message", "type", ...}}`.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real classes in signatures.
+import logging
+import zlib
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from deployments.errors import Blip2ServeError, InvalidInput, PayloadTooLarge, status_of
+
+logger = logging.getLogger(__name__)
+
+app = FastAPI(title="blip2-serve", docs_url=None, redoc_url=None)
+
+_OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error"}
+
+
+def _is_openai_route(request: Request) -> bool:
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path.startswith("/v1/")
+
+
+def error_response(request: Request, status: int, message: str, code: str | None = None) -> Response:
+    """The error body for the route's protocol."""
+    if _is_openai_route(request):
+        kind = _OPENAI_TYPES.get(status, "server_error")
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _on_error(request: Request, exc: Exception) -> Response:
+    status, _, message = status_of(exc)
+    if status >= 500 and not isinstance(exc, Blip2ServeError):
+        logger.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(request, status, message, getattr(exc, "code", None))
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> Response:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+    return error_response(request, 400, f"invalid request: {problems}")
+
+
+app.add_exception_handler(Blip2ServeError, _on_error)
+app.add_exception_handler(RequestValidationError, _on_validation_error)
+app.add_exception_handler(Exception, _on_error)
+
+
+def current_ingress():
+    """The Ingress instance serving this request (a FastAPI dependency): routes are plain functions."""
+    from ray import serve
+
+    return serve.get_replica_context().servable_object
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, decompressed (gzip/deflate) where the client compressed it, at most `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("", "identity"):
+        return bytes(body)
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidInput(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        data = inflater.decompress(bytes(body), limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"request body is not valid {encoding}: {exc}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"decompressed request body is over the limit of {limit} bytes")
+    return data

@@ -1,0 +1,154 @@
+"""KServe v2 / Triton gRPC (`inference.GRPCInferenceService`) on Ray Serve's gRPC proxy.
+
+Mixed into serve/ingress.Ingress: Ray routes each RPC to the method of the same name. Messages are
+tritonclient's own generated classes (serve/grpc_protos.py). Requests become the same InferRequest as over
+HTTP (serve/kserve.py), errors get their gRPC code from deployments/errors.status_of.
+ModelStreamInfer streams the text of one image per request as it is generated, Triton-decoupled style: each
+response carries the new text, the last one `triton_final_response: true`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator
+
+import grpc
+from google.protobuf import json_format
+
+from clients.contract import IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, TEXT
+from deployments.errors import InvalidInput, status_of
+from deployments.types import GenerateResult
+from serve import kserve, metadata
+from serve.grpc_protos import model_config_pb2
+from serve.grpc_protos import service_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+# Ray Serve's gRPC proxy calls this to register the service (serve.start(grpc_options=...)).
+SERVICER_FUNCTION = "serve.grpc_protos.add_servicer"
+
+
+def _parameter(value: pb.InferParameter) -> Any:
+    kind = value.WhichOneof("parameter_choice")
+    return getattr(value, kind) if kind else None
+
+
+def infer_request_from_grpc(request: pb.ModelInferRequest) -> kserve.InferRequest:
+    """The transport-neutral InferRequest of a ModelInferRequest (raw or typed BYTES contents)."""
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        raise InvalidInput("raw_input_contents must have one entry per input")
+    inputs: dict[str, kserve.InputTensor] = {}
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name not in {spec.name for spec in INPUTS}:
+            raise InvalidInput(f"unknown input {tensor.name!r}; this model takes {sorted(s.name for s in INPUTS)}")
+        if request.raw_input_contents:
+            elements = kserve.split_bytes_tensor(request.raw_input_contents[index], tensor.name)
+        else:
+            elements = list(tensor.contents.bytes_contents)
+        if tensor.datatype != "BYTES":
+            elements = []  # the datatype check names the problem
+        inputs[tensor.name] = kserve.InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), tuple(elements))
+    for output in request.outputs:
+        if output.name not in {spec.name for spec in OUTPUTS}:
+            raise InvalidInput(f"unknown output {output.name!r}; this model gives {sorted(s.name for s in OUTPUTS)}")
+    parameters = {name: _parameter(value) for name, value in request.parameters.items()}
+    return kserve.InferRequest(id=request.id, parameters=parameters, inputs=inputs)
+
+
+def infer_response(
+    model_name: str, infer: kserve.InferRequest, texts: list[str], final: bool | None = None
+) -> pb.ModelInferResponse:
+    """TEXT as raw BYTES contents, the form tritonclient reads."""
+    response = pb.ModelInferResponse(model_name=model_name, model_version=MODEL_VERSION, id=infer.id)
+    response.outputs.add(name=TEXT.name, datatype=TEXT.datatype, shape=kserve.output_shape(infer, len(texts)))
+    response.raw_output_contents.append(kserve.serialize_bytes([t.encode("utf-8") for t in texts]))
+    if final is not None:
+        response.parameters["triton_final_response"].bool_param = final
+    return response
+
+
+def _with_status(empty_response):
+    """Turn an error raised by an RPC method into its gRPC status code and message."""
+
+    def decorate(method):
+        # Not functools.wraps: Ray reads the signature for a `grpc_context` parameter, and would follow __wrapped__.
+        async def wrapper(self, request, grpc_context=None):
+            try:
+                return await method(self, request)
+            except Exception as exc:
+                _, code, message = status_of(exc)
+                if code == "INTERNAL":
+                    logger.error("gRPC %s failed", method.__name__, exc_info=exc)
+                if grpc_context is not None:
+                    grpc_context.set_code(getattr(grpc.StatusCode, code))
+                    grpc_context.set_details(message)
+                return empty_response()
+
+        wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = method.__name__, method.__qualname__, method.__doc__
+        return wrapper
+
+    return decorate
+
+
+class TritonGrpcMethods:
+    """GRPCInferenceService methods, mixed into serve/ingress.Ingress (uses its pipeline, config, server)."""
+
+    @_with_status(pb.ServerLiveResponse)
+    async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @_with_status(pb.ServerReadyResponse)
+    async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=await self.pipeline.ready())
+
+    @_with_status(pb.ModelReadyResponse)
+    async def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
+        if request.name != self.server.model_name or request.version not in ("", MODEL_VERSION):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=await self.pipeline.ready())
+
+    @_with_status(pb.ServerMetadataResponse)
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
+        return json_format.ParseDict(metadata.server_metadata(), pb.ServerMetadataResponse())
+
+    @_with_status(pb.ModelMetadataResponse)
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
+        self.check_model(request.name, request.version)
+        return json_format.ParseDict(metadata.model_metadata(self.config), pb.ModelMetadataResponse())
+
+    @_with_status(pb.ModelConfigResponse)
+    async def ModelConfig(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
+        self.check_model(request.name, request.version)
+        config = json_format.ParseDict(metadata.model_config(self.config), model_config_pb2.ModelConfig())
+        return pb.ModelConfigResponse(config=config)
+
+    def _generate_requests(self, request: pb.ModelInferRequest):
+        self.check_model(request.model_name, request.model_version)
+        infer = infer_request_from_grpc(request)
+        server = self.server
+        generate = kserve.to_generate_requests(
+            infer, server.image_limits(), server.max_images_per_request, server.default_params()
+        )
+        return infer, generate
+
+    @_with_status(pb.ModelInferResponse)
+    async def ModelInfer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        infer, generate = self._generate_requests(request)
+        results: list[GenerateResult] = await self.pipeline.generate_all(generate)
+        return infer_response(self.server.model_name, infer, [r.text for r in results])
+
+    async def ModelStreamInfer(self, request_stream) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Each request in the stream (one IMAGE row) is answered by responses carrying its text as it grows."""
+        async for request in request_stream:
+            try:
+                infer, generate = self._generate_requests(request)
+                if len(generate) != 1:
+                    raise InvalidInput(f"streaming takes one {IMAGE.name} row per request, not {len(generate)}")
+                async for chunk in self.pipeline.stream(generate[0]):
+                    final = chunk.finish_reason is not None
+                    if chunk.text or final:
+                        response = infer_response(self.server.model_name, infer, [chunk.text], final=final)
+                        yield pb.ModelStreamInferResponse(infer_response=response)
+            except Exception as exc:
+                _, _, message = status_of(exc)
+                yield pb.ModelStreamInferResponse(error_message=message)

@@ -1,0 +1,53 @@
+"""The Ingress deployment: one replica class serving KServe v2 HTTP, OpenAI HTTP and KServe v2 gRPC.
+
+Each protocol is a mixin of routes or RPC methods that parse, call the Blip2Pipeline, and render.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from clients.contract import MODEL_VERSION
+from deployments.errors import ModelNotFound
+from deployments.ingress import Blip2Pipeline
+from deployments.types import GenerateRequest, GenerateResult
+from serve import http, openai
+from serve.asgi import app
+from serve.config import AppConfig
+from serve.grpc import TritonGrpcMethods
+
+app.include_router(http.router)
+app.include_router(openai.router)
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress(TritonGrpcMethods):
+    """The public edge of one BLIP-2 application; holds the handles of the two model stages.
+
+    HTTP routes (serve/http.py, serve/openai.py) reach this instance through serve/asgi.current_ingress; Ray's
+    gRPC proxy calls the TritonGrpcMethods by name.
+    """
+
+    def __init__(self, vision: DeploymentHandle, llm: DeploymentHandle, config: AppConfig):
+        self.pipeline = Blip2Pipeline(vision, llm)
+        self.config = config
+        self.server = config.server
+
+    def check_model(self, model_name: str, version: str = "") -> None:
+        """Raise ModelNotFound unless the request names this model (and version 1 or none)."""
+        if model_name != self.server.model_name:
+            raise ModelNotFound(f"Request for unknown model: '{model_name}' is not found")
+        if version not in ("", MODEL_VERSION):
+            raise ModelNotFound(f"Request for unknown model: '{model_name}' version {version} is not found")
+
+    # Python callers (other Serve apps, tests) use these through a DeploymentHandle, with no HTTP in between.
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        return await self.pipeline.generate(request)
+
+    async def generate_all(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        return await self.pipeline.generate_all(requests)
+
+    async def stats(self) -> dict:
+        return await self.pipeline.stats()

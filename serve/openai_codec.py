@@ -1,0 +1,283 @@
+"""OpenAI chat completions <-> internal types: messages -> one GenerateRequest, results -> OpenAI JSON.
+
+A conversation about one image becomes the prompt BLIP-2 was trained with (the model card's and LAVIS's):
+"Question: q1 Answer: a1. Question: q2 Answer:". System messages go first, as they are. A single user turn
+with an image and no text is plain captioning (empty prompt).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import uuid
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from deployments.errors import InvalidInput, ModelNotFound
+from deployments.images import ImageLimits, check_image
+from deployments.types import EncodedImage, GenerateChunk, GenerateRequest, GenerateResult, GenerationParams
+
+# Fields this server does not implement; sending them with a non-default value is a 400, not silently ignored.
+_UNSUPPORTED = {
+    "tools": None,
+    "tool_choice": None,
+    "functions": None,
+    "logprobs": False,
+    "top_logprobs": None,
+    "logit_bias": None,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+}
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of OpenAI's chat completion request that BLIP-2 can honour."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int | None = None
+    user: str | None = None
+    response_format: dict[str, Any] | None = None
+
+    @classmethod
+    def parse(cls, body: bytes) -> ChatCompletionRequest:
+        try:
+            request = cls.model_validate_json(body)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+            raise InvalidInput(f"invalid chat completion request: {problems}") from None
+        for name, default in _UNSUPPORTED.items():
+            if (request.model_extra or {}).get(name, default) not in (default, None):
+                raise InvalidInput(f"'{name}' is not supported by this server")
+        if request.n not in (None, 1):
+            raise InvalidInput("'n' must be 1: this server returns one choice")
+        if request.response_format not in (None, {"type": "text"}):
+            raise InvalidInput("'response_format' must be text")
+        if request.stream_options is not None and not request.stream:
+            raise InvalidInput("'stream_options' is only allowed with stream: true")
+        return request
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and (self.stream_options or {}).get("include_usage"))
+
+    def params(self, defaults: GenerationParams) -> GenerationParams:
+        """OpenAI sampling fields as generation parameters; no temperature (or 0) means greedy decoding."""
+        values: dict[str, Any] = {}
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if max_tokens is not None:
+            values["max_new_tokens"] = max_tokens
+        if self.temperature:
+            values.update(do_sample=True, temperature=self.temperature)
+            if self.top_p is not None:
+                values["top_p"] = self.top_p
+        for name in ("seed", "stop"):
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
+        return GenerationParams.from_mapping(values, base=defaults)
+
+
+def _parts(message: dict[str, Any], index: int) -> tuple[list[str], list[str]]:
+    """(texts, image URLs) of one message."""
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return ([content] if content else []), []
+    if not isinstance(content, list):
+        raise InvalidInput(f"messages[{index}].content must be a string or a list of parts")
+    texts, images = [], []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise InvalidInput(f"messages[{index}]: image_url needs a 'url' string")
+            images.append(url)
+        else:
+            raise InvalidInput(f"messages[{index}]: content parts must be 'text' or 'image_url', not {kind!r}")
+    return texts, images
+
+
+def _answer(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def conversation_prompt(messages: list[dict[str, Any]]) -> tuple[str, str]:
+    """(BLIP-2 prompt, the image URL) of a conversation about one image."""
+    if not messages:
+        raise InvalidInput("'messages' must not be empty")
+    system: list[str] = []
+    turns: list[tuple[str, str | None]] = []  # (question, answer); the last answer is None
+    image_urls: list[str] = []
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("system", "developer", "user", "assistant"):
+            raise InvalidInput(f"messages[{index}].role must be system, user or assistant, not {role!r}")
+        texts, images = _parts(message, index)
+        if images and role != "user":
+            raise InvalidInput(f"messages[{index}]: only user messages may carry an image")
+        image_urls += images
+        text = " ".join(t.strip() for t in texts if t.strip())
+        if role in ("system", "developer"):
+            system.append(text)
+        elif role == "user":
+            if turns and turns[-1][1] is None:  # consecutive user messages: one question
+                turns[-1] = (f"{turns[-1][0]} {text}".strip(), None)
+            else:
+                turns.append((text, None))
+        else:
+            if not turns or turns[-1][1] is not None:
+                raise InvalidInput(f"messages[{index}]: an assistant message must answer a user message")
+            turns[-1] = (turns[-1][0], text)
+    if not turns or turns[-1][1] is not None:
+        raise InvalidInput("the last message must be from the user")
+    if len(image_urls) != 1:
+        raise InvalidInput(f"a conversation must carry exactly one image (in a user message), not {len(image_urls)}")
+    if len(turns) == 1 and not turns[0][0]:
+        return " ".join(system), image_urls[0]  # captioning
+    dialogue = [f"Question: {q} Answer: {_answer(a)}" for q, a in turns[:-1]]
+    dialogue.append(f"Question: {turns[-1][0]} Answer:")
+    return " ".join([*system, *dialogue]), image_urls[0]
+
+
+async def load_image(
+    url: str, limits: ImageLimits, allowlist: tuple[str, ...], timeout_s: float = 10.0
+) -> EncodedImage:
+    """A data: URI, or an http(s) URL that starts with an allow-listed prefix; nothing else is fetched."""
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if not header.startswith("data:image/") or not header.endswith(";base64"):
+            raise InvalidInput("image data URIs must look like data:image/<type>;base64,<data>")
+        try:
+            return check_image(base64.b64decode(payload, validate=True), limits)
+        except (binascii.Error, ValueError):
+            raise InvalidInput("the image data URI is not valid base64") from None
+    if not url.startswith(("http://", "https://")):
+        raise InvalidInput("image_url must be a data: URI or an http(s) URL")
+    if not any(url.startswith(prefix) for prefix in allowlist):
+        raise InvalidInput(
+            "this server fetches no remote images: send the image as a data: URI "
+            "(or ask the operator to allow-list this URL with server.image_url_allowlist)"
+        )
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+            async with client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise InvalidInput(f"fetching the image gave HTTP {response.status_code}")
+                data = bytearray()
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > limits.max_bytes:
+                        raise InvalidInput(f"the image at image_url is over {limits.max_bytes} bytes")
+    except httpx.HTTPError as exc:
+        raise InvalidInput(f"fetching the image failed: {exc}") from None
+    return check_image(bytes(data), limits)
+
+
+async def to_generate_request(
+    chat: ChatCompletionRequest,
+    model_name: str,
+    limits: ImageLimits,
+    allowlist: tuple[str, ...],
+    defaults: GenerationParams,
+) -> GenerateRequest:
+    """The one GenerateRequest a chat completion request asks for."""
+    if chat.model != model_name:
+        raise ModelNotFound(f"The model '{chat.model}' does not exist; this server serves '{model_name}'")
+    prompt, url = conversation_prompt(chat.messages)
+    image = await load_image(url, limits, allowlist)
+    return GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", image, prompt, chat.params(defaults))
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion(model: str, result: GenerateResult) -> dict[str, Any]:
+    """A `chat.completion` object."""
+    return {
+        "id": result.request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": result.finish_reason,
+            }
+        ],
+        "usage": usage(result.prompt_tokens, len(result.token_ids)),
+    }
+
+
+def chunk(
+    request_id: str,
+    model: str,
+    delta: dict[str, Any] | None,
+    finish_reason: Literal["stop", "length"] | None = None,
+    include_usage: bool = False,
+    usage_counts: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """A `chat.completion.chunk`; `delta=None` is the closing usage chunk (no choices)."""
+    body: dict[str, Any] = {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+    }
+    body["choices"] = (
+        [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    )
+    if include_usage:
+        body["usage"] = usage_counts
+    return body
+
+
+def chunks(model: str, first: GenerateChunk, rest, include_usage: bool):
+    """The chunk objects of a stream: the role, each text delta, the finish reason, then usage if asked."""
+
+    async def generate():
+        yield chunk(first.request_id, model, {"role": "assistant", "content": ""}, None, include_usage)
+        last = first
+        async for item in _prepend(first, rest):
+            last = item
+            if item.text:
+                yield chunk(item.request_id, model, {"content": item.text}, None, include_usage)
+        yield chunk(last.request_id, model, {}, last.finish_reason, include_usage)
+        if include_usage:
+            yield chunk(last.request_id, model, None, None, True, usage(last.prompt_tokens, last.completion_tokens))
+
+    return generate()
+
+
+async def _prepend(first, rest):
+    yield first
+    async for item in rest:
+        yield item
+
+
+def models_list(model: str) -> dict[str, Any]:
+    """`GET /v1/models`."""
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "blip2-serve"}]}
