@@ -28,13 +28,14 @@ class TextAssembler:
 
     def _held_back(self, text: str) -> int:
         """How many trailing characters a later token could still change."""
-        stable = len(text.rstrip().rstrip("\ufffd"))
-        for stop in self._stop:  # the longest end of the text that begins a stop string
-            for size in range(min(len(stop) - 1, stable), 0, -1):
-                if text[stable - size : stable] == stop[:size]:
-                    stable -= size
+        end = len(text.rstrip().rstrip("\ufffd"))
+        partial = 0  # the longest end of the text that begins a stop string
+        for stop in self._stop:
+            for size in range(min(len(stop) - 1, end), partial, -1):
+                if text[end - size : end] == stop[:size]:
+                    partial = size
                     break
-        return len(text) - max(stable, 0)
+        return len(text) - len(text[: end - partial].rstrip())
 
     def _take(self, text: str) -> str:
         if not text.startswith(self._emitted):  # decoding rewrote earlier text: show nothing more until finish

@@ -137,6 +137,55 @@ def apps(serve_ports, checkpoints) -> dict[str, ServedApp]:
     return served
 
 
+@pytest.fixture(scope="session")
+def image_server() -> str:
+    """A plain HTTP server on 127.0.0.1 with one PNG at /cat.png: a remote image for the OpenAI allow-list."""
+    import http.server
+    import threading
+
+    from tests.helpers import image_bytes
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            data = image_bytes(77)
+            self.send_response(200 if self.path == "/cat.png" else 404)
+            self.send_header("content-type", "image/png")
+            self.end_headers()
+            if self.path == "/cat.png":
+                self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tight_app(serve_ports, checkpoints, image_server) -> ServedApp:
+    """The OPT graph with one-request queues (overload is easy to reach) and one allow-listed image host."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import AppConfig
+
+    tight = {**TEST_STAGE, "batch": {"max_batch_size": 1}, "max_ongoing_requests": 1, "max_queued_requests": 1}
+    config = AppConfig.model_validate(
+        {
+            "model": {"checkpoint": str(checkpoints["opt"])},
+            "server": {**TEST_SERVER, "image_url_allowlist": [f"{image_server}/"]},
+            "vision": tight,
+            "llm": tight,
+            "app_name": "tight",
+            "route_prefix": "/tight",
+        }
+    )
+    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+    return ServedApp("opt", config.app_name, serve_ports.http, serve_ports.grpc, config.route_prefix)
+
+
 @pytest.fixture(params=["opt", "t5"])
 def app(request, apps) -> ServedApp:
     return apps[request.param]

@@ -1,0 +1,203 @@
+"""Stock tritonclient.grpc (sync, aio, streaming) against Ray Serve's gRPC proxy serving GRPCInferenceService."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import queue
+
+import httpx
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tests.helpers import image_bytes, truncated_png
+
+pytestmark = pytest.mark.serve
+
+QUESTION = "Question: what is in the picture? Answer:"
+
+
+def _inputs(module, images: list[bytes], prompts: list[str] | None = None):
+    tensor = module.InferInput("IMAGE", [len(images), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[i] for i in images], dtype=np.object_))
+    inputs = [tensor]
+    if prompts is not None:
+        prompt = module.InferInput("PROMPT", [len(prompts), 1], "BYTES")
+        prompt.set_data_from_numpy(np.array([[p.encode()] for p in prompts], dtype=np.object_))
+        inputs.append(prompt)
+    return inputs
+
+
+def _texts(result) -> list[str]:
+    return [t.decode() for t in result.as_numpy("TEXT").reshape(-1)]
+
+
+def test_health_metadata_and_config(app):
+    client = grpcclient.InferenceServerClient(app.grpc_url)
+    headers = app.grpc_headers
+    assert client.is_server_live(headers=headers) and client.is_server_ready(headers=headers)
+    assert client.is_model_ready("blip2", headers=headers) and not client.is_model_ready("nope", headers=headers)
+    server = client.get_server_metadata(headers=headers, as_json=True)
+    assert server["name"] == "blip2-serve" and "binary_tensor_data" in server["extensions"]
+    model = client.get_model_metadata("blip2", headers=headers, as_json=True)
+    assert [t["name"] for t in model["inputs"]] == ["IMAGE", "PROMPT"] and model["outputs"][0]["datatype"] == "BYTES"
+    config = client.get_model_config("blip2", headers=headers).config  # a real Triton ModelConfig message
+    assert config.max_batch_size == 8 and config.input[1].optional and config.HasField("dynamic_batching")
+    assert [o.name for o in config.output] == ["TEXT"]
+
+
+def test_answers_match_the_http_path(app):
+    images = [image_bytes(50), image_bytes(51)]
+    grpc = grpcclient.InferenceServerClient(app.grpc_url)
+    http = httpclient.InferenceServerClient(app.url)
+    for prompts, parameters in ((None, {"max_new_tokens": 9}), ([QUESTION] * 2, {"max_new_tokens": 6, "num_beams": 2})):
+        over_grpc = _texts(
+            grpc.infer("blip2", _inputs(grpcclient, images, prompts), parameters=parameters, headers=app.grpc_headers)
+        )
+        over_http = _texts(http.infer("blip2", _inputs(httpclient, images, prompts), parameters=parameters))
+        assert over_grpc == over_http and all(over_grpc)
+
+
+def test_status_codes(app):
+    client = grpcclient.InferenceServerClient(app.grpc_url)
+    cases = [
+        (lambda: client.get_model_metadata("nope", headers=app.grpc_headers), "StatusCode.NOT_FOUND", "unknown model"),
+        (
+            lambda: client.infer("nope", _inputs(grpcclient, [image_bytes(1)]), headers=app.grpc_headers),
+            "StatusCode.NOT_FOUND",
+            "unknown model",
+        ),
+        (
+            lambda: client.infer("blip2", _inputs(grpcclient, [b"not an image"]), headers=app.grpc_headers),
+            "StatusCode.INVALID_ARGUMENT",
+            "not an image file",
+        ),
+        (
+            lambda: client.infer("blip2", _inputs(grpcclient, [truncated_png()]), headers=app.grpc_headers),
+            "StatusCode.INVALID_ARGUMENT",
+            "truncated",
+        ),
+        (
+            lambda: client.infer(
+                "blip2", _inputs(grpcclient, [image_bytes(1)]), parameters={"top_p": 3.0}, headers=app.grpc_headers
+            ),
+            "StatusCode.INVALID_ARGUMENT",
+            "out of range",
+        ),
+    ]
+    for call, code, words in cases:
+        with pytest.raises(InferenceServerException) as info:
+            call()
+        assert info.value.status() == code and words in info.value.message(), (
+            info.value.status(),
+            info.value.message(),
+        )
+    assert _texts(client.infer("blip2", _inputs(grpcclient, [image_bytes(2)]), headers=app.grpc_headers))
+
+
+def test_aio_client(app):
+    async def main():
+        client = grpcaio.InferenceServerClient(app.grpc_url)
+        try:
+            live = await client.is_server_live(headers=app.grpc_headers)
+            metadata = await client.get_model_metadata("blip2", headers=app.grpc_headers, as_json=True)
+            results = await asyncio.gather(
+                *(
+                    client.infer("blip2", _inputs(grpcaio, [image_bytes(i)]), headers=app.grpc_headers)
+                    for i in (52, 53, 54)
+                )
+            )
+            return live, metadata, [_texts(r)[0] for r in results]
+        finally:
+            await client.close()
+
+    live, metadata, texts = asyncio.run(main())
+    assert live and metadata["name"] == "blip2" and len(set(texts)) == 3
+
+
+def test_model_stream_infer_streams_text_that_joins_to_the_answer(app):
+    client = grpcclient.InferenceServerClient(app.grpc_url)
+    expected = _texts(
+        client.infer(
+            "blip2",
+            _inputs(grpcclient, [image_bytes(55)], [QUESTION]),
+            parameters={"max_new_tokens": 24},
+            headers=app.grpc_headers,
+        )
+    )[0]
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)), headers=app.grpc_headers)
+    try:
+        client.async_stream_infer(
+            "blip2", _inputs(grpcclient, [image_bytes(55)], [QUESTION]), parameters={"max_new_tokens": 24}
+        )
+        client.async_stream_infer("blip2", _inputs(grpcclient, [b"junk"]))  # an error, then the stream goes on
+        client.async_stream_infer(
+            "blip2", _inputs(grpcclient, [image_bytes(55)], [QUESTION]), parameters={"max_new_tokens": 24}
+        )
+        pieces: list[list[str]] = [[], [], []]
+        errors, index = [], 0
+        while index < 3:
+            result, error = responses.get(timeout=60)
+            if error is not None:
+                errors.append(error)
+                index += 1
+                continue
+            pieces[index].append(_texts(result)[0])
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                index += 1
+    finally:
+        client.stop_stream()
+    assert "".join(pieces[0]) == expected and len(pieces[0]) > 3, pieces[0]
+    assert "".join(pieces[2]) == expected
+    assert len(errors) == 1 and "not an image file" in errors[0].message()
+
+
+def test_overload_is_unavailable_over_grpc_and_503_over_http(tight_app):
+    """A stage with a one-request queue turns a burst away with UNAVAILABLE/503, and serves again after."""
+
+    async def burst():
+        client = grpcaio.InferenceServerClient(tight_app.grpc_url)
+        try:
+            calls = [
+                client.infer(
+                    "blip2",
+                    _inputs(grpcaio, [image_bytes(i)]),
+                    parameters={"max_new_tokens": 120},
+                    headers=tight_app.grpc_headers,
+                )
+                for i in range(12)
+            ]
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await client.close()
+
+    outcomes = asyncio.run(burst())
+    refused = [o for o in outcomes if isinstance(o, InferenceServerException)]
+    assert refused and all(o.status() == "StatusCode.UNAVAILABLE" for o in refused), [str(o) for o in refused]
+    assert any(not isinstance(o, Exception) for o in outcomes)
+
+    async def http_burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+
+            def request(i):
+                image = {
+                    "name": "IMAGE",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "data": [base64.b64encode(image_bytes(i)).decode()],
+                }
+                body = {"inputs": [image], "parameters": {"max_new_tokens": 120}}
+                return client.post(f"{tight_app.http}/v2/models/blip2/infer", json=body)
+
+            return await asyncio.gather(*(request(i) for i in range(12)))
+
+    statuses = [r.status_code for r in asyncio.run(http_burst())]
+    assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}, statuses
+    client = grpcclient.InferenceServerClient(tight_app.grpc_url)
+    assert _texts(client.infer("blip2", _inputs(grpcclient, [image_bytes(3)]), headers=tight_app.grpc_headers))
