@@ -7,7 +7,6 @@ import base64
 import queue
 
 import httpx
-
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
