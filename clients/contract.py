@@ -75,3 +75,21 @@ PARAMETERS_BY_NAME = {p.name: p for p in GENERATION_PARAMETERS}
 TRANSPORT_PARAMETERS = frozenset(
     {"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "headers"}
 )
+
+
+def question_prompt(question: str) -> str:
+    """The VQA prompt of the BLIP-2 model card: "Question: {question} Answer:"."""
+    return f"Question: {question.strip()} Answer:"
+
+
+def dialogue_prompt(turns: list[tuple[str, str]], question: str, system: str = "") -> str:
+    """A conversation about one image as BLIP-2 (and LAVIS) prompt it: earlier (question, answer) turns, then
+    the new question: "Question: q1 Answer: a1. Question: q2 Answer:". `system` text goes first, as it is."""
+    parts = [system.strip()] if system.strip() else []
+    for asked, answered in turns:
+        answered = answered.strip()
+        parts.append(
+            f"Question: {asked.strip()} Answer: {answered if answered.endswith(('.', '!', '?')) else answered + '.'}"
+        )
+    parts.append(question_prompt(question))
+    return " ".join(parts)

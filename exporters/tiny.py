@@ -8,6 +8,8 @@ captions are gibberish: the weights are random.
 from __future__ import annotations
 
 import logging
+import math
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -70,19 +72,39 @@ def _opt_tokenizer(vocab_size: int):
     )
 
 
+def _unigram_pieces(vocab_size: int, reserved: int) -> list[tuple[str, float]]:
+    """SentencePiece-style pieces and log-probability scores counted from the corpus, deterministically.
+
+    (tokenizers' UnigramTrainer breaks ties in hash order, so its vocabulary changes from run to run.)
+    """
+    counts: Counter[str] = Counter()
+    for line in _corpus():
+        for word in line.replace("?", " ?").replace(".", " .").replace(":", " :").split():
+            piece = "▁" + word
+            counts[piece] += 3
+            for size in (2, 3, 4):
+                for start in range(len(piece) - size + 1):
+                    counts[piece[start : start + size]] += 1
+            for char in piece:
+                counts[char] += 1
+    singles = sorted(p for p in counts if len(p) == 1)  # every character stays reachable
+    longer = sorted((p for p in counts if len(p) > 1), key=lambda p: (-counts[p], p))
+    chosen = singles + longer[: max(0, vocab_size - reserved - len(singles))]
+    total = sum(counts[p] for p in chosen)
+    return [(piece, math.log(counts[piece] / total)) for piece in chosen]
+
+
 def _t5_tokenizer(vocab_size: int):
     """Unigram (SentencePiece-style) like T5's: <pad>=0 </s>=1 <unk>=2, EOS appended."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.Unigram())
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    tok = Tokenizer(models.Unigram(specials + _unigram_pieces(vocab_size, len(specials)), unk_id=2))
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
-    )
-    tok.train_from_iterator(_corpus(), trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
     )

@@ -7,6 +7,7 @@ Errors are raised in routes and rendered here from deployments/errors.status_of:
 # No `from __future__ import annotations`: FastAPI must see real classes in signatures.
 import logging
 import zlib
+from typing import AsyncIterator, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,6 +16,8 @@ from fastapi.responses import JSONResponse, Response
 from deployments.errors import Blip2ServeError, InvalidInput, PayloadTooLarge, status_of
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 app = FastAPI(title="blip2-serve", docs_url=None, redoc_url=None)
 
@@ -83,3 +86,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     if len(data) > limit or inflater.unconsumed_tail:
         raise PayloadTooLarge(f"decompressed request body is over the limit of {limit} bytes")
     return data
+
+
+async def primed(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Await a stream's first item now, so that its errors (bad image, prompt) become a 4xx before a streaming
+    response starts; the returned iterator yields every item, the first included."""
+    first = await anext(stream)
+
+    async def items() -> AsyncIterator[T]:
+        yield first
+        async for item in stream:
+            yield item
+
+    return items()

@@ -4,14 +4,16 @@
 """
 
 # No `from __future__ import annotations`: FastAPI must see real classes in route signatures.
+import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from deployments.errors import InvalidInput, Unavailable
+from clients.contract import MODEL_VERSION, TEXT
+from deployments.errors import InvalidInput, Unavailable, status_of
 from serve import kserve, metadata
-from serve.asgi import current_ingress, read_body
+from serve.asgi import current_ingress, primed, read_body
 
 router = APIRouter()
 Ingress = Any  # serve/ingress.Ingress; not imported here, it imports this module
@@ -72,3 +74,51 @@ async def infer(
     results = await ingress.pipeline.generate_all(requests)
     content, headers = kserve.encode_infer_response(ingress.server.model_name, infer, results)
     return Response(content=content, headers=headers)
+
+
+async def _generate_request(model_name: str, version: str, request: Request, ingress: Ingress):
+    ingress.check_model(model_name, version)
+    body = await read_body(request, ingress.server.max_request_bytes)
+    server = ingress.server
+    infer = kserve.decode_generate_request(body)
+    (generate,) = kserve.to_generate_requests(infer, server.image_limits(), 1, server.default_params())
+    return infer, generate
+
+
+def _generate_response(ingress: Ingress, infer: kserve.InferRequest, text: str, **extra) -> dict:
+    body = {"model_name": ingress.server.model_name, "model_version": MODEL_VERSION, TEXT.name: text, **extra}
+    if infer.id:
+        body["id"] = infer.id
+    return body
+
+
+@router.post("/v2/models/{model_name}/generate")
+@router.post("/v2/models/{model_name}/versions/{version}/generate")
+async def generate(
+    model_name: str, request: Request, version: str = "", ingress: Ingress = Depends(current_ingress)
+) -> Response:
+    """Triton's generate extension: one image (base64) and an optional prompt in, the text out."""
+    infer, generate_request = await _generate_request(model_name, version, request, ingress)
+    result = await ingress.pipeline.generate(generate_request)
+    return JSONResponse(_generate_response(ingress, infer, result.text, finish_reason=result.finish_reason))
+
+
+@router.post("/v2/models/{model_name}/generate_stream")
+@router.post("/v2/models/{model_name}/versions/{version}/generate_stream")
+async def generate_stream(
+    model_name: str, request: Request, version: str = "", ingress: Ingress = Depends(current_ingress)
+) -> Response:
+    """The same, as server-sent events: each carries the text added since the last; the last, finish_reason."""
+    infer, generate_request = await _generate_request(model_name, version, request, ingress)
+    stream = await primed(ingress.pipeline.stream(generate_request))
+
+    async def events():
+        try:
+            async for chunk in stream:
+                extra = {"finish_reason": chunk.finish_reason} if chunk.finish_reason else {}
+                if chunk.text or extra:
+                    yield f"data: {json.dumps(_generate_response(ingress, infer, chunk.text, **extra))}\n\n"
+        except Exception as exc:  # after the 200: Triton reports errors as an event
+            yield f"data: {json.dumps({'error': status_of(exc)[2]})}\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})

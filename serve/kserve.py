@@ -154,6 +154,25 @@ def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest
     )
 
 
+def decode_generate_request(body: bytes) -> InferRequest:
+    """Triton's generate extension body: {"IMAGE": base64, "PROMPT": text, "parameters": {...}, "id": ...}."""
+    header = _json_object(body, "generate request")
+    unknown = set(header) - _INPUT_NAMES - {"id", "parameters"}
+    if unknown:
+        raise InvalidInput(f"unknown fields {sorted(unknown)}; a generate request has IMAGE, PROMPT, parameters, id")
+    inputs = {}
+    for name in _INPUT_NAMES & set(header):
+        if not isinstance(header[name], str):
+            raise InvalidInput(f"{name} must be a string (IMAGE: base64 of the image file)")
+        elements = _json_elements(name, [header[name]])
+        inputs[name] = InputTensor(name, "BYTES", (1,), tuple(elements))
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput("'parameters' must be an object")
+    request_id = header.get("id", "")
+    return InferRequest(id=str(request_id), parameters=parameters, inputs=inputs)
+
+
 def _rows(tensor: InputTensor, expected_type: str) -> int:
     """Batch size of an [N] or [N, 1] BYTES tensor whose element count matches its shape."""
     if tensor.datatype != expected_type:

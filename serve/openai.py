@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serve import openai_codec as codec
-from serve.asgi import current_ingress, read_body
+from serve.asgi import current_ingress, primed, read_body
 
 router = APIRouter()
 Ingress = Any  # serve/ingress.Ingress; not imported here, it imports this module
@@ -43,6 +43,5 @@ async def chat_completions(request: Request, ingress: Ingress = Depends(current_
     if not chat.stream:
         result = await ingress.pipeline.generate(generate)
         return JSONResponse(codec.completion(server.model_name, result))
-    stream = ingress.pipeline.stream(generate)
-    first = await anext(stream)  # errors so far (image, prompt) still become a 4xx
-    return _sse(codec.chunks(server.model_name, first, stream, chat.include_usage))
+    stream = await primed(ingress.pipeline.stream(generate))
+    return _sse(codec.chunks(server.model_name, stream, chat.include_usage))

@@ -1,6 +1,6 @@
 """OpenAI chat completions <-> internal types: messages -> one GenerateRequest, results -> OpenAI JSON.
 
-A conversation about one image becomes the prompt BLIP-2 was trained with (the model card's and LAVIS's):
+A conversation about one image becomes clients.contract.dialogue_prompt (the model card's and LAVIS's format):
 "Question: q1 Answer: a1. Question: q2 Answer:". System messages go first, as they are. A single user turn
 with an image and no text is plain captioning (empty prompt).
 """
@@ -11,11 +11,12 @@ import base64
 import binascii
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, AsyncIterator, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from clients.contract import dialogue_prompt
 from deployments.errors import InvalidInput, ModelNotFound
 from deployments.images import ImageLimits, check_image
 from deployments.types import EncodedImage, GenerateChunk, GenerateRequest, GenerateResult, GenerationParams
@@ -113,11 +114,6 @@ def _parts(message: dict[str, Any], index: int) -> tuple[list[str], list[str]]:
     return texts, images
 
 
-def _answer(text: str) -> str:
-    text = text.strip()
-    return text if text.endswith((".", "!", "?")) else text + "."
-
-
 def conversation_prompt(messages: list[dict[str, Any]]) -> tuple[str, str]:
     """(BLIP-2 prompt, the image URL) of a conversation about one image."""
     if not messages:
@@ -151,9 +147,8 @@ def conversation_prompt(messages: list[dict[str, Any]]) -> tuple[str, str]:
         raise InvalidInput(f"a conversation must carry exactly one image (in a user message), not {len(image_urls)}")
     if len(turns) == 1 and not turns[0][0]:
         return " ".join(system), image_urls[0]  # captioning
-    dialogue = [f"Question: {q} Answer: {_answer(a)}" for q, a in turns[:-1]]
-    dialogue.append(f"Question: {turns[-1][0]} Answer:")
-    return " ".join([*system, *dialogue]), image_urls[0]
+    answered = [(question, answer or "") for question, answer in turns[:-1]]
+    return dialogue_prompt(answered, turns[-1][0], " ".join(system)), image_urls[0]
 
 
 async def load_image(
@@ -255,13 +250,14 @@ def chunk(
     return body
 
 
-def chunks(model: str, first: GenerateChunk, rest, include_usage: bool):
+def chunks(model: str, stream: AsyncIterator[GenerateChunk], include_usage: bool) -> AsyncIterator[dict[str, Any]]:
     """The chunk objects of a stream: the role, each text delta, the finish reason, then usage if asked."""
 
     async def generate():
-        yield chunk(first.request_id, model, {"role": "assistant", "content": ""}, None, include_usage)
-        last = first
-        async for item in _prepend(first, rest):
+        last = None
+        async for item in stream:
+            if last is None:
+                yield chunk(item.request_id, model, {"role": "assistant", "content": ""}, None, include_usage)
             last = item
             if item.text:
                 yield chunk(item.request_id, model, {"content": item.text}, None, include_usage)
@@ -270,12 +266,6 @@ def chunks(model: str, first: GenerateChunk, rest, include_usage: bool):
             yield chunk(last.request_id, model, None, None, True, usage(last.prompt_tokens, last.completion_tokens))
 
     return generate()
-
-
-async def _prepend(first, rest):
-    yield first
-    async for item in rest:
-        yield item
 
 
 def models_list(model: str) -> dict[str, Any]:

@@ -113,6 +113,7 @@ def test_streaming_is_real_and_joins_to_the_answer(apps):
     full = client.chat.completions.create(model="blip2", messages=messages, max_tokens=32)
     assert full.usage.completion_tokens == 32, "the tiny model should not stop early here"
 
+    list(client.chat.completions.create(model="blip2", messages=messages, max_tokens=4, stream=True))  # warm path
     started = time.perf_counter()
     arrivals, pieces, usage, finish = [], [], None, None
     stream = client.chat.completions.create(
@@ -130,8 +131,10 @@ def test_streaming_is_real_and_joins_to_the_answer(apps):
     assert usage is not None and usage.completion_tokens == 32 and usage.prompt_tokens == full.usage.prompt_tokens
     content_chunks = sum(1 for p in pieces if p)
     assert content_chunks >= 10, pieces
+    # A finished answer cut into pieces arrives within a millisecond; real chunks spread over the generation.
+    # Measured here (2 cores): first text chunk ~55 ms, last ~120 ms after the request.
     first, last = arrivals[1], arrivals[-1]  # arrivals[0] is the role chunk
-    assert first < 0.6 * last, f"first text chunk at {first:.3f}s, last at {last:.3f}s"
+    assert first < 0.7 * last and last - first > 0.02, f"first text chunk at {first:.3f}s, last at {last:.3f}s"
 
 
 def test_async_client_plain_and_stream(app):
