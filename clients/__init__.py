@@ -1,1 +1,25 @@
-"""The light client side of blip2-serve: the model contract (and, later, the SDK). No torch, no ray."""
+"""The light client side of blip2-serve: the SDK and the model contract. Imports no torch, no ray, no server code.
+
+from clients import Blip2Client, AsyncBlip2Client
+"""
+
+from clients.errors import (
+    Blip2Error,
+    ConnectionFailedError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ServerError,
+    ServiceUnavailableError,
+)
+from clients.sdk import AsyncBlip2Client, Blip2Client
+
+__all__ = [
+    "AsyncBlip2Client",
+    "Blip2Client",
+    "Blip2Error",
+    "ConnectionFailedError",
+    "InvalidRequestError",
+    "ModelNotFoundError",
+    "ServerError",
+    "ServiceUnavailableError",
+]

@@ -1,4 +1,5 @@
-"""`blip2-serve`: run the server on an embedded local Ray (or an existing cluster), write tiny checkpoints."""
+"""`blip2-serve`: run the server on an embedded local Ray (or an existing cluster), write tiny checkpoints, and
+(clients/cli.py) caption, ask and chat as a client. Client commands import no server code."""
 
 from __future__ import annotations
 
@@ -109,6 +110,10 @@ def parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=make_tiny)
 
+    from clients.cli import register
+
+    register(commands)
+
     cfg = commands.add_parser("config", help="print the default configuration as YAML")
     cfg.add_argument("--model", default="Salesforce/blip2-opt-2.7b")
     cfg.set_defaults(func=print_config)
@@ -118,7 +123,20 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
-    return args.func(args)
+    from clients.errors import Blip2Error
+
+    try:
+        return args.func(args)
+    except ImportError as exc:
+        hint = "the server needs: pip install 'blip2-serve[server]'"
+        print(f"blip2-serve {args.command}: {exc}; {hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"blip2-serve {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (Blip2Error, OSError, ValueError) as exc:  # one line for people, no traceback
+        print(f"blip2-serve {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

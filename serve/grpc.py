@@ -4,7 +4,8 @@ Mixed into serve/ingress.Ingress: Ray routes each RPC to the method of the same 
 tritonclient's own generated classes (serve/grpc_protos.py). Requests become the same InferRequest as over
 HTTP (serve/kserve.py), errors get their gRPC code from deployments/errors.status_of.
 ModelStreamInfer streams the text of one image per request as it is generated, Triton-decoupled style: each
-response carries the new text, the last one `triton_final_response: true`.
+response carries the new text, the last one `triton_final_response: true`. A failed request in a stream is
+answered in-band with `error_message` "<gRPC code name>: <reason>", and the stream goes on.
 """
 
 from __future__ import annotations
@@ -150,5 +151,6 @@ class TritonGrpcMethods:
                         response = infer_response(self.server.model_name, infer, [chunk.text], final=final)
                         yield pb.ModelStreamInferResponse(infer_response=response)
             except Exception as exc:
-                _, _, message = status_of(exc)
-                yield pb.ModelStreamInferResponse(error_message=message)
+                # In-band, as Triton reports stream errors; the code leads the message since there is no field for it.
+                _, code, message = status_of(exc)
+                yield pb.ModelStreamInferResponse(error_message=f"{code}: {message}")

@@ -1,0 +1,169 @@
+"""The Python SDK: AsyncBlip2Client, and Blip2Client (the same calls, blocking).
+
+    from clients import Blip2Client
+    with Blip2Client("127.0.0.1:8000") as client:          # or ("127.0.0.1:8001", protocol="grpc")
+        print(client.caption("cat.jpg"))
+        print(client.ask("cat.jpg", "how many cats are there?"))
+        for piece in client.stream("cat.jpg", "Question: what is it doing? Answer:"):
+            print(piece, end="", flush=True)
+
+Images are a path, bytes, a PIL image or a numpy array. Generation parameters (max_new_tokens, num_beams,
+temperature, ...; see clients.contract) are keyword arguments. Server errors raise clients.errors types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import AsyncIterator, Iterator, Sequence
+
+from clients.contract import MODEL_NAME, question_prompt
+from clients.images import ImageLike, image_bytes
+from clients.transports import make_transport
+
+
+class AsyncBlip2Client:
+    """asyncio client over KServe v2 HTTP (`protocol="http"`, default) or gRPC (`protocol="grpc"`)."""
+
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8000",
+        protocol: str = "http",
+        *,
+        model: str = MODEL_NAME,
+        timeout_s: float = 300.0,
+        concurrency: int = 8,
+        headers: dict[str, str] | None = None,
+    ):
+        self._transport = make_transport(url, protocol, model, timeout_s, headers)
+        self.concurrency = concurrency
+
+    async def caption(self, image: ImageLike, **generation) -> str:
+        """A caption of one image."""
+        return (await self._transport.infer([image_bytes(image)], None, generation))[0]
+
+    async def ask(self, image: ImageLike, question: str, **generation) -> str:
+        """The answer to a question about an image (prompted as "Question: ... Answer:")."""
+        return (await self.ask_many(image, [question], **generation))[0]
+
+    async def ask_many(self, image: ImageLike, questions: Sequence[str], **generation) -> list[str]:
+        """Several questions about one image, in one request: the image is sent once."""
+        prompts = [question_prompt(q) for q in questions]
+        return await self._transport.infer([image_bytes(image)], prompts, generation)
+
+    async def generate(self, image: ImageLike, prompt: str = "", **generation) -> str:
+        """Text for one image and a raw prompt (no "Question:" wrapping)."""
+        return (await self._transport.infer([image_bytes(image)], [prompt], generation))[0]
+
+    async def caption_many(
+        self, images: Sequence[ImageLike], concurrency: int | None = None, **generation
+    ) -> list[str]:
+        """Captions of many images, at most `concurrency` requests in flight; results in input order."""
+        limit = asyncio.Semaphore(concurrency or self.concurrency)
+
+        async def one(image: ImageLike) -> str:
+            async with limit:
+                return await self.caption(image, **generation)
+
+        return list(await asyncio.gather(*(one(image) for image in images)))
+
+    async def chat(self, image: ImageLike, turns: Sequence[str], **generation) -> str:
+        """The next answer in a conversation about an image. `turns` alternate question, answer, ..., question."""
+        if not turns or len(turns) % 2 == 0:
+            raise ValueError("turns must alternate question, answer, ... and end with a question")
+        return await self._transport.chat(image_bytes(image), list(turns), generation)
+
+    async def stream(self, image: ImageLike, prompt: str = "", **generation) -> AsyncIterator[str]:
+        """The text for an image and a raw prompt, piece by piece as the model generates it."""
+        async for piece in self._transport.stream(image_bytes(image), prompt, generation):
+            yield piece
+
+    async def health(self) -> dict[str, bool]:
+        """{"live", "ready", "model_ready"}."""
+        return await self._transport.health()
+
+    async def metadata(self) -> dict:
+        """The model's KServe v2 metadata (name, versions, inputs, outputs)."""
+        return await self._transport.metadata()
+
+    async def close(self) -> None:
+        await self._transport.close()
+
+    async def __aenter__(self) -> AsyncBlip2Client:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class Blip2Client:
+    """The AsyncBlip2Client calls, blocking: they run on an event loop in a background thread of this client."""
+
+    def __init__(self, url: str = "127.0.0.1:8000", protocol: str = "http", **options):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="blip2-client", daemon=True)
+        self._thread.start()
+
+        async def make() -> AsyncBlip2Client:  # the transports bind to the loop they are made on
+            return AsyncBlip2Client(url, protocol, **options)
+
+        self._client = self._run(make())
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def caption(self, image: ImageLike, **generation) -> str:
+        """See AsyncBlip2Client.caption."""
+        return self._run(self._client.caption(image, **generation))
+
+    def ask(self, image: ImageLike, question: str, **generation) -> str:
+        """See AsyncBlip2Client.ask."""
+        return self._run(self._client.ask(image, question, **generation))
+
+    def ask_many(self, image: ImageLike, questions: Sequence[str], **generation) -> list[str]:
+        """See AsyncBlip2Client.ask_many."""
+        return self._run(self._client.ask_many(image, questions, **generation))
+
+    def generate(self, image: ImageLike, prompt: str = "", **generation) -> str:
+        """See AsyncBlip2Client.generate."""
+        return self._run(self._client.generate(image, prompt, **generation))
+
+    def caption_many(self, images: Sequence[ImageLike], concurrency: int | None = None, **generation) -> list[str]:
+        """See AsyncBlip2Client.caption_many."""
+        return self._run(self._client.caption_many(images, concurrency, **generation))
+
+    def chat(self, image: ImageLike, turns: Sequence[str], **generation) -> str:
+        """See AsyncBlip2Client.chat."""
+        return self._run(self._client.chat(image, turns, **generation))
+
+    def stream(self, image: ImageLike, prompt: str = "", **generation) -> Iterator[str]:
+        """See AsyncBlip2Client.stream; leaving the loop early stops the generation."""
+        pieces = self._client.stream(image, prompt, **generation)
+        try:
+            while True:
+                try:
+                    yield self._run(pieces.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(pieces.aclose())
+
+    def health(self) -> dict[str, bool]:
+        """See AsyncBlip2Client.health."""
+        return self._run(self._client.health())
+
+    def metadata(self) -> dict:
+        """See AsyncBlip2Client.metadata."""
+        return self._run(self._client.metadata())
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+
+    def __enter__(self) -> Blip2Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,241 @@
+"""The SDK's two transports behind one small protocol: KServe v2 over HTTP (tritonclient.http.aio, plus the
+server's OpenAI and generate_stream routes through httpx) and over gRPC (tritonclient.grpc.aio).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, AsyncIterator, Protocol
+
+import numpy as np
+
+from clients.contract import IMAGE, PROMPT, TEXT
+from clients.errors import Blip2Error, ConnectionFailedError, error_for
+
+# Generation parameters that also exist in OpenAI's chat API, and their names there.
+_OPENAI_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "stop": "stop",
+}
+
+
+class Transport(Protocol):
+    """What AsyncBlip2Client needs from a protocol."""
+
+    async def infer(self, images: list[bytes], prompts: list[str] | None, parameters: dict) -> list[str]: ...
+
+    def stream(self, image: bytes, prompt: str, parameters: dict) -> AsyncIterator[str]: ...
+
+    async def chat(self, image: bytes, turns: list[str], parameters: dict) -> str: ...
+
+    async def health(self) -> dict[str, bool]: ...
+
+    async def metadata(self) -> dict: ...
+
+    async def close(self) -> None: ...
+
+
+def _bytes_inputs(module, images: list[bytes], prompts: list[str] | None) -> list:
+    tensor = module.InferInput(IMAGE.name, [len(images), 1], IMAGE.datatype)
+    tensor.set_data_from_numpy(np.array([[image] for image in images], dtype=np.object_))
+    inputs = [tensor]
+    if prompts is not None:
+        prompt = module.InferInput(PROMPT.name, [len(prompts), 1], PROMPT.datatype)
+        prompt.set_data_from_numpy(np.array([[p.encode("utf-8")] for p in prompts], dtype=np.object_))
+        inputs.append(prompt)
+    return inputs
+
+
+def _texts(result) -> list[str]:
+    return [t.decode("utf-8") if isinstance(t, bytes) else t for t in result.as_numpy(TEXT.name).reshape(-1)]
+
+
+def _typed(exc: Exception) -> Blip2Error:
+    """tritonclient's and the connection's errors as the SDK's."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(exc, Blip2Error):
+        return exc
+    if isinstance(exc, InferenceServerException):
+        message, status = exc.message() or str(exc), exc.status()
+        code, _, reason = message.partition(": ")
+        if status is None and code.isupper() and reason:  # a stream error: "<gRPC code>: <reason>"
+            return error_for(f"StatusCode.{code}", reason)
+        return error_for(status, message)
+    return ConnectionFailedError(f"cannot reach the server: {exc}")
+
+
+class HttpTransport:
+    """`url` is host:port[/prefix] (a scheme is allowed and dropped for tritonclient)."""
+
+    def __init__(self, url: str, model: str, timeout_s: float):
+        import httpx
+        import tritonclient.http.aio as triton_http
+
+        address = url.split("://", 1)[-1].rstrip("/")
+        self._triton = triton_http.InferenceServerClient(address, conn_timeout=timeout_s)
+        self._http = httpx.AsyncClient(base_url=f"http://{address}", timeout=timeout_s)
+        self._model = model
+
+    async def _guard(self, call):
+        try:
+            return await call
+        except Exception as exc:
+            raise _typed(exc) from None
+
+    async def infer(self, images: list[bytes], prompts: list[str] | None, parameters: dict) -> list[str]:
+        import tritonclient.http.aio as triton_http
+
+        inputs = _bytes_inputs(triton_http, images, prompts)
+        result = await self._guard(self._triton.infer(self._model, inputs, parameters=parameters or None))
+        return _texts(result)
+
+    async def _post(self, path: str, body: dict, stream: bool = False):
+        import httpx
+
+        try:
+            request = self._http.build_request("POST", path, json=body)
+            response = await self._http.send(request, stream=stream)
+        except httpx.HTTPError as exc:
+            raise ConnectionFailedError(f"cannot reach the server: {exc}") from None
+        if response.status_code != 200:
+            await response.aread()
+            error = response.json().get("error") if "json" in response.headers.get("content-type", "") else None
+            message = error.get("message") if isinstance(error, dict) else error
+            await response.aclose()
+            raise error_for(response.status_code, message or response.text)
+        return response
+
+    async def stream(self, image: bytes, prompt: str, parameters: dict) -> AsyncIterator[str]:
+        """Triton's generate_stream route: server-sent events, each with the text added since the last."""
+        body = {IMAGE.name: base64.b64encode(image).decode(), PROMPT.name: prompt, "parameters": parameters}
+        response = await self._post(f"/v2/models/{self._model}/generate_stream", body, stream=True)
+        try:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line[len("data: ") :])
+                if "error" in event:
+                    raise error_for(None, event["error"])
+                if event.get(TEXT.name):
+                    yield event[TEXT.name]
+        finally:
+            await response.aclose()
+
+    async def chat(self, image: bytes, turns: list[str], parameters: dict) -> str:
+        """The OpenAI route: the server turns the conversation into BLIP-2's dialogue prompt."""
+        unknown = set(parameters) - set(_OPENAI_NAMES)
+        if unknown:
+            raise TypeError(f"chat over HTTP takes {sorted(_OPENAI_NAMES)}, not {sorted(unknown)}")
+        image_part = {
+            "type": "image_url",
+            "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()},
+        }
+        messages = []
+        for index, text in enumerate(turns):
+            if index == 0:
+                messages.append({"role": "user", "content": [image_part, {"type": "text", "text": text}]})
+            else:
+                messages.append({"role": "assistant" if index % 2 else "user", "content": text})
+        body = {"model": self._model, "messages": messages, **{_OPENAI_NAMES[k]: v for k, v in parameters.items()}}
+        response = await self._post("/v1/chat/completions", body)
+        return response.json()["choices"][0]["message"]["content"]
+
+    async def health(self) -> dict[str, bool]:
+        live = await self._guard(self._triton.is_server_live())
+        ready = await self._guard(self._triton.is_server_ready())
+        model_ready = await self._guard(self._triton.is_model_ready(self._model))
+        return {"live": live, "ready": ready, "model_ready": model_ready}
+
+    async def metadata(self) -> dict:
+        return await self._guard(self._triton.get_model_metadata(self._model))
+
+    async def close(self) -> None:
+        await self._triton.close()
+        await self._http.aclose()
+
+
+class GrpcTransport:
+    """`url` is host:port; `headers` go with every call (e.g. {"application": name} on a multi-app Ray Serve)."""
+
+    def __init__(self, url: str, model: str, timeout_s: float, headers: dict[str, str] | None = None):
+        import tritonclient.grpc.aio as triton_grpc
+
+        self._triton = triton_grpc.InferenceServerClient(url.split("://", 1)[-1])
+        self._model = model
+        self._timeout_s = timeout_s
+        self._headers = headers
+
+    async def _guard(self, call):
+        try:
+            return await call
+        except Exception as exc:
+            raise _typed(exc) from None
+
+    async def infer(self, images: list[bytes], prompts: list[str] | None, parameters: dict) -> list[str]:
+        import tritonclient.grpc.aio as triton_grpc
+
+        inputs = _bytes_inputs(triton_grpc, images, prompts)
+        call = self._triton.infer(
+            self._model, inputs, parameters=parameters or None, headers=self._headers, client_timeout=self._timeout_s
+        )
+        return _texts(await self._guard(call))
+
+    async def stream(self, image: bytes, prompt: str, parameters: dict) -> AsyncIterator[str]:
+        """ModelStreamInfer: each response carries the text added since the last."""
+        import tritonclient.grpc.aio as triton_grpc
+
+        async def requests():
+            yield {
+                "model_name": self._model,
+                "inputs": _bytes_inputs(triton_grpc, [image], [prompt]),
+                "parameters": parameters,
+            }
+
+        responses = self._triton.stream_infer(requests(), stream_timeout=self._timeout_s, headers=self._headers)
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise _typed(error)
+                text = _texts(result)[0]
+                if text:
+                    yield text
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    break
+        except Blip2Error:
+            raise
+        except Exception as exc:
+            raise _typed(exc) from None
+        finally:
+            responses.cancel()
+
+    async def chat(self, image: bytes, turns: list[str], parameters: dict) -> str:
+        """BLIP-2's dialogue prompt, built here as the server builds it for the OpenAI route."""
+        from clients.contract import dialogue_prompt
+
+        answered = list(zip(turns[:-1:2], turns[1:-1:2]))
+        return (await self.infer([image], [dialogue_prompt(answered, turns[-1])], parameters))[0]
+
+    async def health(self) -> dict[str, bool]:
+        live = await self._guard(self._triton.is_server_live(headers=self._headers))
+        ready = await self._guard(self._triton.is_server_ready(headers=self._headers))
+        model_ready = await self._guard(self._triton.is_model_ready(self._model, headers=self._headers))
+        return {"live": live, "ready": ready, "model_ready": model_ready}
+
+    async def metadata(self) -> dict:
+        return await self._guard(self._triton.get_model_metadata(self._model, headers=self._headers, as_json=True))
+
+    async def close(self) -> None:
+        await self._triton.close()
+
+
+def make_transport(url: str, protocol: str, model: str, timeout_s: float, headers: dict[str, str] | None) -> Any:
+    if protocol == "http":
+        return HttpTransport(url, model, timeout_s)
+    if protocol == "grpc":
+        return GrpcTransport(url, model, timeout_s, headers)
+    raise ValueError(f"protocol must be 'http' or 'grpc', not {protocol!r}")
