@@ -121,8 +121,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
+    server_side = args.command in ("run", "make-tiny")
+    level = logging.INFO if server_side else logging.WARNING  # client commands print only their results
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from clients.errors import Blip2Error
 
     try:

@@ -79,9 +79,10 @@ def test_make_tiny_then_run_serves_stock_tritonclient(tmp_path):
     made = _cli("make-tiny", str(checkpoint), "--llm", "t5", check=True, timeout=120)
     assert "gibberish" in made.stdout and (checkpoint / "model.safetensors").exists()
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    command = [BLIP2_SERVE, "run", "--model", str(checkpoint), "--port", str(port), "--num-cpus", "4"]
+    command = [BLIP2_SERVE, "run", "--model", str(checkpoint), "--port", str(port), "--grpc-port", str(grpc_port)]
+    command += ["--num-cpus", "4"]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
@@ -99,6 +100,15 @@ def test_make_tiny_then_run_serves_stock_tritonclient(tmp_path):
         image.set_data_from_numpy(np.array([[image_bytes(5)]], dtype=np.object_))
         text = client.infer("blip2", [image], parameters={"max_new_tokens": 5}).as_numpy("TEXT")[0, 0]
         assert isinstance(text, bytes) and text
+        # the same server on gRPC (one application: no routing metadata needed) and the OpenAI route
+        from clients import Blip2Client
+
+        with Blip2Client(f"127.0.0.1:{grpc_port}", protocol="grpc") as over_grpc:
+            assert over_grpc.caption(image_bytes(5), max_new_tokens=5) == text.decode()
+        import openai
+
+        chat = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        assert [m.id for m in chat.models.list().data] == ["blip2"]
     finally:
         server.send_signal(signal.SIGINT)
         output, _ = server.communicate(timeout=120)
