@@ -69,7 +69,37 @@ def _typed(exc: Exception) -> Blip2Error:
     return ConnectionFailedError(f"cannot reach the server: {exc}")
 
 
-class HttpTransport:
+async def _guarded(call):
+    """Await a tritonclient call, raising the SDK's typed errors."""
+    try:
+        return await call
+    except Exception as exc:
+        raise _typed(exc) from None
+
+
+class _TritonTransport:
+    """What both protocols do through a tritonclient aio client; `_call_options` go with every call."""
+
+    def __init__(self, module, triton, model: str, call_options: dict[str, Any]):
+        self._module, self._triton, self._model, self._call_options = module, triton, model, call_options
+
+    async def infer(self, images: list[bytes], prompts: list[str] | None, parameters: dict) -> list[str]:
+        inputs = _bytes_inputs(self._module, images, prompts)
+        call = self._triton.infer(self._model, inputs, parameters=parameters or None, **self._call_options)
+        return _texts(await _guarded(call))
+
+    async def health(self) -> dict[str, bool]:
+        options = {k: v for k, v in self._call_options.items() if k == "headers"}
+        live = await _guarded(self._triton.is_server_live(**options))
+        ready = await _guarded(self._triton.is_server_ready(**options))
+        model_ready = await _guarded(self._triton.is_model_ready(self._model, **options))
+        return {"live": live, "ready": ready, "model_ready": model_ready}
+
+    async def close(self) -> None:
+        await self._triton.close()
+
+
+class HttpTransport(_TritonTransport):
     """`url` is host:port[/prefix] (a scheme is allowed and dropped for tritonclient)."""
 
     def __init__(self, url: str, model: str, timeout_s: float):
@@ -77,22 +107,9 @@ class HttpTransport:
         import tritonclient.http.aio as triton_http
 
         address = url.split("://", 1)[-1].rstrip("/")
-        self._triton = triton_http.InferenceServerClient(address, conn_timeout=timeout_s)
+        triton = triton_http.InferenceServerClient(address, conn_timeout=timeout_s)
+        super().__init__(triton_http, triton, model, {})
         self._http = httpx.AsyncClient(base_url=f"http://{address}", timeout=timeout_s)
-        self._model = model
-
-    async def _guard(self, call):
-        try:
-            return await call
-        except Exception as exc:
-            raise _typed(exc) from None
-
-    async def infer(self, images: list[bytes], prompts: list[str] | None, parameters: dict) -> list[str]:
-        import tritonclient.http.aio as triton_http
-
-        inputs = _bytes_inputs(triton_http, images, prompts)
-        result = await self._guard(self._triton.infer(self._model, inputs, parameters=parameters or None))
-        return _texts(result)
 
     async def _post(self, path: str, body: dict, stream: bool = False):
         import httpx
@@ -145,54 +162,32 @@ class HttpTransport:
         response = await self._post("/v1/chat/completions", body)
         return response.json()["choices"][0]["message"]["content"]
 
-    async def health(self) -> dict[str, bool]:
-        live = await self._guard(self._triton.is_server_live())
-        ready = await self._guard(self._triton.is_server_ready())
-        model_ready = await self._guard(self._triton.is_model_ready(self._model))
-        return {"live": live, "ready": ready, "model_ready": model_ready}
-
     async def metadata(self) -> dict:
-        return await self._guard(self._triton.get_model_metadata(self._model))
+        return await _guarded(self._triton.get_model_metadata(self._model))
 
     async def close(self) -> None:
-        await self._triton.close()
+        await super().close()
         await self._http.aclose()
 
 
-class GrpcTransport:
+class GrpcTransport(_TritonTransport):
     """`url` is host:port; `headers` go with every call (e.g. {"application": name} on a multi-app Ray Serve)."""
 
     def __init__(self, url: str, model: str, timeout_s: float, headers: dict[str, str] | None = None):
         import tritonclient.grpc.aio as triton_grpc
 
-        self._triton = triton_grpc.InferenceServerClient(url.split("://", 1)[-1])
-        self._model = model
+        triton = triton_grpc.InferenceServerClient(url.split("://", 1)[-1])
+        super().__init__(triton_grpc, triton, model, {"headers": headers, "client_timeout": timeout_s})
         self._timeout_s = timeout_s
         self._headers = headers
 
-    async def _guard(self, call):
-        try:
-            return await call
-        except Exception as exc:
-            raise _typed(exc) from None
-
-    async def infer(self, images: list[bytes], prompts: list[str] | None, parameters: dict) -> list[str]:
-        import tritonclient.grpc.aio as triton_grpc
-
-        inputs = _bytes_inputs(triton_grpc, images, prompts)
-        call = self._triton.infer(
-            self._model, inputs, parameters=parameters or None, headers=self._headers, client_timeout=self._timeout_s
-        )
-        return _texts(await self._guard(call))
-
     async def stream(self, image: bytes, prompt: str, parameters: dict) -> AsyncIterator[str]:
         """ModelStreamInfer: each response carries the text added since the last."""
-        import tritonclient.grpc.aio as triton_grpc
 
         async def requests():
             yield {
                 "model_name": self._model,
-                "inputs": _bytes_inputs(triton_grpc, [image], [prompt]),
+                "inputs": _bytes_inputs(self._module, [image], [prompt]),
                 "parameters": parameters,
             }
 
@@ -220,17 +215,8 @@ class GrpcTransport:
         answered = list(zip(turns[:-1:2], turns[1:-1:2]))
         return (await self.infer([image], [dialogue_prompt(answered, turns[-1])], parameters))[0]
 
-    async def health(self) -> dict[str, bool]:
-        live = await self._guard(self._triton.is_server_live(headers=self._headers))
-        ready = await self._guard(self._triton.is_server_ready(headers=self._headers))
-        model_ready = await self._guard(self._triton.is_model_ready(self._model, headers=self._headers))
-        return {"live": live, "ready": ready, "model_ready": model_ready}
-
     async def metadata(self) -> dict:
-        return await self._guard(self._triton.get_model_metadata(self._model, headers=self._headers, as_json=True))
-
-    async def close(self) -> None:
-        await self._triton.close()
+        return await _guarded(self._triton.get_model_metadata(self._model, headers=self._headers, as_json=True))
 
 
 def make_transport(url: str, protocol: str, model: str, timeout_s: float, headers: dict[str, str] | None) -> Any:
