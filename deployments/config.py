@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Dtype = Literal["auto", "fp32", "fp16", "bf16"]
 Quantization = Literal["none", "int8", "int4"]
@@ -31,3 +31,19 @@ class BatchConfig(BaseModel):
 
     max_batch_size: int = Field(8, ge=1, le=256)
     wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
+
+
+class VisionBackendConfig(BaseModel):
+    """What runs the vision stage: transformers (`torch`) or an exported ONNX graph on ONNX Runtime."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["torch", "onnxruntime"] = "torch"
+    onnx_path: str | None = None  # the model.onnx `blip2-serve export onnx` wrote
+    onnx_providers: tuple[str, ...] | None = None  # default: TensorRT/CUDA where a GPU is present, then CPU
+
+    @model_validator(mode="after")
+    def _needs_a_graph(self) -> VisionBackendConfig:
+        if self.backend == "onnxruntime" and not self.onnx_path:
+            raise ValueError("backend onnxruntime needs onnx_path")
+        return self

@@ -1,188 +1,21 @@
-"""The LLM stage: ImageEmbeds + prompt -> OPT (decoder-only) or Flan-T5 (encoder-decoder) generate, batched.
-
-The input layout is the one `Blip2Processor` + `Blip2ForConditionalGeneration.generate` build, so results are
-token-identical to them: `[<image>] * num_query_tokens + prompt ids`, the image positions filled with the
-image embeddings, OPT padded between the image tokens and the prompt (left padding of the text), T5 padded at
-the end (right padding).
-"""
+"""The LLM stage on Ray Serve: ImageEmbeds + prompt -> text, batched (deployments/generator.py does the work)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass
 from typing import AsyncIterator
 
-import torch
 from ray import serve
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
-from deployments.batching import ModelWorker, configure_batching, run_isolated, set_torch_threads, unwrap
+from deployments.batching import ModelWorker, configure_batching, set_torch_threads, unwrap
 from deployments.config import BatchConfig, ModelConfig
-from deployments.errors import InvalidInput
-from deployments.loading import load_language_model, load_processor
-from deployments.text import TextAssembler, final_text
+from deployments.generator import LanguageGenerator, PreparedRequest
+from deployments.text import TextAssembler
 from deployments.types import GenerateChunk, GenerateRequest, GenerateResult, ImageEmbeds
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PreparedRequest:
-    """A validated request ready to join a batch."""
-
-    request: GenerateRequest
-    text_ids: tuple[int, ...]  # the tokenized prompt, special tokens included (no image tokens)
-    embeds: torch.Tensor  # [num_query_tokens, llm_hidden]
-
-
-class LanguageGenerator:
-    """The language half of a checkpoint with its tokenizer; no Ray, so other backends can reuse it."""
-
-    def __init__(self, config: ModelConfig, max_prompt_tokens: int = 512):
-        self.tokenizer = load_processor(config).tokenizer
-        self.model, self.device, self.dtype = load_language_model(config)
-        blip2 = self.model.config
-        self.decoder_only = bool(blip2.use_decoder_only_language_model)
-        self.image_token_id = blip2.image_token_index
-        self.num_query_tokens = blip2.num_query_tokens
-        self.llm_hidden = blip2.text_config.hidden_size
-        self.pad_id = self.tokenizer.pad_token_id
-        # OPT has learned positions: prompt + answer must fit; T5's relative positions have no hard bound.
-        self.max_positions = getattr(blip2.text_config, "max_position_embeddings", None) if self.decoder_only else None
-        self.max_prompt_tokens = max_prompt_tokens
-        eos = self.model.language_model.generation_config.eos_token_id
-        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-
-    def prepare(self, request: GenerateRequest, embeds: torch.Tensor, streaming: bool = False) -> PreparedRequest:
-        """Tokenize and check one request; raises InvalidInput for a prompt the model cannot take."""
-        if streaming and request.params.num_beams > 1:
-            raise InvalidInput("streaming generates one token at a time: num_beams must be 1")
-        if tuple(embeds.shape) != (self.num_query_tokens, self.llm_hidden):
-            raise InvalidInput(
-                f"image embeddings of shape {tuple(embeds.shape)}; this model takes "
-                f"[{self.num_query_tokens}, {self.llm_hidden}]"
-            )
-        # A token is rarely over 32 characters: a longer prompt is refused before it costs a tokenizer pass.
-        if len(request.prompt) > 32 * self.max_prompt_tokens:
-            raise InvalidInput(
-                f"PROMPT is {len(request.prompt)} characters, over the limit of {self.max_prompt_tokens} tokens"
-            )
-        text_ids = tuple(self.tokenizer(request.prompt)["input_ids"])
-        if self.image_token_id in text_ids:
-            raise InvalidInput("PROMPT must not contain the image placeholder token '<image>'")
-        if len(text_ids) > self.max_prompt_tokens:
-            raise InvalidInput(f"PROMPT is {len(text_ids)} tokens, over the limit of {self.max_prompt_tokens}")
-        total = self.num_query_tokens + len(text_ids) + request.params.max_new_tokens
-        if self.max_positions is not None and total > self.max_positions:
-            raise InvalidInput(
-                f"PROMPT ({len(text_ids)} tokens) + {self.num_query_tokens} image tokens + max_new_tokens "
-                f"({request.params.max_new_tokens}) = {total}, over this model's {self.max_positions} positions"
-            )
-        return PreparedRequest(request, text_ids, embeds)
-
-    def run(self, batch: list[PreparedRequest]) -> list[GenerateResult | BaseException]:
-        """Generate for a batch: requests that may share a generate call do; results in input order."""
-        groups: dict[tuple, list[int]] = {}
-        for index, item in enumerate(batch):
-            params = item.request.params
-            groups.setdefault((params.batch_key(), index if params.runs_alone else -1), []).append(index)
-        results: list[GenerateResult | BaseException] = [None] * len(batch)  # type: ignore[list-item]
-        for indices in groups.values():
-            for index, result in zip(indices, run_isolated(self.generate, [batch[i] for i in indices])):
-                results[index] = result
-        return results
-
-    def _collate(self, batch: list[PreparedRequest]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`input_ids, attention_mask [B, L]` laid out as Blip2Processor lays them out."""
-        width = max(len(item.text_ids) for item in batch)
-        image_ids = [self.image_token_id] * self.num_query_tokens
-        rows, masks = [], []
-        for item in batch:
-            text, pad = list(item.text_ids), [self.pad_id] * (width - len(item.text_ids))
-            if self.decoder_only:  # left padding of the text, after the image tokens
-                rows.append(image_ids + pad + text)
-                masks.append([1] * len(image_ids) + [0] * len(pad) + [1] * len(text))
-            else:
-                rows.append(image_ids + text + pad)
-                masks.append([1] * (len(image_ids) + len(text)) + [0] * len(pad))
-        return torch.tensor(rows, device=self.device), torch.tensor(masks, device=self.device)
-
-    @torch.inference_mode()
-    def generate(self, batch: list[PreparedRequest], **extra) -> list[GenerateResult]:
-        """One generate call for requests with equal batch keys; `extra` goes to `generate` (streamer, ...)."""
-        params = batch[0].request.params
-        input_ids, attention_mask = self._collate(batch)  # [B, L]
-        language_model = self.model.language_model
-        inputs_embeds = language_model.get_input_embeddings()(input_ids)  # [B, L, llm_hidden]
-        image_positions = (input_ids == self.image_token_id).unsqueeze(-1)
-        image_embeds = torch.stack([item.embeds for item in batch]).to(inputs_embeds.device, inputs_embeds.dtype)
-        inputs_embeds = inputs_embeds.masked_scatter(image_positions, image_embeds)
-        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
-        if self.decoder_only:
-            inputs["input_ids"] = input_ids
-        if params.runs_alone:
-            torch.manual_seed(params.seed)
-        max_new_tokens = max(item.request.params.max_new_tokens for item in batch)
-        kwargs = params.generate_kwargs(max_new_tokens)
-        if params.stop:
-            kwargs["tokenizer"] = self.tokenizer
-        output = language_model.generate(**inputs, **kwargs, **extra)
-        # OPT returns prompt + new tokens; T5 returns the decoder start token + new tokens.
-        new_tokens = output[:, input_ids.shape[1] :] if self.decoder_only else output[:, 1:]
-        return [self._result(item, row.tolist()) for item, row in zip(batch, new_tokens)]
-
-    def _result(self, item: PreparedRequest, tokens: list[int]) -> GenerateResult:
-        tokens = tokens[: item.request.params.max_new_tokens]
-        finish_reason = "length"
-        for position, token in enumerate(tokens):
-            if token in self.eos_ids:
-                tokens, finish_reason = tokens[: position + 1], "stop"
-                break
-        text, stopped = final_text(self.tokenizer, tokens, item.request.params.stop)
-        return GenerateResult(
-            item.request.request_id, text, tuple(tokens), self.prompt_tokens(item), "stop" if stopped else finish_reason
-        )
-
-    def prompt_tokens(self, item: PreparedRequest) -> int:
-        """What the language model reads: the image tokens and the prompt's tokens."""
-        return self.num_query_tokens + len(item.text_ids)
-
-    def stream(self, item: PreparedRequest, on_tokens, cancelled: threading.Event) -> GenerateResult:
-        """Generate for one request, calling `on_tokens(list[int])` as each token comes; ends early when
-        `cancelled` is set. Runs on the model thread; streams greedy or sampled decoding (not beams)."""
-        streamer = _TokenStreamer(on_tokens)
-        stopping = StoppingCriteriaList([_Cancelled(cancelled)])
-        return self.generate([item], streamer=streamer, stopping_criteria=stopping)[0]
-
-
-class _TokenStreamer(BaseStreamer):
-    """transformers streamer that forwards new token ids; the first `put` is the prompt (or decoder start)."""
-
-    def __init__(self, on_tokens):
-        self._on_tokens = on_tokens
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self._on_tokens(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        pass
-
-
-class _Cancelled(StoppingCriteria):
-    """Stops generation once the consumer of a stream has gone away."""
-
-    def __init__(self, event: threading.Event):
-        self._event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 @serve.deployment(name="LLM")

@@ -65,6 +65,18 @@ class GenerationParams:
                 key.pop(name)
         return tuple(sorted(key.items()))
 
+    def as_parameters(self) -> dict[str, Any]:
+        """The settings that differ from the defaults, as KServe request parameters (what from_mapping reads)."""
+        default = GenerationParams()
+        values = {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)
+        }
+        if "stop" in values:
+            if len(self.stop) != 1:
+                raise InvalidInput("a KServe request carries one stop string")
+            values["stop"] = self.stop[0]
+        return values
+
     @property
     def runs_alone(self) -> bool:
         """A seeded sampling request owns the random generator for its whole generate call."""

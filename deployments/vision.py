@@ -1,4 +1,4 @@
-"""The vision stage: decoded image -> vision tower + Q-Former + language projection -> ImageEmbeds, batched."""
+"""The vision stage on Ray Serve: image -> ImageEmbeds, batched (deployments/vision_encoder.py does the work)."""
 
 from __future__ import annotations
 
@@ -10,34 +10,12 @@ import torch
 from ray import serve
 
 from deployments.batching import ModelWorker, configure_batching, run_isolated, set_torch_threads, unwrap
-from deployments.config import BatchConfig, ModelConfig
-from deployments.images import ImageLimits, decode_image
-from deployments.loading import load_processor, load_vision
+from deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
+from deployments.images import ImageLimits
 from deployments.types import EncodedImage, ImageEmbeds
+from deployments.vision_encoder import VisionEncoder
 
 logger = logging.getLogger(__name__)
-
-
-class VisionEncoder:
-    """The vision half of a checkpoint with its image processor; no Ray, so other backends can reuse it."""
-
-    def __init__(self, config: ModelConfig, limits: ImageLimits = ImageLimits()):
-        self.image_processor = load_processor(config).image_processor
-        self.model, self.device, self.dtype = load_vision(config)
-        self.limits = limits
-
-    def preprocess(self, image: EncodedImage) -> torch.Tensor:
-        """Decode and resize/normalise one image: `pixel_values [3, H, W]` float32. Raises InvalidInput."""
-        rgb = decode_image(image, self.limits)
-        return self.image_processor(rgb, return_tensors="pt")["pixel_values"][0]
-
-    @torch.inference_mode()
-    def encode(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One forward pass for the batch; returns `[num_query_tokens, llm_hidden]` per image, on CPU."""
-        batch = torch.stack(pixel_values).to(self.device, self.dtype)  # [B, 3, H, W]
-        image_embeds = self.model(batch)  # [B, num_query_tokens, llm_hidden]
-        # clone: a row view would pickle its whole batch's storage when it crosses to the LLM stage
-        return [row.to("cpu").clone() for row in image_embeds]
 
 
 @serve.deployment(name="Vision")
@@ -50,12 +28,13 @@ class VisionDeployment:
         batch: BatchConfig = BatchConfig(),
         limits: ImageLimits = ImageLimits(),
         torch_threads: int | None = None,
+        backend: VisionBackendConfig = VisionBackendConfig(),
     ):
         set_torch_threads(torch_threads)
-        self._encoder = VisionEncoder(model, limits)
+        self._encoder = VisionEncoder(model, limits, backend)
         self._worker = ModelWorker("vision")
         configure_batching(self._embed_batch, batch)
-        logger.info("vision stage ready on %s (%s)", self._encoder.device, self._encoder.dtype)
+        logger.info("vision stage ready (%s backend)", self._encoder.backend.name)
 
     async def embed(self, image: EncodedImage) -> ImageEmbeds:
         """ImageEmbeds for one image; a bad image fails here, before it can join a batch."""

@@ -36,7 +36,11 @@ def _gpus_for(stage: StageConfig, config: AppConfig) -> float:
 def build_app(config: AppConfig) -> Application:
     """The BLIP-2 graph: Ingress holding handles to VisionDeployment and LLMDeployment."""
     vision = VisionDeployment.options(**config.vision.deployment_options(_gpus_for(config.vision, config))).bind(
-        config.model, config.vision.batch, config.server.image_limits(), config.vision.torch_threads
+        config.model,
+        config.vision.batch,
+        config.server.image_limits(),
+        config.vision.torch_threads,
+        config.vision_backend,
     )
     llm = LLMDeployment.options(**config.llm.deployment_options(_gpus_for(config.llm, config))).bind(
         config.model, config.llm.batch, config.server.max_prompt_tokens, config.llm.torch_threads

@@ -76,6 +76,49 @@ def make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_onnx(args: argparse.Namespace) -> int:
+    """Export the vision stage to ONNX, verified against torch; optionally int8 with its measured report."""
+    from exporters.onnx_export import export_vision_onnx, quantize_int8
+
+    report = export_vision_onnx(args.model, args.out, opset=args.opset, fp16=args.fp16)
+    print(f"wrote {report.graph} ({report.dtype}, opset {report.opset}, tolerance {report.tolerance:.3g})")
+    if args.int8:
+        from exporters.int8_report import write_int8_report
+
+        graph = quantize_int8(args.out)
+        measured = write_int8_report(args.model, args.out)
+        print(
+            f"wrote {graph}: {measured['identical_greedy_answers']}/{measured['answers']} greedy answers identical "
+            f"to fp32, vision speed ratio fp32/int8 {measured['speed_ratio_fp32_over_int8']} (int8_report.json)"
+        )
+    return 0
+
+
+def export_triton_repo(args: argparse.Namespace) -> int:
+    """Write a Triton model repository of the graph."""
+    from exporters.triton_repo import write_triton_repo
+
+    repo = write_triton_repo(
+        args.model,
+        args.out,
+        vision=args.vision,
+        max_batch=args.max_batch,
+        instances=args.instances,
+        env_path=args.env_path,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    print(f"wrote a Triton model repository to {repo}: blip2, blip2_vision ({args.vision}), blip2_llm")
+    return 0
+
+
+def triton(args: argparse.Namespace) -> int:
+    """Run the real tritonserver (from nvidia-pytriton) on 127.0.0.1 with a repository."""
+    from exporters.tritonserver import TritonPorts, run_tritonserver
+
+    return run_tritonserver(args.repo, TritonPorts(args.http_port, args.grpc_port, args.metrics_port))
+
+
 def print_config(args: argparse.Namespace) -> int:
     """The full configuration with every default, as YAML, to edit and pass back with --config."""
     import yaml
@@ -110,6 +153,33 @@ def parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=make_tiny)
 
+    export = commands.add_parser("export", help="export ONNX graphs or a Triton model repository")
+    exports = export.add_subparsers(dest="target", required=True)
+    onnx = exports.add_parser("onnx", help="vision tower + Q-Former + projection as one ONNX graph")
+    onnx.add_argument("--model", required=True, help="checkpoint directory or hub name")
+    onnx.add_argument("--out", required=True, help="directory to write vision.onnx (and reports) to")
+    onnx.add_argument("--opset", type=int, default=17)
+    onnx.add_argument("--fp16", action="store_true", help="export in half precision")
+    onnx.add_argument("--int8", action="store_true", help="also an ONNX Runtime dynamic int8 graph, measured")
+    onnx.set_defaults(func=export_onnx)
+    repo = exports.add_parser("triton-repo", help="a Triton model repository: blip2, blip2_vision, blip2_llm")
+    repo.add_argument("--model", required=True, help="checkpoint directory or hub name")
+    repo.add_argument("--out", required=True, help="repository directory (replaced)")
+    repo.add_argument("--vision", choices=["python", "onnxruntime"], default="python")
+    repo.add_argument("--max-batch", type=int, default=8)
+    repo.add_argument("--instances", type=int, default=1, help="instances of each model")
+    repo.add_argument("--env-path", help="Python environment the Python backend runs in (default: this one)")
+    repo.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+    repo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    repo.set_defaults(func=export_triton_repo)
+
+    serve_triton = commands.add_parser("triton", help="run tritonserver (nvidia-pytriton's) on a repository")
+    serve_triton.add_argument("--repo", required=True)
+    serve_triton.add_argument("--http-port", type=int, default=8000)
+    serve_triton.add_argument("--grpc-port", type=int, default=8001)
+    serve_triton.add_argument("--metrics-port", type=int, default=8002)
+    serve_triton.set_defaults(func=triton)
+
     from clients.cli import register
 
     register(commands)
@@ -122,7 +192,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    server_side = args.command in ("run", "make-tiny")
+    server_side = args.command in ("run", "make-tiny", "export", "triton")
     level = logging.INFO if server_side else logging.WARNING  # client commands print only their results
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from clients.errors import Blip2Error

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clients.contract import MODEL_NAME
-from deployments.config import BatchConfig, ModelConfig
+from deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
 from deployments.images import ImageLimits
 from deployments.types import GenerationParams
 
@@ -107,6 +107,7 @@ class AppConfig(BaseModel):
     server: ServerConfig = ServerConfig()
     ingress: StageConfig = Field(default_factory=_ingress_default)
     vision: StageConfig = StageConfig()
+    vision_backend: VisionBackendConfig = VisionBackendConfig()
     llm: StageConfig = StageConfig()
     app_name: str = "blip2"
     route_prefix: str = "/"

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from deployments.config import ModelConfig
+from deployments.generator import LanguageGenerator
 from deployments.images import check_image
-from deployments.llm import LanguageGenerator
 from deployments.types import GenerateRequest, GenerationParams
-from deployments.vision import VisionEncoder
+from deployments.vision_encoder import VisionEncoder
 from tests.helpers import image_bytes
 
 
@@ -27,17 +27,18 @@ def _run(checkpoint, vision_dtype: str, llm: dict) -> tuple[VisionEncoder, Langu
 @pytest.mark.parametrize("dtype,torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_half_precision(checkpoints, dtype, torch_dtype):
     vision, generator, tokens = _run(checkpoints["opt"], dtype, {"dtype": dtype})
-    assert vision.model.vision_model.embeddings.patch_embedding.weight.dtype == torch_dtype
+    model = vision.backend.model
+    assert model.vision_model.embeddings.patch_embedding.weight.dtype == torch_dtype
     # transformers keeps the Q-Former in fp32 under fp16 (not bf16), as in Blip2ForConditionalGeneration
     qformer_dtype = torch.float32 if dtype == "fp16" else torch_dtype
-    assert vision.model.qformer.layernorm.weight.dtype == qformer_dtype
+    assert model.qformer.layernorm.weight.dtype == qformer_dtype
     assert generator.model.language_model.lm_head.weight.dtype == torch_dtype
     assert len(tokens) == 6
 
 
 def test_fp32_is_the_cpu_default(checkpoints):
     vision, generator, _ = _run(checkpoints["t5"], "auto", {})
-    assert vision.dtype == generator.dtype == torch.float32
+    assert vision.backend.dtype == generator.dtype == torch.float32
 
 
 @pytest.mark.parametrize("quantization,layer", [("int8", "Linear8bitLt"), ("int4", "Linear4bit")])

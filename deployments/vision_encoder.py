@@ -1,0 +1,80 @@
+"""Image file -> pixel_values -> image_embeds, with a choice of backend; no Ray.
+
+Shared by the Ray Serve vision stage (deployments/vision.py) and Triton's Python backend
+(exporters/triton_models). A backend is a small class with `encode`; ONNX Runtime's is in vision_onnx.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+
+from deployments.config import ModelConfig, VisionBackendConfig
+from deployments.images import ImageLimits, decode_image
+from deployments.loading import load_processor, load_vision
+from deployments.types import EncodedImage
+
+logger = logging.getLogger(__name__)
+
+
+class ImagePreprocessor:
+    """The checkpoint's image processor behind our image checks: `EncodedImage -> pixel_values [3, H, W]`."""
+
+    def __init__(self, config: ModelConfig, limits: ImageLimits = ImageLimits()):
+        self.image_processor = load_processor(config).image_processor
+        self.limits = limits
+
+    def __call__(self, image: EncodedImage) -> torch.Tensor:
+        """Decode and resize/normalise one image (float32). Raises InvalidInput."""
+        rgb = decode_image(image, self.limits)
+        return self.image_processor(rgb, return_tensors="pt")["pixel_values"][0]
+
+
+class VisionBackend(Protocol):
+    """Runs vision tower + Q-Former + projection: `pixel_values [B,3,H,W] -> image_embeds [B,Q,llm_hidden]`."""
+
+    name: str
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchVisionBackend:
+    """The transformers modules, on the device and in the dtype of the model config."""
+
+    name = "torch"
+
+    def __init__(self, config: ModelConfig):
+        self.model, self.device, self.dtype = load_vision(config)
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values.to(self.device, self.dtype))
+
+
+def make_vision_backend(config: ModelConfig, backend: VisionBackendConfig) -> VisionBackend:
+    if backend.backend == "onnxruntime":
+        from deployments.vision_onnx import OnnxVisionBackend
+
+        return OnnxVisionBackend(backend.onnx_path, backend.onnx_providers)
+    return TorchVisionBackend(config)
+
+
+class VisionEncoder:
+    """Preprocessing and a backend: what a vision stage runs, whatever serves it."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        limits: ImageLimits = ImageLimits(),
+        backend: VisionBackendConfig = VisionBackendConfig(),
+    ):
+        self.preprocess = ImagePreprocessor(config, limits)
+        self.backend = make_vision_backend(config, backend)
+
+    def encode(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One forward pass for the batch; returns `[num_query_tokens, llm_hidden]` per image, on CPU."""
+        image_embeds = self.backend.encode(torch.stack(pixel_values))  # [B, num_query_tokens, llm_hidden]
+        # clone: a row view would pickle its whole batch's storage when it crosses to the LLM stage
+        return [row.to("cpu").clone() for row in image_embeds]

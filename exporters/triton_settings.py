@@ -1,0 +1,40 @@
+"""The settings the repository writer gives every Triton model, as one JSON parameter of its config.pbtxt."""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel, ConfigDict
+
+from deployments.config import ModelConfig
+from deployments.images import ImageLimits
+from deployments.types import GenerationParams
+
+SETTINGS_PARAMETER = "blip2_settings"  # the config.pbtxt parameter holding TritonSettings as JSON
+
+
+class TritonSettings(BaseModel):
+    """Everything a model of the repository needs, written by exporters/triton_repo.py."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig
+    max_batch_size: int = 8
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_prompt_tokens: int = 512
+    default_max_new_tokens: int = 30
+    vision_model: str = "blip2_vision"
+    llm_model: str = "blip2_llm"
+
+    @classmethod
+    def from_args(cls, args: dict) -> TritonSettings:
+        """From the `args` Triton passes to `initialize`."""
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+        return cls.model_validate_json(parameters[SETTINGS_PARAMETER]["string_value"])
+
+    def limits(self) -> ImageLimits:
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+    def defaults(self) -> GenerationParams:
+        return GenerationParams(max_new_tokens=self.default_max_new_tokens)
