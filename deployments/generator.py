@@ -37,33 +37,26 @@ class PreparedRequest:
     embeds: torch.Tensor  # [num_query_tokens, llm_hidden]
 
 
-class LanguageGenerator:
-    """The language half of a checkpoint with its tokenizer; no Ray, so other backends can reuse it."""
+class PromptEncoder:
+    """Tokenizes and checks prompts for one checkpoint; needs its tokenizer and config, not its weights.
 
-    def __init__(self, config: ModelConfig, max_prompt_tokens: int = 512):
-        self.tokenizer = load_processor(config).tokenizer
-        self.model, self.device, self.dtype = load_language_model(config)
-        blip2 = self.model.config
-        self.decoder_only = bool(blip2.use_decoder_only_language_model)
-        self.image_token_id = blip2.image_token_index
-        self.num_query_tokens = blip2.num_query_tokens
-        self.llm_hidden = blip2.text_config.hidden_size
-        self.pad_id = self.tokenizer.pad_token_id
+    Used wherever a request is checked before it joins a batch (the LLM stage, Triton's `blip2` model).
+    """
+
+    def __init__(self, tokenizer, blip2_config, max_prompt_tokens: int = 512):
+        self.tokenizer = tokenizer
+        self.decoder_only = bool(blip2_config.use_decoder_only_language_model)
+        self.image_token_id = blip2_config.image_token_index
+        self.num_query_tokens = blip2_config.num_query_tokens
         # OPT has learned positions: prompt + answer must fit; T5's relative positions have no hard bound.
-        self.max_positions = getattr(blip2.text_config, "max_position_embeddings", None) if self.decoder_only else None
+        text = blip2_config.text_config
+        self.max_positions = getattr(text, "max_position_embeddings", None) if self.decoder_only else None
         self.max_prompt_tokens = max_prompt_tokens
-        eos = self.model.language_model.generation_config.eos_token_id
-        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
 
-    def prepare(self, request: GenerateRequest, embeds: torch.Tensor, streaming: bool = False) -> PreparedRequest:
-        """Tokenize and check one request; raises InvalidInput for a prompt the model cannot take."""
+    def encode(self, request: GenerateRequest, streaming: bool = False) -> tuple[int, ...]:
+        """The prompt's token ids (special tokens included); raises InvalidInput for one the model cannot take."""
         if streaming and request.params.num_beams > 1:
             raise InvalidInput("streaming generates one token at a time: num_beams must be 1")
-        if tuple(embeds.shape) != (self.num_query_tokens, self.llm_hidden):
-            raise InvalidInput(
-                f"image embeddings of shape {tuple(embeds.shape)}; this model takes "
-                f"[{self.num_query_tokens}, {self.llm_hidden}]"
-            )
         # A token is rarely over 32 characters: a longer prompt is refused before it costs a tokenizer pass.
         if len(request.prompt) > 32 * self.max_prompt_tokens:
             raise InvalidInput(
@@ -80,7 +73,33 @@ class LanguageGenerator:
                 f"PROMPT ({len(text_ids)} tokens) + {self.num_query_tokens} image tokens + max_new_tokens "
                 f"({request.params.max_new_tokens}) = {total}, over this model's {self.max_positions} positions"
             )
-        return PreparedRequest(request, text_ids, embeds)
+        return text_ids
+
+
+class LanguageGenerator:
+    """The language half of a checkpoint with its tokenizer; no Ray, so other backends can reuse it."""
+
+    def __init__(self, config: ModelConfig, max_prompt_tokens: int = 512):
+        self.tokenizer = load_processor(config).tokenizer
+        self.model, self.device, self.dtype = load_language_model(config)
+        blip2 = self.model.config
+        self.prompts = PromptEncoder(self.tokenizer, blip2, max_prompt_tokens)
+        self.decoder_only = self.prompts.decoder_only
+        self.image_token_id = blip2.image_token_index
+        self.num_query_tokens = blip2.num_query_tokens
+        self.llm_hidden = blip2.text_config.hidden_size
+        self.pad_id = self.tokenizer.pad_token_id
+        eos = self.model.language_model.generation_config.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    def prepare(self, request: GenerateRequest, embeds: torch.Tensor, streaming: bool = False) -> PreparedRequest:
+        """Tokenize and check one request; raises InvalidInput for a prompt the model cannot take."""
+        if tuple(embeds.shape) != (self.num_query_tokens, self.llm_hidden):
+            raise InvalidInput(
+                f"image embeddings of shape {tuple(embeds.shape)}; this model takes "
+                f"[{self.num_query_tokens}, {self.llm_hidden}]"
+            )
+        return PreparedRequest(request, self.prompts.encode(request, streaming), embeds)
 
     def run(self, batch: list[PreparedRequest]) -> list[GenerateResult | BaseException]:
         """Generate for a batch: requests that may share a generate call do; results in input order."""

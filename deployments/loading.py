@@ -120,6 +120,13 @@ def load_processor(config: ModelConfig) -> Blip2Processor:
     return processor
 
 
+def load_blip2_config(config: ModelConfig):
+    """The checkpoint's Blip2Config (no weights)."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, config)
+
+
 def load_vision(config: ModelConfig) -> tuple[Blip2VisionConnector, torch.device, torch.dtype]:
     """The vision half on its device, in eval mode."""
     device = resolve_device(config)

@@ -23,7 +23,8 @@ class ImagePreprocessor:
     """The checkpoint's image processor behind our image checks: `EncodedImage -> pixel_values [3, H, W]`."""
 
     def __init__(self, config: ModelConfig, limits: ImageLimits = ImageLimits()):
-        self.image_processor = load_processor(config).image_processor
+        processor = load_processor(config)
+        self.image_processor, self.tokenizer = processor.image_processor, processor.tokenizer
         self.limits = limits
 
     def __call__(self, image: EncodedImage) -> torch.Tensor:

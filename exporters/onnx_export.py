@@ -49,12 +49,12 @@ class ExportReport:
     external_data: bool
 
 
-def _save(graph_path: Path) -> bool:
-    """Re-save with external data when the graph is over 2 GB (protobuf's limit); True if it was."""
+def save_graph(graph_path: Path, limit: int = _TWO_GB) -> bool:
+    """Re-save with external data when the graph is over `limit` (protobuf's 2 GB); True if it was."""
     import onnx
 
     model = onnx.load(str(graph_path), load_external_data=True)
-    if model.ByteSize() < _TWO_GB and not any(p.name.endswith(".data") for p in graph_path.parent.iterdir()):
+    if model.ByteSize() < limit and not any(p.name.endswith(".data") for p in graph_path.parent.iterdir()):
         return False
     for stale in graph_path.parent.glob("*.data"):
         stale.unlink()
@@ -103,7 +103,7 @@ def export_vision_onnx(checkpoint: str, out: str | Path, opset: int = 17, fp16: 
             opset_version=opset,
             dynamo=False,
         )
-        external = _save(graph)
+        external = save_graph(graph)
         onnx.checker.check_model(str(graph))  # by path: works past 2 GB
         session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
         diffs, scale = max_abs_diffs(session, model, image_size, dtype)

@@ -28,7 +28,9 @@ def _pytriton() -> Path:
     """The wheel's tritonserver directory, found without importing pytriton (installed without its deps)."""
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("tritonserver comes in the nvidia-pytriton wheel: pip install --no-deps nvidia-pytriton==0.7.0")
+        raise ImportError(
+            "tritonserver comes in the nvidia-pytriton wheel: pip install --no-deps nvidia-pytriton==0.7.0"
+        )
     return Path(spec.submodule_search_locations[0]) / "tritonserver"
 
 

@@ -14,6 +14,8 @@ import triton_python_backend_utils as pb_utils
 
 from clients.contract import IMAGE_EMBEDS, INPUTS, PIXEL_VALUES, PROMPT, TEXT
 from deployments.errors import Blip2ServeError, InvalidInput
+from deployments.generator import PromptEncoder
+from deployments.loading import load_blip2_config
 from deployments.types import GenerateRequest, GenerationParams
 from deployments.vision_encoder import ImagePreprocessor
 from exporters.triton_models.common import TritonSettings, error_response
@@ -21,7 +23,8 @@ from serve import kserve
 
 
 def _raise_if_error(response) -> None:
-    """A composing model's error, as the same kind of error here (bad input stays bad input)."""
+    """A composing model's error. Triton 2.51 reports every BLS error as INTERNAL, so requests are checked
+    here before they are sent (images and prompts), and what still fails here is the server's fault."""
     if response.has_error():
         error = response.error()
         if error.code() == pb_utils.TritonError.INVALID_ARG:
@@ -33,6 +36,8 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.settings = TritonSettings.from_args(args)
         self.preprocess = ImagePreprocessor(self.settings.model, self.settings.limits())
+        blip2 = load_blip2_config(self.settings.model)
+        self.prompts = PromptEncoder(self.preprocess.tokenizer, blip2, self.settings.max_prompt_tokens)
 
     def _requests(self, request) -> list[GenerateRequest]:
         inputs = {}
@@ -44,7 +49,10 @@ class TritonPythonModel:
                 inputs[spec.name] = kserve.InputTensor(spec.name, spec.datatype, tuple(array.shape), elements)
         infer = kserve.InferRequest(request.request_id(), json.loads(request.parameters() or "{}"), inputs)
         settings = self.settings
-        return kserve.to_generate_requests(infer, settings.limits(), settings.max_batch_size, settings.defaults())
+        rows = kserve.to_generate_requests(infer, settings.limits(), settings.max_batch_size, settings.defaults())
+        for row in rows:  # a prompt blip2_llm would refuse fails here, alone, before it joins a batch
+            self.prompts.encode(row)
+        return rows
 
     def _embed(self, rows: list[GenerateRequest]) -> dict[str, np.ndarray]:
         """image_embeds of each distinct image, in blip2_vision requests of at most max_batch_size images."""

@@ -1,0 +1,168 @@
+"""ONNX export of the vision stage, the ONNX Runtime backend, and the onnxruntime variant of the Triton repo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from deployments.config import ModelConfig, VisionBackendConfig
+from deployments.generator import LanguageGenerator
+from deployments.images import check_image
+from deployments.types import GenerateRequest, GenerationParams
+from deployments.vision_encoder import VisionEncoder
+from exporters import onnx_export
+from tests.helpers import image_bytes
+
+BLIP2_SERVE = str(Path(sys.executable).parent / "blip2-serve")
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """`blip2-serve export onnx --int8` for both checkpoints."""
+    graphs = {}
+    for llm, checkpoint in checkpoints.items():
+        out = tmp_path_factory.mktemp(f"onnx-{llm}")
+        result = subprocess.run(
+            [BLIP2_SERVE, "export", "onnx", "--model", str(checkpoint), "--out", str(out), "--int8"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
+        assert "max abs diff batch 1" in result.stdout and "greedy answers identical" in result.stdout
+        graphs[llm] = out
+    return graphs
+
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+def test_export_writes_a_checked_graph_and_reports(exported, llm):
+    out = exported[llm]
+    onnx.checker.check_model(str(out / "vision.onnx"))
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["dtype"] == "fp32" and max(report["max_abs_diff"].values()) <= 1e-4
+    graph = onnx.load(str(out / "vision.onnx"))
+    assert [i.name for i in graph.graph.input] == ["pixel_values"] and [o.name for o in graph.graph.output] == [
+        "image_embeds"
+    ]
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    int8 = json.loads((out / "int8_report.json").read_text())
+    assert (out / "vision_int8.onnx").exists() and int8["answers"] == 32 and 0 <= int8["identical_share"] <= 1
+    assert int8["speed_ratio_fp32_over_int8"] > 0
+
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+def test_onnxruntime_backend_gives_torch_embeddings_and_greedy_tokens(checkpoints, exported, llm):
+    model = ModelConfig(checkpoint=str(checkpoints[llm]), device="cpu")
+    torch_encoder = VisionEncoder(model)
+    ort_encoder = VisionEncoder(
+        model, backend=VisionBackendConfig(backend="onnxruntime", onnx_path=str(exported[llm] / "vision.onnx"))
+    )
+    generator = LanguageGenerator(model)
+    pixel_values = [torch_encoder.preprocess(check_image(image_bytes(500 + i))) for i in range(6)]
+    by_torch, by_ort = torch_encoder.encode(pixel_values), ort_encoder.encode(pixel_values)
+    assert max(float((a - b).abs().max()) for a, b in zip(by_torch, by_ort)) <= 1e-4
+    params = GenerationParams(max_new_tokens=16)
+    for prompt in ("", "Question: what is it? Answer:"):
+        requests = [GenerateRequest(f"r{i}", None, prompt, params) for i in range(6)]
+        tokens = [
+            [r.token_ids for r in generator.run([generator.prepare(q, e) for q, e in zip(requests, embeds)])]
+            for embeds in (by_torch, by_ort)
+        ]
+        assert tokens[0] == tokens[1]
+
+
+def test_fp16_export_and_external_data(checkpoints, tmp_path):
+    report = onnx_export.export_vision_onnx(str(checkpoints["opt"]), tmp_path / "fp16", fp16=True)
+    assert report.dtype == "fp16" and max(report.max_abs_diff.values()) <= report.tolerance
+    session = ort.InferenceSession(str(tmp_path / "fp16" / "vision.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(float16)"
+    # Past the size limit the graph is saved with its weights in a .data file beside it, and still loads.
+    shutil.copytree(tmp_path / "fp16", tmp_path / "big")
+    assert onnx_export.save_graph(tmp_path / "big" / "vision.onnx", limit=1)
+    assert (tmp_path / "big" / "vision.onnx.data").exists()
+    onnx.checker.check_model(str(tmp_path / "big" / "vision.onnx"))
+    big = ort.InferenceSession(str(tmp_path / "big" / "vision.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"pixel_values": np.zeros((1, 3, 32, 32), np.float16)}
+    assert np.array_equal(big.run(None, feed)[0], session.run(None, feed)[0])
+
+
+def test_a_graph_that_fails_its_check_is_not_written(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_export, "FP32_TOLERANCE", 0.0)  # nothing passes an exact comparison
+    with pytest.raises(onnx_export.ExportError, match="not written"):
+        onnx_export.export_vision_onnx(str(checkpoints["opt"]), tmp_path / "out")
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_triton_repo_with_the_onnxruntime_vision(checkpoints, tmp_path):
+    repo = tmp_path / "repo"
+    subprocess.run(
+        [
+            BLIP2_SERVE,
+            "export",
+            "triton-repo",
+            "--model",
+            str(checkpoints["t5"]),
+            "--out",
+            str(repo),
+            "--vision",
+            "onnxruntime",
+        ],
+        capture_output=True,
+        timeout=600,
+        check=True,
+    )
+    config = text_format.Parse((repo / "blip2_vision" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (
+        config.backend == "onnxruntime"
+        and config.input[0].name == "pixel_values"
+        and config.HasField("dynamic_batching")
+    )
+    session = ort.InferenceSession(str(repo / "blip2_vision" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    encoder = VisionEncoder(ModelConfig(checkpoint=str(checkpoints["t5"]), device="cpu"))
+    pixel_values = torch.stack([encoder.preprocess(check_image(image_bytes(i))) for i in range(3)])
+    expected = torch.stack(encoder.encode(list(pixel_values))).numpy()
+    (got,) = session.run(["image_embeds"], {"pixel_values": pixel_values.numpy()})
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+@pytest.mark.serve
+def test_ray_serve_vision_stage_on_onnxruntime(serve_ports, apps, checkpoints, exported):
+    """The same graph with `vision_backend: onnxruntime` answers as the torch one does."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import AppConfig
+    from tests.conftest import TEST_STAGE
+
+    config = AppConfig.model_validate(
+        {
+            "model": {"checkpoint": str(checkpoints["opt"])},
+            "vision": TEST_STAGE,
+            "vision_backend": {"backend": "onnxruntime", "onnx_path": str(exported["opt"] / "vision.onnx")},
+            "llm": TEST_STAGE,
+            "app_name": "ort",
+            "route_prefix": "/ort",
+        }
+    )
+    serve.run(build_app(config), name="ort", route_prefix="/ort")
+    try:
+        requests = [
+            GenerateRequest(f"o{i}", check_image(image_bytes(600 + i)), "a", GenerationParams(max_new_tokens=10))
+            for i in range(4)
+        ]
+        on_ort = [r.token_ids for r in serve.get_app_handle("ort").generate_all.remote(requests).result(timeout_s=120)]
+        on_torch = [r.token_ids for r in apps["opt"].handle().generate_all.remote(requests).result(timeout_s=120)]
+        assert on_ort == on_torch
+    finally:
+        serve.delete("ort")
