@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from functools import partial
 
 import torch
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from deployments.batching import ModelWorker, configure_batching, run_isolated, set_torch_threads, unwrap
+from deployments.cache import EmbeddingCache
 from deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
 from deployments.images import ImageLimits
+from deployments.metrics import MetricsRecorder
 from deployments.types import EncodedImage, ImageEmbeds
 from deployments.vision_encoder import VisionEncoder
 
@@ -29,25 +33,47 @@ class VisionDeployment:
         limits: ImageLimits = ImageLimits(),
         torch_threads: int | None = None,
         backend: VisionBackendConfig = VisionBackendConfig(),
+        cache_bytes: int = 0,
+        metrics: DeploymentHandle | None = None,
     ):
         set_torch_threads(torch_threads)
         self._encoder = VisionEncoder(model, limits, backend)
         self._worker = ModelWorker("vision")
+        self._cache = EmbeddingCache(cache_bytes) if cache_bytes else None
+        self._metrics = MetricsRecorder(metrics, "blip2_vision")
         configure_batching(self._embed_batch, batch)
         logger.info("vision stage ready (%s backend)", self._encoder.backend.name)
 
     async def embed(self, image: EncodedImage) -> ImageEmbeds:
-        """ImageEmbeds for one image; a bad image fails here, before it can join a batch."""
-        pixel_values = await asyncio.to_thread(self._encoder.preprocess, image)
-        return ImageEmbeds(unwrap(await self._embed_batch(pixel_values)), image.digest)
+        """ImageEmbeds for one image; a bad image fails here, before it can join a batch. An image seen before
+        (same decoded pixels) comes from the cache without running the model."""
+        with self._metrics.request():
+            pixel_values, key = await asyncio.to_thread(self._encoder.preprocess.with_key, image)
+            cached = self._cache.get(key) if self._cache is not None else None
+            if self._cache is not None:
+                self._metrics.add(
+                    "blip2_embedding_cache_hits" if cached is not None else "blip2_embedding_cache_misses"
+                )
+            if cached is not None:
+                return ImageEmbeds(cached, image.digest)
+            embeds = unwrap(await self._embed_batch((pixel_values, time.perf_counter())))
+            if self._cache is not None:
+                self._cache.put(key, embeds)
+            return ImageEmbeds(embeds, image.digest)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _embed_batch(self, pixel_values: list[torch.Tensor]) -> list:
-        return await self._worker.run(partial(run_isolated, self._encoder.encode), pixel_values)
+    async def _embed_batch(self, items: list[tuple[torch.Tensor, float]]) -> list:
+        started = time.perf_counter()
+        results = await self._worker.run(partial(run_isolated, self._encoder.encode), [p for p, _ in items])
+        self._metrics.execution(
+            len(items), sum(started - arrived for _, arrived in items), time.perf_counter() - started
+        )
+        return results
 
     async def ready(self) -> bool:
         return True
 
     async def stats(self) -> dict:
         """What this replica's model saw, for tests and operators."""
-        return self._worker.stats()
+        cache = {"entries": len(self._cache), "bytes": self._cache.bytes} if self._cache is not None else None
+        return {**self._worker.stats(), "cache": cache}

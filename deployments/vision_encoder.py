@@ -6,6 +6,8 @@ Shared by the Ray Serve vision stage (deployments/vision.py) and Triton's Python
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Protocol
 
@@ -26,11 +28,18 @@ class ImagePreprocessor:
         processor = load_processor(config)
         self.image_processor, self.tokenizer = processor.image_processor, processor.tokenizer
         self.limits = limits
+        settings = json.dumps(self.image_processor.to_dict(), sort_keys=True, default=str)
+        self._settings = hashlib.sha256(settings.encode()).digest()
 
     def __call__(self, image: EncodedImage) -> torch.Tensor:
         """Decode and resize/normalise one image (float32). Raises InvalidInput."""
+        return self.with_key(image)[0]
+
+    def with_key(self, image: EncodedImage) -> tuple[torch.Tensor, str]:
+        """`pixel_values [3, H, W]`, and a key of the decoded pixels and the processor's settings (for caches)."""
         rgb = decode_image(image, self.limits)
-        return self.image_processor(rgb, return_tensors="pt")["pixel_values"][0]
+        key = hashlib.sha256(self._settings + f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+        return self.image_processor(rgb, return_tensors="pt")["pixel_values"][0], key
 
 
 class VisionBackend(Protocol):

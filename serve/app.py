@@ -11,6 +11,7 @@ import logging
 from ray.serve import Application
 
 from deployments.llm import LLMDeployment
+from deployments.metrics import MetricsDeployment
 from deployments.vision import VisionDeployment
 from serve.config import AppConfig, StageConfig
 from serve.ingress import Ingress
@@ -34,19 +35,23 @@ def _gpus_for(stage: StageConfig, config: AppConfig) -> float:
 
 
 def build_app(config: AppConfig) -> Application:
-    """The BLIP-2 graph: Ingress holding handles to VisionDeployment and LLMDeployment."""
+    """The BLIP-2 graph: Ingress holding handles to VisionDeployment and LLMDeployment; all three push their
+    metrics to one MetricsDeployment, which the ingress renders at /metrics."""
+    metrics = MetricsDeployment.bind()
     vision = VisionDeployment.options(**config.vision.deployment_options(_gpus_for(config.vision, config))).bind(
         config.model,
         config.vision.batch,
         config.server.image_limits(),
         config.vision.torch_threads,
         config.vision_backend,
+        config.embedding_cache.max_bytes,
+        metrics,
     )
     llm = LLMDeployment.options(**config.llm.deployment_options(_gpus_for(config.llm, config))).bind(
-        config.model, config.llm.batch, config.server.max_prompt_tokens, config.llm.torch_threads
+        config.model, config.llm.batch, config.server.max_prompt_tokens, config.llm.torch_threads, metrics
     )
     ingress_gpus = 0.0 if config.ingress.num_gpus == "auto" else float(config.ingress.num_gpus)
-    return Ingress.options(**config.ingress.deployment_options(ingress_gpus)).bind(vision, llm, config)
+    return Ingress.options(**config.ingress.deployment_options(ingress_gpus)).bind(vision, llm, config, metrics)
 
 
 def serve_options(config: AppConfig) -> dict:

@@ -94,6 +94,14 @@ class ServerConfig(BaseModel):
         return GenerationParams(max_new_tokens=self.default_max_new_tokens)
 
 
+class EmbeddingCacheConfig(BaseModel):
+    """The vision stage's image-embedding cache, per replica; 0 bytes turns it off."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_bytes: int = Field(256 * 1024 * 1024, ge=0)
+
+
 def _ingress_default() -> StageConfig:
     return StageConfig(num_cpus=0.0, num_gpus=0, max_ongoing_requests=256)
 
@@ -108,6 +116,7 @@ class AppConfig(BaseModel):
     ingress: StageConfig = Field(default_factory=_ingress_default)
     vision: StageConfig = StageConfig()
     vision_backend: VisionBackendConfig = VisionBackendConfig()
+    embedding_cache: EmbeddingCacheConfig = EmbeddingCacheConfig()
     llm: StageConfig = StageConfig()
     app_name: str = "blip2"
     route_prefix: str = "/"

@@ -20,6 +20,7 @@ from clients.contract import IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, TEXT
 from deployments.errors import InvalidInput, status_of
 from deployments.types import GenerateResult
 from serve import kserve, metadata
+from serve.asgi import primed
 from serve.grpc_protos import model_config_pb2
 from serve.grpc_protos import service_pb2 as pb
 
@@ -134,18 +135,24 @@ class TritonGrpcMethods:
 
     @_with_status(pb.ModelInferResponse)
     async def ModelInfer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        infer, generate = self._generate_requests(request)
-        results: list[GenerateResult] = await self.pipeline.generate_all(generate)
+        if request.model_name != self.server.model_name:
+            self.check_model(request.model_name)  # unknown models are not this model's failures
+        with self.metrics.request() as counted:
+            infer, generate = self._generate_requests(request)
+            counted["rows"] = len(generate)
+            results: list[GenerateResult] = await self.pipeline.generate_all(generate)
         return infer_response(self.server.model_name, infer, [r.text for r in results])
 
     async def ModelStreamInfer(self, request_stream) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request in the stream (one IMAGE row) is answered by responses carrying its text as it grows."""
         async for request in request_stream:
             try:
-                infer, generate = self._generate_requests(request)
-                if len(generate) != 1:
-                    raise InvalidInput(f"streaming takes one {IMAGE.name} row per request, not {len(generate)}")
-                async for chunk in self.pipeline.stream(generate[0]):
+                with self.metrics.request():
+                    infer, generate = self._generate_requests(request)
+                    if len(generate) != 1:
+                        raise InvalidInput(f"streaming takes one {IMAGE.name} row per request, not {len(generate)}")
+                    stream = await primed(self.pipeline.stream(generate[0]))
+                async for chunk in stream:
                     final = chunk.finish_reason is not None
                     if chunk.text or final:
                         response = infer_response(self.server.model_name, infer, [chunk.text], final=final)

@@ -63,21 +63,22 @@ async def infer(
     model_name: str, request: Request, version: str = "", ingress: Ingress = Depends(current_ingress)
 ) -> Response:
     ingress.check_model(model_name, version)
-    body = await read_body(request, ingress.server.max_request_bytes)
-    header_length = request.headers.get("inference-header-content-length")
-    if header_length is not None and not header_length.isdigit():
-        raise InvalidInput("Inference-Header-Content-Length must be an integer")
-    infer = kserve.decode_infer_request(body, int(header_length) if header_length else None)
-    requests = kserve.to_generate_requests(
-        infer, ingress.server.image_limits(), ingress.server.max_images_per_request, ingress.server.default_params()
-    )
-    results = await ingress.pipeline.generate_all(requests)
+    with ingress.metrics.request() as counted:
+        body = await read_body(request, ingress.server.max_request_bytes)
+        header_length = request.headers.get("inference-header-content-length")
+        if header_length is not None and not header_length.isdigit():
+            raise InvalidInput("Inference-Header-Content-Length must be an integer")
+        infer = kserve.decode_infer_request(body, int(header_length) if header_length else None)
+        requests = kserve.to_generate_requests(
+            infer, ingress.server.image_limits(), ingress.server.max_images_per_request, ingress.server.default_params()
+        )
+        counted["rows"] = len(requests)
+        results = await ingress.pipeline.generate_all(requests)
     content, headers = kserve.encode_infer_response(ingress.server.model_name, infer, results)
     return Response(content=content, headers=headers)
 
 
-async def _generate_request(model_name: str, version: str, request: Request, ingress: Ingress):
-    ingress.check_model(model_name, version)
+async def _generate_request(request: Request, ingress: Ingress):
     body = await read_body(request, ingress.server.max_request_bytes)
     server = ingress.server
     infer = kserve.decode_generate_request(body)
@@ -98,8 +99,10 @@ async def generate(
     model_name: str, request: Request, version: str = "", ingress: Ingress = Depends(current_ingress)
 ) -> Response:
     """Triton's generate extension: one image (base64) and an optional prompt in, the text out."""
-    infer, generate_request = await _generate_request(model_name, version, request, ingress)
-    result = await ingress.pipeline.generate(generate_request)
+    ingress.check_model(model_name, version)
+    with ingress.metrics.request():
+        infer, generate_request = await _generate_request(request, ingress)
+        result = await ingress.pipeline.generate(generate_request)
     return JSONResponse(_generate_response(ingress, infer, result.text, finish_reason=result.finish_reason))
 
 
@@ -109,8 +112,10 @@ async def generate_stream(
     model_name: str, request: Request, version: str = "", ingress: Ingress = Depends(current_ingress)
 ) -> Response:
     """The same, as server-sent events: each carries the text added since the last; the last, finish_reason."""
-    infer, generate_request = await _generate_request(model_name, version, request, ingress)
-    stream = await primed(ingress.pipeline.stream(generate_request))
+    ingress.check_model(model_name, version)
+    with ingress.metrics.request():
+        infer, generate_request = await _generate_request(request, ingress)
+        stream = await primed(ingress.pipeline.stream(generate_request))
 
     async def events():
         try:
@@ -122,3 +127,10 @@ async def generate_stream(
             yield f"data: {json.dumps({'error': status_of(exc)[2]})}\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+@router.get("/metrics")
+async def metrics(ingress: Ingress = Depends(current_ingress)) -> Response:
+    """Prometheus text: Triton-named per-model series for blip2, blip2_vision and blip2_llm."""
+    text = await ingress.metrics_sink.render.remote() if ingress.metrics_sink is not None else ""
+    return Response(content=text, media_type="text/plain; version=0.0.4; charset=utf-8")

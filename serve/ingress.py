@@ -11,6 +11,7 @@ from ray.serve.handle import DeploymentHandle
 from clients.contract import MODEL_VERSION
 from deployments.errors import ModelNotFound
 from deployments.ingress import Blip2Pipeline
+from deployments.metrics import MetricsRecorder
 from deployments.types import GenerateRequest, GenerateResult
 from serve import http, openai
 from serve.asgi import app
@@ -30,10 +31,18 @@ class Ingress(TritonGrpcMethods):
     gRPC proxy calls the TritonGrpcMethods by name.
     """
 
-    def __init__(self, vision: DeploymentHandle, llm: DeploymentHandle, config: AppConfig):
+    def __init__(
+        self,
+        vision: DeploymentHandle,
+        llm: DeploymentHandle,
+        config: AppConfig,
+        metrics: DeploymentHandle | None = None,
+    ):
         self.pipeline = Blip2Pipeline(vision, llm)
         self.config = config
         self.server = config.server
+        self.metrics_sink = metrics
+        self.metrics = MetricsRecorder(metrics, config.server.model_name)
 
     def check_model(self, model_name: str, version: str = "") -> None:
         """Raise ModelNotFound unless the request names this model (and version 1 or none)."""

@@ -36,12 +36,13 @@ async def openai_models(ingress: Ingress = Depends(current_ingress)) -> dict:
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, ingress: Ingress = Depends(current_ingress)) -> Response:
     server = ingress.server
-    chat = codec.ChatCompletionRequest.parse(await read_body(request, server.max_request_bytes))
-    generate = await codec.to_generate_request(
-        chat, server.model_name, server.image_limits(), tuple(server.image_url_allowlist), server.default_params()
-    )
-    if not chat.stream:
-        result = await ingress.pipeline.generate(generate)
-        return JSONResponse(codec.completion(server.model_name, result))
-    stream = await primed(ingress.pipeline.stream(generate))
+    with ingress.metrics.request():
+        chat = codec.ChatCompletionRequest.parse(await read_body(request, server.max_request_bytes))
+        generate = await codec.to_generate_request(
+            chat, server.model_name, server.image_limits(), tuple(server.image_url_allowlist), server.default_params()
+        )
+        if not chat.stream:
+            result = await ingress.pipeline.generate(generate)
+            return JSONResponse(codec.completion(server.model_name, result))
+        stream = await primed(ingress.pipeline.stream(generate))
     return _sse(codec.chunks(server.model_name, stream, chat.include_usage))
