@@ -113,7 +113,7 @@ class LanguageGenerator:
                 results[index] = result
         return results
 
-    def _collate(self, batch: list[PreparedRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(self, batch: list[PreparedRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         """`input_ids, attention_mask [B, L]` laid out as Blip2Processor lays them out."""
         width = max(len(item.text_ids) for item in batch)
         image_ids = [self.image_token_id] * self.num_query_tokens
@@ -128,17 +128,21 @@ class LanguageGenerator:
                 masks.append([1] * (len(image_ids) + len(text)) + [0] * len(pad))
         return torch.tensor(rows, device=self.device), torch.tensor(masks, device=self.device)
 
+    def embed_inputs(self, input_ids: torch.Tensor, batch: list[PreparedRequest]) -> torch.Tensor:
+        """`inputs_embeds [B, L, llm_hidden]`: token embeddings with the image positions replaced by the image
+        embeddings, as Blip2ForConditionalGeneration.generate builds them."""
+        inputs_embeds = self.model.language_model.get_input_embeddings()(input_ids)
+        image_positions = (input_ids == self.image_token_id).unsqueeze(-1)
+        image_embeds = torch.stack([item.embeds for item in batch]).to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_positions, image_embeds)
+
     @torch.inference_mode()
     def generate(self, batch: list[PreparedRequest], **extra) -> list[GenerateResult]:
         """One generate call for requests with equal batch keys; `extra` goes to `generate` (streamer, ...)."""
         params = batch[0].request.params
-        input_ids, attention_mask = self._collate(batch)  # [B, L]
+        input_ids, attention_mask = self.collate(batch)  # [B, L]
         language_model = self.model.language_model
-        inputs_embeds = language_model.get_input_embeddings()(input_ids)  # [B, L, llm_hidden]
-        image_positions = (input_ids == self.image_token_id).unsqueeze(-1)
-        image_embeds = torch.stack([item.embeds for item in batch]).to(inputs_embeds.device, inputs_embeds.dtype)
-        inputs_embeds = inputs_embeds.masked_scatter(image_positions, image_embeds)
-        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
+        inputs = {"inputs_embeds": self.embed_inputs(input_ids, batch), "attention_mask": attention_mask}
         if self.decoder_only:
             inputs["input_ids"] = input_ids
         if params.runs_alone:
@@ -150,9 +154,10 @@ class LanguageGenerator:
         output = language_model.generate(**inputs, **kwargs, **extra)
         # OPT returns prompt + new tokens; T5 returns the decoder start token + new tokens.
         new_tokens = output[:, input_ids.shape[1] :] if self.decoder_only else output[:, 1:]
-        return [self._result(item, row.tolist()) for item, row in zip(batch, new_tokens)]
+        return [self.result(item, row.tolist()) for item, row in zip(batch, new_tokens)]
 
-    def _result(self, item: PreparedRequest, tokens: list[int]) -> GenerateResult:
+    def result(self, item: PreparedRequest, tokens: list[int]) -> GenerateResult:
+        """The result of generated `tokens`: cut after the first end-of-sequence, text cut before a stop string."""
         tokens = tokens[: item.request.params.max_new_tokens]
         finish_reason = "length"
         for position, token in enumerate(tokens):

@@ -13,6 +13,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.batching import ModelWorker, configure_batching, set_torch_threads, unwrap
 from deployments.config import BatchConfig, ModelConfig
+from deployments.engine import ContinuousBatcher, Sequence
 from deployments.generator import LanguageGenerator, PreparedRequest
 from deployments.metrics import MetricsRecorder
 from deployments.text import TextAssembler
@@ -21,9 +22,19 @@ from deployments.types import GenerateChunk, GenerateRequest, GenerateResult, Im
 logger = logging.getLogger(__name__)
 
 
+def _settle(future: asyncio.Future, outcome) -> None:
+    if not future.done():
+        future.set_exception(outcome) if isinstance(outcome, BaseException) else future.set_result(outcome)
+
+
 @serve.deployment(name="LLM")
 class LLMDeployment:
-    """Ray Serve replica of the LLM stage; `generate` is called once per image and prompt, and batched."""
+    """Ray Serve replica of the LLM stage; `generate` is called once per image and prompt.
+
+    scheduler "continuous" (default): greedy and sampled requests join a running decode batch between steps
+    (deployments/engine.py); beam searches run as whole `generate` batches between steps. "static": every request
+    goes through `@serve.batch` and `generate`, a batch running until its longest member ends.
+    """
 
     def __init__(
         self,
@@ -32,27 +43,68 @@ class LLMDeployment:
         max_prompt_tokens: int = 512,
         torch_threads: int | None = None,
         metrics: DeploymentHandle | None = None,
+        scheduler: str = "continuous",
     ):
         set_torch_threads(torch_threads)
         self._generator = LanguageGenerator(model, max_prompt_tokens)
+        self._engine = ContinuousBatcher(self._generator, batch.max_batch_size) if scheduler == "continuous" else None
         self._worker = ModelWorker("llm")
-        self._metrics = MetricsRecorder(metrics, "blip2_llm")
+        self._metrics = MetricsRecorder(metrics, "blip2_llm", on_flush=self._record_engine_steps)
         self._streams = {"active": 0, "finished": 0, "cancelled": 0}
         configure_batching(self._generate_batch, batch)
-        logger.info("LLM stage ready on %s (%s)", self._generator.device, self._generator.dtype)
+        logger.info(
+            "LLM stage ready on %s (%s), %s scheduler", self._generator.device, self._generator.dtype, scheduler
+        )
 
     async def generate(self, request: GenerateRequest, embeds: ImageEmbeds) -> GenerateResult:
         """Generate for one request; a prompt the model cannot take fails here, before it joins a batch."""
         with self._metrics.request():
             prepared = self._generator.prepare(request, embeds.embeds)
-            result = unwrap(await self._generate_batch((prepared, time.perf_counter())))
+            if self._engine is not None and request.params.num_beams == 1:
+                result = await self._in_engine(prepared)
+            else:
+                result = unwrap(await self._generate_batch((prepared, time.perf_counter())))
             self._metrics.add("blip2_generated_tokens", len(result.token_ids))
             return result
+
+    def _submit(
+        self, prepared: PreparedRequest, on_tokens=None, cancelled: threading.Event | None = None
+    ) -> asyncio.Future:
+        """Hand a request to the engine; the future resolves on this event loop when it finishes."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        sequence = Sequence(
+            prepared,
+            on_done=lambda outcome: loop.call_soon_threadsafe(_settle, done, outcome),
+            on_tokens=on_tokens,
+            cancelled=cancelled or threading.Event(),
+        )
+        self._engine.submit(sequence)
+        done.add_done_callback(lambda _: self._metrics.add("nv_inference_queue_duration_us", sequence.queued_s * 1e6))
+        return done
+
+    async def _in_engine(self, prepared: PreparedRequest) -> GenerateResult:
+        cancelled = threading.Event()
+        try:
+            return await asyncio.shield(self._submit(prepared, cancelled=cancelled))
+        except asyncio.CancelledError:
+            cancelled.set()  # the caller went away: the engine drops the sequence at its next step
+            raise
+
+    def _record_engine_steps(self) -> None:
+        while self._engine is not None and self._engine.step_log:
+            running, seconds = self._engine.step_log.popleft()
+            self._metrics.execution(running, 0.0, seconds)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _generate_batch(self, items: list[tuple[PreparedRequest, float]]) -> list:
         started = time.perf_counter()
-        results = await self._worker.run(self._generator.run, [prepared for prepared, _ in items])
+        batch = [prepared for prepared, _ in items]
+        if self._engine is not None:  # the engine thread owns the model: run between two of its steps
+            self._worker.batch_sizes.append(len(batch))
+            results = await asyncio.wrap_future(self._engine.run_exclusive(self._generator.run, batch))
+        else:
+            results = await self._worker.run(self._generator.run, batch)
         self._metrics.execution(
             len(items), sum(started - arrived for _, arrived in items), time.perf_counter() - started
         )
@@ -72,8 +124,13 @@ class LLMDeployment:
         def on_tokens(tokens: list[int]) -> None:  # on the model thread
             loop.call_soon_threadsafe(arrivals.put_nowait, tokens)
 
-        future = self._worker.submit(self._generator.stream, prepared, on_tokens, cancelled)
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(arrivals.put_nowait, done))
+        if self._engine is not None:
+            completion = self._submit(prepared, on_tokens, cancelled)
+        else:
+            completion = asyncio.wrap_future(
+                self._worker.submit(self._generator.stream, prepared, on_tokens, cancelled)
+            )
+        completion.add_done_callback(lambda _: arrivals.put_nowait(done))
         assembler = TextAssembler(self._generator.tokenizer, request.params.stop)
         prompt_tokens, generated = self._generator.prompt_tokens(prepared), 0
         self._streams["active"] += 1
@@ -81,7 +138,6 @@ class LLMDeployment:
             while (tokens := await arrivals.get()) is not done:
                 if not generated:
                     self._metrics.observe("blip2_time_to_first_token_seconds", time.perf_counter() - arrived)
-                    self._metrics.execution(1, 0.0, 0.0)
                 generated += len(tokens)
                 self._metrics.add("blip2_generated_tokens", len(tokens))
                 text = assembler.update(tokens)
@@ -89,14 +145,14 @@ class LLMDeployment:
                     cancelled.set()  # the rest would be cut anyway
                 if text:
                     yield GenerateChunk(request.request_id, text, tuple(tokens), prompt_tokens, generated)
-            result = future.result()
+            result = completion.result()
             yield GenerateChunk(
                 request.request_id, assembler.finish(), (), prompt_tokens, len(result.token_ids), result.finish_reason
             )
             self._streams["finished"] += 1
         finally:
             self._streams["active"] -= 1
-            if not future.done():
+            if not completion.done():
                 cancelled.set()
                 self._streams["cancelled"] += 1
                 logger.info("stream %s cancelled by its caller after %d tokens", request.request_id, generated)
@@ -105,5 +161,9 @@ class LLMDeployment:
         return True
 
     async def stats(self) -> dict:
-        """What this replica's model saw, for tests and operators."""
-        return {**self._worker.stats(), "streams": dict(self._streams)}
+        """What this replica's model saw, for tests and operators: whole batches (static path and beam search)
+        and, with the continuous scheduler, how many sequences each decode step ran."""
+        engine = None
+        if self._engine is not None:
+            engine = {"steps": self._engine.steps, "max_running_seen": self._engine.max_running_seen}
+        return {**self._worker.stats(), "streams": dict(self._streams), "engine": engine}

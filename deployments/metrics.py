@@ -13,7 +13,7 @@ import logging
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ray import serve
 
@@ -45,8 +45,8 @@ HISTOGRAMS = {
 class MetricsRecorder:
     """In a replica: counts observations for one model and pushes them to the Metrics deployment."""
 
-    def __init__(self, sink, model: str):
-        self._sink, self._model = sink, model
+    def __init__(self, sink, model: str, on_flush: Callable[[], None] | None = None):
+        self._sink, self._model, self._on_flush = sink, model, on_flush
         self._counters: dict[str, float] = defaultdict(float)
         self._observations: list[tuple[str, float]] = []
         self._flusher: asyncio.Task | None = None
@@ -93,6 +93,8 @@ class MetricsRecorder:
     async def _flush_forever(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_S)
+            if self._on_flush is not None:
+                self._on_flush()  # observations kept elsewhere (the LLM engine's steps) join this push
             counters, observations = dict(self._counters), self._observations
             if not counters and not observations:
                 continue

@@ -48,7 +48,12 @@ def build_app(config: AppConfig) -> Application:
         metrics,
     )
     llm = LLMDeployment.options(**config.llm.deployment_options(_gpus_for(config.llm, config))).bind(
-        config.model, config.llm.batch, config.server.max_prompt_tokens, config.llm.torch_threads, metrics
+        config.model,
+        config.llm.batch,
+        config.server.max_prompt_tokens,
+        config.llm.torch_threads,
+        metrics,
+        config.llm.scheduler,
     )
     ingress_gpus = 0.0 if config.ingress.num_gpus == "auto" else float(config.ingress.num_gpus)
     return Ingress.options(**config.ingress.deployment_options(ingress_gpus)).bind(vision, llm, config, metrics)

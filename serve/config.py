@@ -70,6 +70,13 @@ class StageConfig(BaseModel):
         return self
 
 
+class LLMStageConfig(StageConfig):
+    """The LLM stage: a StageConfig and its scheduler. `continuous`: requests join and leave the running decode batch
+    between steps (beam search runs as whole batches); `static`: whole `@serve.batch` batches through `generate`."""
+
+    scheduler: Literal["continuous", "static"] = "continuous"
+
+
 class ServerConfig(BaseModel):
     """The HTTP edge: address, public model name, request limits and default generation parameters."""
 
@@ -117,7 +124,7 @@ class AppConfig(BaseModel):
     vision: StageConfig = StageConfig()
     vision_backend: VisionBackendConfig = VisionBackendConfig()
     embedding_cache: EmbeddingCacheConfig = EmbeddingCacheConfig()
-    llm: StageConfig = StageConfig()
+    llm: LLMStageConfig = LLMStageConfig()
     app_name: str = "blip2"
     route_prefix: str = "/"
 

@@ -165,7 +165,8 @@ def image_server() -> str:
 
 @pytest.fixture(scope="session")
 def tight_app(serve_ports, checkpoints, image_server) -> ServedApp:
-    """The OPT graph with one-request queues (overload is easy to reach) and one allow-listed image host."""
+    """The OPT graph with one-request queues (overload is easy to reach), one allow-listed image host and the
+    static (whole-batch) LLM scheduler."""
     from ray import serve
 
     from serve.app import build_app
@@ -177,7 +178,7 @@ def tight_app(serve_ports, checkpoints, image_server) -> ServedApp:
             "model": {"checkpoint": str(checkpoints["opt"])},
             "server": {**TEST_SERVER, "image_url_allowlist": [f"{image_server}/"]},
             "vision": tight,
-            "llm": tight,
+            "llm": {**tight, "scheduler": "static"},  # the whole-batch LLM path stays tested here
             "app_name": "tight",
             "route_prefix": "/tight",
         }

@@ -1,0 +1,306 @@
+"""Iteration-level (continuous) batching for the LLM stage: one decode step at a time for every running sequence.
+
+A new request is prefilled on its own (OPT: image tokens + prompt through the decoder; T5: the encoder, then the
+decoder's first step) and joins the running batch between steps; a finished one leaves at once. The running batch
+keeps one KV cache per layer, `[batch, heads, length, head_dim]`, left-padded: a joining sequence (or the batch) is
+padded on the left to the longer of the two, and padding is masked. OPT's positions come from the attention mask
+and T5's relative position bias depends only on key - query distances, so left padding changes neither.
+
+Greedy and sampled decoding run here (sampling with a per-request generator, so a seeded request gives the same text
+whatever it is batched with); beam search runs between steps as an exclusive job (LanguageGenerator.run).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput
+
+from deployments.generator import LanguageGenerator, PreparedRequest
+from deployments.text import TextAssembler
+from deployments.types import GenerateResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request in the engine: its decoding state and where its tokens and result go."""
+
+    item: PreparedRequest
+    on_done: Callable[[GenerateResult | BaseException], None]
+    on_tokens: Callable[[list[int]], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    history: list[int] = field(default_factory=list)  # what history-based processors read
+    generated: list[int] = field(default_factory=list)
+    rng: torch.Generator | None = None
+    processors: LogitsProcessorList = field(default_factory=LogitsProcessorList)
+    assembler: TextAssembler | None = None  # only when the request has stop strings
+    submitted_at: float = field(default_factory=time.perf_counter)
+    queued_s: float = 0.0  # from submit to the start of its prefill
+
+
+def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _pad_right(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+
+
+def _join_layers(running: DynamicCache, joining: DynamicCache, left: bool = True) -> None:
+    """Append `joining`'s rows to `running`, padding the shorter along the sequence axis (dim 2)."""
+    pad = _pad_left if left else _pad_right
+    for mine, theirs in zip(running.layers, joining.layers):
+        length = max(mine.keys.shape[2], theirs.keys.shape[2])
+        mine.keys = torch.cat([pad(mine.keys, length, 2), pad(theirs.keys, length, 2)])
+        mine.values = torch.cat([pad(mine.values, length, 2), pad(theirs.values, length, 2)])
+
+
+def _select_layers(cache: DynamicCache, rows: torch.Tensor, first_column: int = 0) -> None:
+    for layer in cache.layers:
+        layer.keys = layer.keys[rows, :, first_column:]
+        layer.values = layer.values[rows, :, first_column:]
+
+
+class ContinuousBatcher:
+    """Owns the language model on one thread; `submit` from any thread, results through callbacks."""
+
+    def __init__(self, generator: LanguageGenerator, max_running: int = 16):
+        self.generator = generator
+        self.max_running = max_running
+        self.model = generator.model.language_model
+        self._incoming: queue.Queue[Sequence] = queue.Queue()
+        self._exclusive: queue.Queue[tuple[Callable, tuple, Future]] = queue.Queue()
+        self._wake = threading.Event()
+        self._running: list[Sequence] = []
+        self.steps = 0  # decode steps taken (all running sequences advance one token per step)
+        self.max_running_seen = 0
+        self.step_log: deque[tuple[int, float]] = deque(maxlen=65536)  # (running, seconds) per step, for metrics
+        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- any thread
+    def submit(self, sequence: Sequence) -> None:
+        self._incoming.put(sequence)
+        self._wake.set()
+
+    def run_exclusive(self, fn: Callable, *args) -> Future:
+        """Run `fn(*args)` on the engine thread between two steps (beam search uses generate on its own)."""
+        future: Future = Future()
+        self._exclusive.put((fn, args, future))
+        self._wake.set()
+        return future
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # ---- the engine thread
+    def _loop(self) -> None:
+        while True:
+            if not self._running and self._incoming.empty() and self._exclusive.empty():
+                self._wake.wait()
+                self._wake.clear()
+            while not self._exclusive.empty():
+                fn, args, future = self._exclusive.get()
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # the caller gets it; the engine goes on
+                    future.set_exception(exc)
+            while len(self._running) < self.max_running and not self._incoming.empty():
+                self._admit(self._incoming.get())
+            if self._running:
+                try:
+                    self._step()
+                except Exception as exc:  # a failed step fails the sequences in it, not the engine
+                    logger.exception("decode step failed")
+                    for sequence in self._running:
+                        sequence.on_done(exc)
+                    self._running = []
+                    self._reset_batch()
+
+    def _reset_batch(self) -> None:
+        self._cache = self._cross = self._mask = self._encoder_states = self._encoder_mask = None
+
+    @torch.inference_mode()
+    def _admit(self, sequence: Sequence) -> None:
+        sequence.queued_s = time.perf_counter() - sequence.submitted_at
+        if sequence.cancelled.is_set():
+            sequence.on_done(self.generator.result(sequence.item, []))
+            return
+        params = sequence.item.request.params
+        processors = LogitsProcessorList()
+        if params.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if params.do_sample:
+            processors += [TemperatureLogitsWarper(params.temperature)]
+            if params.top_k:
+                processors.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(params.top_p))
+            sequence.rng = torch.Generator(device=self.generator.device)
+            sequence.rng.manual_seed(params.seed if params.seed is not None else torch.seed())
+        sequence.processors = processors
+        if params.stop:
+            sequence.assembler = TextAssembler(self.generator.tokenizer, params.stop)
+        try:
+            logits, cache = self._prefill(sequence)
+        except Exception as exc:
+            sequence.on_done(exc)
+            return
+        self._running.append(sequence)
+        if len(self._running) == 1:
+            self._cache, self._mask = cache["cache"], cache["mask"]
+            self._cross, self._encoder_states, self._encoder_mask = (
+                cache.get("cross"),
+                cache.get("encoder_states"),
+                cache.get("encoder_mask"),
+            )
+        else:
+            self._join(cache)
+        self._emit(self._running[-1:], logits)
+
+    def _prefill(self, sequence: Sequence) -> tuple[torch.Tensor, dict]:
+        """Logits `[1, vocab]` for the first new token, and this sequence's caches."""
+        generator = self.generator
+        input_ids, attention_mask = generator.collate([sequence.item])  # [1, L]
+        inputs_embeds = generator.embed_inputs(input_ids, [sequence.item])  # [1, L, llm_hidden]
+        if generator.decoder_only:
+            sequence.history = input_ids[0].tolist()
+            output = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True)
+            return output.logits[:, -1], {"cache": output.past_key_values, "mask": attention_mask}
+        encoder_states = self.model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask)[0]
+        start = self.model.config.decoder_start_token_id
+        sequence.history = [start]
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        decoder_input = torch.tensor([[start]], device=generator.device)
+        output = self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        caches = {
+            "cache": cache.self_attention_cache,
+            "cross": cache.cross_attention_cache,
+            "mask": torch.ones_like(decoder_input),
+            "encoder_states": encoder_states,
+            "encoder_mask": attention_mask,
+        }
+        return output.logits[:, -1], caches
+
+    def _join(self, joining: dict) -> None:
+        length = max(self._mask.shape[1], joining["mask"].shape[1])
+        _join_layers(self._cache, joining["cache"])
+        self._mask = torch.cat([_pad_left(self._mask, length, 1), _pad_left(joining["mask"], length, 1)])
+        if self._cross is not None:  # T5: encoder outputs and cross-attention caches, padded on the right
+            _join_layers(self._cross, joining["cross"], left=False)
+            enc = max(self._encoder_mask.shape[1], joining["encoder_mask"].shape[1])
+            self._encoder_mask = torch.cat(
+                [_pad_right(self._encoder_mask, enc, 1), _pad_right(joining["encoder_mask"], enc, 1)]
+            )
+            self._encoder_states = torch.cat(
+                [_pad_right(self._encoder_states, enc, 1), _pad_right(joining["encoder_states"], enc, 1)]
+            )
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        started = time.perf_counter()
+        last = torch.tensor([[s.generated[-1]] for s in self._running], device=self.generator.device)
+        mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
+        if self.generator.decoder_only:
+            output = self.model(input_ids=last, attention_mask=mask, past_key_values=self._cache, use_cache=True)
+        else:
+            cache = EncoderDecoderCache(self._cache, self._cross)
+            cache.is_updated = {layer: True for layer in range(len(self._cross.layers))}
+            output = self.model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=self._encoder_states),
+                attention_mask=self._encoder_mask,
+                decoder_input_ids=last,
+                decoder_attention_mask=mask,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        self._mask = mask
+        self.steps += 1
+        self.max_running_seen = max(self.max_running_seen, len(self._running))
+        self.step_log.append((len(self._running), time.perf_counter() - started))
+        self._emit(list(self._running), output.logits[:, -1])
+
+    def _emit(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
+        """Choose each sequence's next token from `logits [len(sequences), vocab]`, then retire finished ones."""
+        finished = []
+        for row, sequence in enumerate(sequences):
+            params = sequence.item.request.params
+            scores = logits[row : row + 1].float()
+            if len(sequence.generated) < params.min_new_tokens:
+                scores[:, list(self.generator.eos_ids)] = -float("inf")
+            history = torch.tensor([sequence.history], device=scores.device)
+            scores = sequence.processors(history, scores)
+            if params.do_sample:
+                token = int(torch.multinomial(scores.softmax(-1), 1, generator=sequence.rng))
+            else:
+                token = int(scores.argmax(-1))
+            sequence.generated.append(token)
+            sequence.history.append(token)
+            if sequence.on_tokens is not None:
+                sequence.on_tokens([token])
+            if sequence.assembler is not None:
+                sequence.assembler.update([token])
+            stopped = sequence.assembler is not None and sequence.assembler.stopped
+            if (
+                token in self.generator.eos_ids
+                or len(sequence.generated) >= params.max_new_tokens
+                or stopped
+                or sequence.cancelled.is_set()
+            ):
+                finished.append(sequence)
+        for sequence in finished:
+            self._retire(sequence)
+
+    def _retire(self, sequence: Sequence) -> None:
+        index = self._running.index(sequence)
+        keep = [i for i in range(len(self._running)) if i != index]
+        self._running.pop(index)
+        try:
+            sequence.on_done(self.generator.result(sequence.item, sequence.generated))
+        except Exception as exc:
+            sequence.on_done(exc)
+        if not self._running:
+            self._reset_batch()
+            return
+        rows = torch.tensor(keep, device=self.generator.device)
+        first = int((self._mask[rows].sum(0) == 0).long().cumprod(0).sum())  # leading columns now all padding
+        _select_layers(self._cache, rows, first)
+        self._mask = self._mask[rows, first:]
+        if self._cross is not None:
+            _select_layers(self._cross, rows)
+            self._encoder_states, self._encoder_mask = self._encoder_states[rows], self._encoder_mask[rows]

@@ -1,0 +1,140 @@
+"""Iteration-level batching in the LLM stage: requests join and leave between decode steps, tokens unchanged."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+
+import pytest
+
+from deployments.config import ModelConfig
+from deployments.engine import ContinuousBatcher, Sequence
+from deployments.generator import LanguageGenerator
+from deployments.images import check_image
+from deployments.types import GenerateRequest, GenerationParams
+from deployments.vision_encoder import VisionEncoder
+from tests.helpers import image_bytes
+
+
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def parts(request, checkpoints):
+    model = ModelConfig(checkpoint=str(checkpoints[request.param]), device="cpu")
+    vision, generator = VisionEncoder(model), LanguageGenerator(model)
+    embeds = vision.encode([vision.preprocess(check_image(image_bytes(800 + i))) for i in range(6)])
+    return generator, embeds
+
+
+def _submit(engine, prepared, **kwargs) -> Future:
+    future: Future = Future()
+    engine.submit(
+        Sequence(
+            prepared,
+            on_done=lambda r: future.set_exception(r) if isinstance(r, BaseException) else future.set_result(r),
+            **kwargs,
+        )
+    )
+    return future
+
+
+def test_joining_and_leaving_keeps_greedy_tokens(parts):
+    """Six requests of different prompts and lengths through a 4-wide engine = each one alone through generate."""
+    generator, embeds = parts
+    prompts = ["", "a", "Question: what is in the picture? Answer:", "describe the cat in detail please", "b c", ""]
+    limits = [12, 30, 5, 20, 8, 40]
+    prepared = [
+        generator.prepare(
+            GenerateRequest(
+                f"r{i}", None, p, GenerationParams(max_new_tokens=n, repetition_penalty=1.3 if i == 3 else 1.0)
+            ),
+            e,
+        )
+        for i, (p, n, e) in enumerate(zip(prompts, limits, embeds))
+    ]
+    alone = [generator.run([p])[0].token_ids for p in prepared]
+    engine = ContinuousBatcher(generator, max_running=4)
+    futures = []
+    for item in prepared:
+        futures.append(_submit(engine, item))
+        time.sleep(0.002)
+    assert [f.result(timeout=120).token_ids for f in futures] == alone
+    assert engine.max_running_seen > 1
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(parts):
+    generator, embeds = parts
+    params = GenerationParams(max_new_tokens=10, do_sample=True, seed=5, temperature=0.8, top_k=40)
+    item = generator.prepare(GenerateRequest("s", None, "a", params), embeds[0])
+    engine = ContinuousBatcher(generator, max_running=4)
+    alone = _submit(engine, item).result(timeout=60).token_ids
+    crowd = [
+        _submit(
+            engine,
+            generator.prepare(GenerateRequest(f"c{i}", None, "b", GenerationParams(max_new_tokens=20)), embeds[i]),
+        )
+        for i in range(1, 4)
+    ]
+    again = _submit(engine, item).result(timeout=60).token_ids
+    [f.result(timeout=60) for f in crowd]
+    assert alone == again
+
+
+def test_cancelled_sequence_leaves_at_the_next_step(parts):
+    generator, embeds = parts
+    item = generator.prepare(
+        GenerateRequest("long", None, "", GenerationParams(max_new_tokens=200 if not generator.decoder_only else 150)),
+        embeds[0],
+    )
+    engine = ContinuousBatcher(generator, max_running=4)
+    cancelled, seen = threading.Event(), []
+    future = _submit(
+        engine,
+        item,
+        cancelled=cancelled,
+        on_tokens=lambda tokens: seen.extend(tokens) or (len(seen) >= 5 and cancelled.set()),
+    )
+    result = future.result(timeout=60)
+    assert 5 <= len(result.token_ids) <= 6 and engine.running == 0
+
+
+@pytest.mark.serve
+def test_a_short_request_sent_during_a_long_one_finishes_first(apps):
+    """A 64-token answer streams; once it is decoding, a 4-token request is sent: it joins and ends first."""
+    import base64
+    import json
+
+    import httpx
+
+    app = apps["opt"]
+    handle = app.handle()
+    short = GenerateRequest(
+        "short", check_image(image_bytes(851)), "", GenerationParams(max_new_tokens=4, min_new_tokens=4)
+    )
+    handle.generate.remote(short).result(timeout_s=120)  # warm: its image is cached, its path compiled
+    url = "data:image/png;base64," + base64.b64encode(image_bytes(850)).decode()
+    body = {
+        "model": "blip2",
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+        "max_tokens": 64,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    finished: dict[str, float] = {}
+    with httpx.stream("POST", f"{app.http}/v1/chat/completions", json=body, timeout=120) as response:
+        lines = response.iter_lines()
+        while '"content": "' not in (line := next(lines)) or '"content": ""' in line:
+            pass  # until the first generated text: the long answer is decoding
+        thread = threading.Thread(
+            target=lambda: finished.__setitem__(
+                "short", (handle.generate.remote(short).result(timeout_s=120), time.perf_counter())[1]
+            )
+        )
+        thread.start()
+        usage = None
+        for line in lines:
+            if line.startswith("data: {") and '"usage": {' in line:
+                usage = json.loads(line[6:])["usage"]
+        finished["long"] = time.perf_counter()
+    thread.join()
+    assert usage["completion_tokens"] == 64, "the long answer must really be long"
+    assert finished["short"] < finished["long"]
