@@ -134,8 +134,11 @@ class ContinuousBatcher:
                     future.set_result(fn(*args))
                 except BaseException as exc:  # the caller gets it; the engine goes on
                     future.set_exception(exc)
-            while len(self._running) < self.max_running and not self._incoming.empty():
-                self._admit(self._incoming.get())
+            waiting = []
+            while len(self._running) + len(waiting) < self.max_running and not self._incoming.empty():
+                waiting.append(self._incoming.get())
+            if waiting:
+                self._admit(waiting)
             if self._running:
                 try:
                     self._step()
@@ -149,12 +152,8 @@ class ContinuousBatcher:
     def _reset_batch(self) -> None:
         self._cache = self._cross = self._mask = self._encoder_states = self._encoder_mask = None
 
-    @torch.inference_mode()
-    def _admit(self, sequence: Sequence) -> None:
-        sequence.queued_s = time.perf_counter() - sequence.submitted_at
-        if sequence.cancelled.is_set():
-            sequence.on_done(self.generator.result(sequence.item, []))
-            return
+    def _prepare(self, sequence: Sequence) -> None:
+        """Logits processors, generator and stop-string watcher of a sequence about to start."""
         params = sequence.item.request.params
         processors = LogitsProcessorList()
         if params.repetition_penalty != 1.0:
@@ -170,37 +169,57 @@ class ContinuousBatcher:
         sequence.processors = processors
         if params.stop:
             sequence.assembler = TextAssembler(self.generator.tokenizer, params.stop)
-        try:
-            logits, cache = self._prefill(sequence)
-        except Exception as exc:
-            sequence.on_done(exc)
-            return
-        self._running.append(sequence)
-        if len(self._running) == 1:
-            self._cache, self._mask = cache["cache"], cache["mask"]
-            self._cross, self._encoder_states, self._encoder_mask = (
-                cache.get("cross"),
-                cache.get("encoder_states"),
-                cache.get("encoder_mask"),
+        if self.generator.decoder_only:  # what history-based processors see, as in generate: no padding
+            sequence.history = [self.generator.image_token_id] * self.generator.num_query_tokens + list(
+                sequence.item.text_ids
             )
         else:
-            self._join(cache)
-        self._emit(self._running[-1:], logits)
+            sequence.history = [self.model.config.decoder_start_token_id]
 
-    def _prefill(self, sequence: Sequence) -> tuple[torch.Tensor, dict]:
-        """Logits `[1, vocab]` for the first new token, and this sequence's caches."""
-        generator = self.generator
-        input_ids, attention_mask = generator.collate([sequence.item])  # [1, L]
-        inputs_embeds = generator.embed_inputs(input_ids, [sequence.item])  # [1, L, llm_hidden]
+    @torch.inference_mode()
+    def _admit(self, sequences: list[Sequence]) -> None:
+        """Prefill the waiting sequences together (one forward pass), then join them to the running batch."""
+        now = time.perf_counter()
+        starting = []
+        for sequence in sequences:
+            sequence.queued_s = now - sequence.submitted_at
+            if sequence.cancelled.is_set():
+                sequence.on_done(self.generator.result(sequence.item, []))
+            else:
+                self._prepare(sequence)
+                starting.append(sequence)
+        if not starting:
+            return
+        try:
+            logits, cache = self._prefill(starting)
+        except Exception as exc:
+            for sequence in starting:
+                sequence.on_done(exc)
+            return
+        first = not self._running
+        self._running += starting
+        if first:
+            self._cache, self._mask = cache["cache"], cache["mask"]
+            self._cross = cache.get("cross")
+            self._encoder_states, self._encoder_mask = cache.get("encoder_states"), cache.get("encoder_mask")
+        else:
+            self._join(cache)
+        self._emit(starting, logits)
+
+    def _prefill(self, sequences: list[Sequence]) -> tuple[torch.Tensor, dict]:
+        """Logits `[len(sequences), vocab]` for each one's first new token, and their caches (padded as
+        Blip2Processor pads a batch: OPT's text on the left of its prompt, T5's on the right)."""
+        generator, items = self.generator, [s.item for s in sequences]
+        input_ids, attention_mask = generator.collate(items)  # [B, L]
+        inputs_embeds = generator.embed_inputs(input_ids, items)  # [B, L, llm_hidden]
         if generator.decoder_only:
-            sequence.history = input_ids[0].tolist()
-            output = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True)
+            output = self.model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True, logits_to_keep=1
+            )  # logits of the last position only: the vocabulary projection is the biggest matmul at prefill
             return output.logits[:, -1], {"cache": output.past_key_values, "mask": attention_mask}
         encoder_states = self.model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask)[0]
-        start = self.model.config.decoder_start_token_id
-        sequence.history = [start]
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        decoder_input = torch.tensor([[start]], device=generator.device)
+        decoder_input = torch.full((len(items), 1), self.model.config.decoder_start_token_id, device=generator.device)
         output = self.model(
             encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
             attention_mask=attention_mask,

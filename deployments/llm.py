@@ -96,7 +96,7 @@ class LLMDeployment:
             running, seconds = self._engine.step_log.popleft()
             self._metrics.execution(running, 0.0, seconds)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _generate_batch(self, items: list[tuple[PreparedRequest, float]]) -> list:
         started = time.perf_counter()
         batch = [prepared for prepared, _ in items]

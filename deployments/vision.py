@@ -61,7 +61,7 @@ class VisionDeployment:
                 self._cache.put(key, embeds)
             return ImageEmbeds(embeds, image.digest)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _embed_batch(self, items: list[tuple[torch.Tensor, float]]) -> list:
         started = time.perf_counter()
         results = await self._worker.run(partial(run_isolated, self._encoder.encode), [p for p, _ in items])

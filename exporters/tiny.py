@@ -32,8 +32,9 @@ _CORPUS_WORDS = (
 IMAGE_TOKEN = "<image>"
 
 
-def _corpus(lines: int = 4000) -> list[str]:
-    """Deterministic pseudo-sentences over `_CORPUS_WORDS`."""
+def _corpus(lines: int = 4000, invented_words: int = 0) -> list[str]:
+    """Deterministic pseudo-sentences over `_CORPUS_WORDS`, plus `invented_words` made-up words (syllables drawn
+    by a seeded generator) for vocabularies as large as the published models' (tens of thousands of tokens)."""
     words = _CORPUS_WORDS
     n = len(words)
     out = []
@@ -41,10 +42,17 @@ def _corpus(lines: int = 4000) -> list[str]:
         length = 4 + (i * 7) % 9
         out.append(" ".join(words[(i * 31 + j * (i % 13 + 1) * 17) % n] for j in range(length)))
     out.append("Question: what is in the picture? Answer: a cat. Question: what color is it? Answer:")
+    if invented_words:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["th", "sh", "ch", "qu", "st"]
+        invented = ["".join(rng.choice(syllables, size=rng.integers(2, 5))) for _ in range(invented_words)]
+        out += [" ".join(invented[i : i + 12]) for i in range(0, len(invented), 12)]
     return out
 
 
-def _opt_tokenizer(vocab_size: int):
+def _opt_tokenizer(vocab_size: int, corpus: list[str]):
     """Byte-level BPE like OPT's GPT-2 tokenizer: <s>=0 <pad>=1 </s>=2 <unk>=3, BOS (</s>) prepended."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -58,7 +66,7 @@ def _opt_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(corpus, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", tok.token_to_id("</s>"))]
     )
@@ -72,13 +80,13 @@ def _opt_tokenizer(vocab_size: int):
     )
 
 
-def _unigram_pieces(vocab_size: int, reserved: int) -> list[tuple[str, float]]:
+def _unigram_pieces(vocab_size: int, reserved: int, corpus: list[str]) -> list[tuple[str, float]]:
     """SentencePiece-style pieces and log-probability scores counted from the corpus, deterministically.
 
     (tokenizers' UnigramTrainer breaks ties in hash order, so its vocabulary changes from run to run.)
     """
     counts: Counter[str] = Counter()
-    for line in _corpus():
+    for line in corpus:
         for word in line.replace("?", " ?").replace(".", " .").replace(":", " :").split():
             piece = "▁" + word
             counts[piece] += 3
@@ -94,13 +102,13 @@ def _unigram_pieces(vocab_size: int, reserved: int) -> list[tuple[str, float]]:
     return [(piece, math.log(counts[piece] / total)) for piece in chosen]
 
 
-def _t5_tokenizer(vocab_size: int):
+def _t5_tokenizer(vocab_size: int, corpus: list[str]):
     """Unigram (SentencePiece-style) like T5's: <pad>=0 </s>=1 <unk>=2, EOS appended."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    tok = Tokenizer(models.Unigram(specials + _unigram_pieces(vocab_size, len(specials)), unk_id=2))
+    tok = Tokenizer(models.Unigram(specials + _unigram_pieces(vocab_size, len(specials), corpus), unk_id=2))
     tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
@@ -129,19 +137,84 @@ def _reinitialise(model, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
+# Shapes. "tiny": a few kilobytes of weights, for tests. "medium": the published widths of
+# Salesforce/blip2-opt-2.7b (ViT-g 1408, Q-Former 768 with 32 queries, OPT-2.7b 2560, vocab 50272) and of
+# Salesforce/blip2-flan-t5-xl (Flan-T5-XL 2048, d_ff 5120, vocab 32128) with 2 layers in each tower instead of
+# 39 / 12 / 32 / 24+24, so that kernels see real shapes on a small machine (benchmarks).
+SIZES = {
+    "tiny": {
+        "image_size": 32,
+        "patch_size": 8,
+        "num_query_tokens": 8,
+        "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+        "qformer": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "vocab_size": 128,
+            "max_position_embeddings": 64,
+            "cross_attention_frequency": 1,
+        },
+        "opt": {
+            "hidden_size": 64,
+            "word_embed_proj_dim": 64,
+            "ffn_dim": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 256,
+        },
+        "t5": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4},
+    },
+    "medium": {
+        "image_size": 224,
+        "patch_size": 14,
+        "num_query_tokens": 32,
+        "vision": {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 2, "num_attention_heads": 16},
+        "qformer": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 12,
+            "vocab_size": 30522,
+            "max_position_embeddings": 512,
+            "cross_attention_frequency": 2,
+        },
+        "opt": {
+            "hidden_size": 2560,
+            "word_embed_proj_dim": 2560,
+            "ffn_dim": 10240,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 32,
+            "max_position_embeddings": 2048,
+            "vocab_size": 50272,
+        },
+        "t5": {
+            "d_model": 2048,
+            "d_kv": 64,
+            "d_ff": 5120,
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "num_heads": 32,
+            "vocab_size": 32128,
+        },
+    },
+}
+
+
 def make_tiny_checkpoint(
     out_dir: str | Path,
     llm: LlmKind = "opt",
     *,
-    image_size: int = 32,
-    num_query_tokens: int = 8,
+    size: str = "tiny",
     vocab_size: int = 600,
     seed: int = 0,
 ) -> Path:
     """Write a small random BLIP-2 checkpoint (safetensors + processor + tokenizer) to `out_dir`.
 
     Loads through `Blip2ForConditionalGeneration.from_pretrained(out_dir)` and `Blip2Processor.from_pretrained`,
-    exactly as a hub checkpoint does.
+    exactly as a hub checkpoint does. `size` picks the shapes (SIZES); for "medium" the tokenizer is trained to the
+    published vocabulary size on a corpus with made-up words, so that generated ids decode to text.
     """
     import torch
     from transformers import (
@@ -157,43 +230,33 @@ def make_tiny_checkpoint(
 
     if llm not in ("opt", "t5"):
         raise ValueError(f"llm must be 'opt' or 't5', not {llm!r}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, not {size!r}")
+    shape = SIZES[size]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = _opt_tokenizer(vocab_size) if llm == "opt" else _t5_tokenizer(vocab_size)
+    text_shape = dict(shape[llm])
+    model_vocab = text_shape.pop("vocab_size", 0)
+    if model_vocab:  # the tokenizer covers the model's whole vocabulary (+ <image>), so every id has text
+        vocab_size, corpus = model_vocab - 1, _corpus(invented_words=2 * model_vocab)
+    else:
+        corpus = _corpus()
+    tokenizer = _opt_tokenizer(vocab_size, corpus) if llm == "opt" else _t5_tokenizer(vocab_size, corpus)
+    image_size, num_query_tokens = shape["image_size"], shape["num_query_tokens"]
     image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
     processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
     image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    vocab = len(tokenizer)
+    vocab = max(len(tokenizer), model_vocab)
 
     vision = Blip2VisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=8,
-        initializer_range=0.02,
+        **shape["vision"], image_size=image_size, patch_size=shape["patch_size"], initializer_range=0.02
     )
-    qformer = Blip2QFormerConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=128,
-        max_position_embeddings=64,
-        cross_attention_frequency=1,
-        encoder_hidden_size=32,
-    )
+    qformer = Blip2QFormerConfig(**shape["qformer"], encoder_hidden_size=shape["vision"]["hidden_size"])
     if llm == "opt":
         text = OPTConfig(
             vocab_size=vocab,
-            hidden_size=64,
-            word_embed_proj_dim=64,
-            ffn_dim=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=256,
+            **text_shape,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -201,12 +264,7 @@ def make_tiny_checkpoint(
     else:
         text = T5Config(
             vocab_size=vocab,
-            d_model=64,
-            d_kv=16,
-            d_ff=128,
-            num_layers=2,
-            num_decoder_layers=2,
-            num_heads=4,
+            **text_shape,
             feed_forward_proj="gated-gelu",
             tie_word_embeddings=False,
             pad_token_id=tokenizer.pad_token_id,

@@ -71,8 +71,8 @@ def make_tiny(args: argparse.Namespace) -> int:
     """Write a small random checkpoint; its captions are gibberish."""
     from exporters.tiny import make_tiny_checkpoint
 
-    path = make_tiny_checkpoint(args.dir, args.llm, seed=args.seed)
-    print(f"wrote a tiny random BLIP-2 ({args.llm}) checkpoint to {path}; its outputs are gibberish")
+    path = make_tiny_checkpoint(args.dir, args.llm, size=args.size, seed=args.seed)
+    print(f"wrote a {args.size} random BLIP-2 ({args.llm}) checkpoint to {path}; its outputs are gibberish")
     return 0
 
 
@@ -151,6 +151,7 @@ def parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--llm", choices=["opt", "t5"], default="opt")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--size", choices=["tiny", "medium"], default="tiny", help="medium: real widths, 2 layers each")
     tiny.set_defaults(func=make_tiny)
 
     export = commands.add_parser("export", help="export ONNX graphs or a Triton model repository")

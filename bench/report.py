@@ -1,0 +1,113 @@
+"""Bench results as JSON, a markdown table and a PNG plot, and the targets they are judged by."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TARGETS = {  # summary key -> (comparison, bound, sizes it applies to, what it means)
+    "captioning_throughput_c16_over_baseline": (
+        ">=",
+        2.0,
+        ("medium",),
+        "captioning throughput, 16 clients / baseline loop",
+    ),
+    "five_questions_speedup": (">=", 2.5, ("medium",), "5 questions about one image: 5 baseline calls / one ask_many"),
+    "serving_overhead_c1_p50_ms": ("<=", 10.0, ("tiny",), "served p50 at concurrency 1 minus the direct call, ms"),
+    "mixed_continuous_over_static": (">=", 1.3, ("medium",), "mixed 4/64-token answers: continuous / static tokens/s"),
+}
+
+
+def targets(summary: dict, size: str) -> list[dict]:
+    rows = []
+    for key, (comparison, bound, sizes, meaning) in TARGETS.items():
+        if key not in summary:
+            continue
+        value = summary[key]
+        met = value >= bound if comparison == ">=" else value <= bound
+        rows.append(
+            {
+                "target": meaning,
+                "measured": value,
+                "bound": f"{comparison} {bound}",
+                "applies": size in sizes,
+                "met": met,
+            }
+        )
+    return rows
+
+
+def markdown(document: dict) -> str:
+    lines = [
+        f"# bench: {document['size']} {document['llm']} ({document['measured_at']}, commit {document['commit'][:10]})",
+        "",
+        f"Machine: {document['machine']}. Checkpoint: {document['checkpoint']}. "
+        f"{document['images']} images, max_new_tokens {document['max_new_tokens']}, greedy.",
+        "",
+        "| scenario | variant | concurrency | requests | req/s | p50 ms | p95 ms | answers = baseline | valid | more |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in document["results"]:
+        if r["scenario"] == "vision":
+            continue
+        more = ", ".join(f"{k} {v}" for k, v in r.items() if k in ("tokens_per_s", "ttft_p50_ms", "inter_token_p50_ms"))
+        valid = "yes" if r["valid"] else "**INVALID**"
+        lines.append(
+            f"| {r['scenario']} | {r['variant']} | {r['concurrency']} | {r['requests']} | {r['throughput_rps']} | "
+            f"{r['p50_ms']} | {r['p95_ms']} | {r['answers_equal']} | {valid} | {more} |"
+        )
+    vision = [r for r in document["results"] if r["scenario"] == "vision"]
+    if vision:
+        lines += ["", "| vision backend | batch | images/s | max abs diff vs torch |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['variant']} | {r['batch']} | {r['images_per_s']} | {r['max_abs_diff_vs_torch']} |" for r in vision
+        ]
+    profile = document["summary"].get("overhead_profile")
+    if profile:
+        lines += [
+            "",
+            "Serving overhead, where it goes (p50, model idle): " + ", ".join(f"{k} {v}" for k, v in profile.items()),
+        ]
+    if document["targets"]:
+        lines += ["", "| target | measured | bound | applies to this size | met |", "|---|---|---|---|---|"]
+        for t in document["targets"]:
+            applies, met = "yes" if t["applies"] else "no", "yes" if t["met"] else "NO"
+            lines.append(f"| {t['target']} | {t['measured']} | {t['bound']} | {applies} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(document: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    load = [r for r in document["results"] if r["scenario"] != "vision" and r["throughput_rps"]]
+    vision = [r for r in document["results"] if r["scenario"] == "vision"]
+    figure, axes = plt.subplots(1, 2 if vision else 1, figsize=(14 if vision else 9, 5), squeeze=False)
+    labels = [f"{r['scenario']}\n{r['variant']}\nc={r['concurrency']}" for r in load]
+    colours = [
+        "tab:gray" if r["scenario"] == "baseline" else ("tab:red" if not r["valid"] else "tab:blue") for r in load
+    ]
+    axes[0][0].bar(range(len(load)), [r["throughput_rps"] for r in load], color=colours)
+    axes[0][0].set_xticks(range(len(load)), labels, fontsize=6, rotation=90)
+    axes[0][0].set_ylabel("requests/s")
+    axes[0][0].set_title(f"{document['size']} {document['llm']}: throughput (red: answers differ from baseline)")
+    if vision:
+        for name in sorted({r["variant"] for r in vision}):
+            mine = [r for r in vision if r["variant"] == name]
+            axes[0][1].plot([r["batch"] for r in mine], [r["images_per_s"] for r in mine], marker="o", label=name)
+        axes[0][1].set_xlabel("batch")
+        axes[0][1].set_ylabel("images/s")
+        axes[0][1].set_title("vision stage alone")
+        axes[0][1].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write(document: dict, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(document))
+    plot(document, stem.with_suffix(".png"))

@@ -1,0 +1,259 @@
+"""`python -m bench` / `blip2-serve bench`: every scenario against one checkpoint, in one process tree, one run.
+
+Writes bench/results/<size>-<llm>.{json,md,png}: the rows, the ratios against the baseline measured in the same
+run, the targets, and the machine, commit, versions and checkpoint shape they were measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import report
+from bench.scenarios import Baseline, ask_many_once, kserve_load, openai_streams, overhead_profile, row, vision_backends
+
+ALL = ("baseline", "served", "streaming", "multi_question", "mixed", "triton", "vision")
+QUESTIONS = [
+    "what is in the picture?",
+    "what colour is the block?",
+    "where is the block?",
+    "is it large?",
+    "what is it?",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _checkpoint(cache: Path, size: str, llm: str) -> Path:
+    from exporters.tiny import make_tiny_checkpoint
+
+    path = cache / f"{size}-{llm}"
+    if not (path / "model.safetensors").exists():
+        make_tiny_checkpoint(path, llm, size=size)
+    return path
+
+
+def _environment(checkpoint: Path) -> dict:
+    import importlib.metadata as metadata
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    text = config.text_config
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    versions = {}
+    for name in ("torch", "transformers", "ray", "onnxruntime", "tritonclient", "nvidia-pytriton", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "commit": commit,
+        "versions": versions,
+        "checkpoint": {
+            "path": str(checkpoint),
+            "vision": f"{config.vision_config.hidden_size} wide x {config.vision_config.num_hidden_layers} layers, "
+            f"image {config.vision_config.image_size}",
+            "qformer": f"{config.qformer_config.hidden_size} wide x {config.qformer_config.num_hidden_layers} layers, "
+            f"{config.num_query_tokens} queries",
+            "llm": f"{text.model_type} {getattr(text, 'hidden_size', getattr(text, 'd_model', None))} wide x "
+            f"{getattr(text, 'num_hidden_layers', getattr(text, 'num_layers', None))} layers, vocab {text.vocab_size}",
+        },
+    }
+
+
+def _start_serve(checkpoint: Path, max_batch: int):
+    """Ray + Serve on 127.0.0.1 with the graph twice: continuous (/c) and static (/s) LLM scheduling."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import AppConfig
+
+    port = _free_port()
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    threads = os.cpu_count() or 1
+    stage = {"num_cpus": 0, "torch_threads": threads, "batch": {"max_batch_size": max_batch, "wait_timeout_s": 0.0}}
+    for name, scheduler in (("c", "continuous"), ("s", "static")):
+        config = AppConfig.model_validate(
+            {
+                "model": {"checkpoint": str(checkpoint), "device": "cpu"},
+                "vision": stage,
+                "llm": {**stage, "scheduler": scheduler},
+                "app_name": name,
+                "route_prefix": f"/{name}",
+            }
+        )
+        serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    return port
+
+
+def _start_triton(checkpoint: Path, cache: Path):
+    from exporters.triton_repo import write_triton_repo
+    from exporters.tritonserver import TritonPorts, start_tritonserver
+
+    repo = write_triton_repo(str(checkpoint), cache / f"repo-{checkpoint.name}", max_batch=16, device="cpu")
+    ports = TritonPorts(_free_port(), _free_port(), _free_port())
+    process = start_tritonserver(repo, ports, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{ports.http}")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if client.is_server_ready():
+                return process, f"127.0.0.1:{ports.http}"
+        except Exception:
+            time.sleep(1)
+    process.terminate()
+    raise RuntimeError("tritonserver did not become ready")
+
+
+def run(
+    size: str, llm: str, scenarios: tuple[str, ...], images: int, max_new_tokens: int, out: Path, cache: Path
+) -> dict:
+    from exporters.int8_report import sample_images
+
+    checkpoint = _checkpoint(cache, size, llm)
+    pictures = sample_images(images + 1, size=224 if size == "medium" else 96)
+    warmup, pictures = pictures[-1], pictures[:-1]  # the warm-up image is none of the timed ones
+    jobs = [(picture, "") for picture in pictures]
+    parameters = {"max_new_tokens": max_new_tokens}
+    results: list[dict] = []
+    summary: dict = {}
+
+    baseline = Baseline(str(checkpoint))
+    latencies, wall, expected = baseline.run(jobs, max_new_tokens)
+    results.append(row("baseline", "model card loop", latencies, wall, expected, expected))
+    base_rps = results[-1]["throughput_rps"]
+    base_p50 = results[-1]["p50_ms"]
+
+    port = (
+        _start_serve(checkpoint, max_batch=16)
+        if set(scenarios) & {"served", "streaming", "multi_question", "mixed"}
+        else None
+    )
+    url = f"127.0.0.1:{port}/c"
+    if "served" in scenarios:
+        for concurrency in (1, 4, 16):
+            latencies, wall, answers = kserve_load(url, jobs, concurrency, parameters, warmup=warmup)
+            results.append(row("served", "ray serve, kserve http", latencies, wall, answers, expected, concurrency))
+        served = {r["concurrency"]: r for r in results if r["scenario"] == "served"}
+        summary["captioning_throughput_c16_over_baseline"] = round(served[16]["throughput_rps"] / base_rps, 2)
+        summary["serving_overhead_c1_p50_ms"] = round(served[1]["p50_ms"] - base_p50, 2)
+        summary["overhead_profile"] = overhead_profile(f"http://{url}", "c", warmup)
+    if "streaming" in scenarios:
+        latencies, wall, answers, extra = openai_streams(f"http://127.0.0.1:{port}/c", jobs[:4], max_new_tokens)
+        results.append(row("streaming", "openai sse", latencies, wall, answers, expected[:4], **extra))
+    if "multi_question" in scenarios:
+        prompts = [f"Question: {q} Answer:" for q in QUESTIONS]
+        five = [(pictures[0], p) for p in prompts]
+        latencies, wall, expected_five = baseline.run(five, max_new_tokens)
+        results.append(row("multi_question", "5 baseline calls", latencies, wall, expected_five, expected_five))
+        baseline_wall = wall
+        latencies, wall, answers = ask_many_once(url, pictures[0], prompts, parameters)
+        results.append(row("multi_question", "ask_many (one request)", latencies, wall, answers, expected_five))
+        summary["five_questions_speedup"] = round(baseline_wall / wall, 2)
+    if "mixed" in scenarios:
+        lengths = [4 if i % 2 else 64 for i in range(len(pictures))]
+        mixed_expected = [baseline.answer(p, "", n, n) for p, n in zip(pictures, lengths)]
+        throughput = {}
+        for name, variant in (("c", "continuous"), ("s", "static")):
+            latencies, wall, answers = kserve_load(
+                f"127.0.0.1:{port}/{name}",
+                jobs,
+                16,
+                parameters,
+                per_job=[{"max_new_tokens": n, "min_new_tokens": n} for n in lengths],
+            )
+            results.append(
+                row(
+                    "mixed",
+                    f"{variant} scheduler",
+                    latencies,
+                    wall,
+                    answers,
+                    mixed_expected,
+                    16,
+                    tokens_per_s=round(sum(lengths) / wall, 2),
+                )
+            )
+            throughput[variant] = sum(lengths) / wall
+        summary["mixed_continuous_over_static"] = round(throughput["continuous"] / throughput["static"], 2)
+    if port is not None:
+        from ray import serve
+
+        serve.shutdown()
+    if "triton" in scenarios:
+        process, triton_url = _start_triton(checkpoint, cache)
+        try:
+            for concurrency in (1, 4, 16):
+                latencies, wall, answers = kserve_load(triton_url, jobs, concurrency, parameters, warmup=warmup)
+                results.append(
+                    row("triton", "tritonserver, kserve http", latencies, wall, answers, expected, concurrency)
+                )
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    if "vision" in scenarios:
+        from exporters.int8_report import write_int8_report
+        from exporters.onnx_export import export_vision_onnx, quantize_int8
+
+        onnx_dir = cache / f"onnx-{checkpoint.name}"
+        if not (onnx_dir / "vision_int8.onnx").exists():
+            export_vision_onnx(str(checkpoint), onnx_dir)
+            quantize_int8(onnx_dir)
+            write_int8_report(str(checkpoint), onnx_dir, images=pictures[:8], max_new_tokens=max_new_tokens)
+        results += vision_backends(str(checkpoint), onnx_dir, pictures[:8])
+        summary["int8_report"] = json.loads((onnx_dir / "int8_report.json").read_text())
+
+    document = {
+        "size": size,
+        "llm": llm,
+        "images": images,
+        "max_new_tokens": max_new_tokens,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **_environment(checkpoint),
+        "summary": summary,
+        "targets": report.targets(summary, size),
+        "results": results,
+    }
+    report.write(document, out / f"{size}-{llm}")
+    return document
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--size", choices=["tiny", "medium"], default="tiny")
+    parser.add_argument("--llm", choices=["opt", "t5"], default="opt")
+    parser.add_argument("--scenarios", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--cache", default=str(Path(__file__).parent / ".cache"), help="checkpoints and exports")
+    args = parser.parse_args(argv)
+    scenarios = tuple(s for s in args.scenarios.split(",") if s)
+    unknown = set(scenarios) - set(ALL)
+    if unknown:
+        parser.error(f"unknown scenarios {sorted(unknown)}")
+    document = run(args.size, args.llm, scenarios, args.images, args.max_new_tokens, Path(args.out), Path(args.cache))
+    print(report.markdown(document))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The bench scenarios. Each returns rows of one shape (see `row`) and the answers it got, so that validity
+(greedy answers equal to the baseline's) is judged the same way everywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+
+def row(
+    scenario: str,
+    variant: str,
+    latencies: list[float],
+    wall: float,
+    answers: list[str],
+    expected: list[str],
+    concurrency: int = 1,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One result row: throughput, latency percentiles, and whether the answers match the baseline's."""
+    ordered = sorted(latencies)
+    same = sum(a == b for a, b in zip(answers, expected))
+    return {
+        "scenario": scenario,
+        "variant": variant,
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "seconds": round(wall, 4),
+        "throughput_rps": round(len(latencies) / wall, 3) if wall else None,
+        "p50_ms": round(1000 * ordered[len(ordered) // 2], 2) if ordered else None,
+        "p95_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 2) if ordered else None,
+        "answers_equal": f"{same}/{len(expected)}",
+        "valid": same == len(expected) == len(answers),
+        **extra,
+    }
+
+
+class Baseline:
+    """The model card's quick start, one image at a time: Blip2Processor + Blip2ForConditionalGeneration.generate."""
+
+    def __init__(self, checkpoint: str):
+        import torch
+        from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+        self.torch = torch
+        self.processor = Blip2Processor.from_pretrained(checkpoint)
+        self.model = Blip2ForConditionalGeneration.from_pretrained(checkpoint).eval()
+        self.decoder_only = bool(self.model.config.use_decoder_only_language_model)
+
+    def answer(self, image: bytes, prompt: str, max_new_tokens: int, min_new_tokens: int = 0) -> str:
+        from PIL import Image
+
+        picture = Image.open(io.BytesIO(image)).convert("RGB")
+        if prompt or not self.decoder_only:
+            inputs = self.processor(images=picture, text=prompt, return_tensors="pt")
+        else:
+            inputs = self.processor(images=picture, return_tensors="pt")
+        with self.torch.inference_mode():
+            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+        if self.decoder_only:
+            start = inputs["input_ids"].shape[1] if "input_ids" in inputs else self.model.config.num_query_tokens + 1
+            output = output[:, start:]
+        return self.processor.batch_decode(output, skip_special_tokens=True)[0].strip()
+
+    def run(self, jobs: list[tuple[bytes, str]], max_new_tokens: int, min_new_tokens: int = 0):
+        latencies, answers = [], []
+        started = time.perf_counter()
+        for image, prompt in jobs:
+            begin = time.perf_counter()
+            answers.append(self.answer(image, prompt, max_new_tokens, min_new_tokens))
+            latencies.append(time.perf_counter() - begin)
+        return latencies, time.perf_counter() - started, answers
+
+
+def _inputs(module, images: list[bytes], prompts: list[str]):
+    tensor = module.InferInput("IMAGE", [len(images), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[i] for i in images], dtype=np.object_))
+    prompt = module.InferInput("PROMPT", [len(prompts), 1], "BYTES")
+    prompt.set_data_from_numpy(np.array([[p.encode()] for p in prompts], dtype=np.object_))
+    return [tensor, prompt]
+
+
+def kserve_load(
+    url: str,
+    jobs: list[tuple[bytes, str]],
+    concurrency: int,
+    parameters: dict,
+    protocol: str = "http",
+    per_job: list[dict] | None = None,
+    warmup: bytes | None = None,
+):
+    """`concurrency` stock tritonclient aio clients, each sending one job at a time until all are done;
+    `per_job` parameters, where given, replace `parameters` job by job. `warmup`: an image (not among the jobs',
+    so that no timed request hits the embedding cache) sent once, untimed, first."""
+    if protocol == "http":
+        import tritonclient.http.aio as client_module
+    else:
+        import tritonclient.grpc.aio as client_module
+
+    async def main():
+        pending = list(enumerate(jobs))
+        answers: list[str | None] = [None] * len(jobs)
+        latencies: list[float] = []
+
+        async def worker():
+            client = client_module.InferenceServerClient(url)
+            try:
+                while pending:
+                    index, (image, prompt) = pending.pop(0)
+                    begin = time.perf_counter()
+                    sent = per_job[index] if per_job else parameters
+                    result = await client.infer("blip2", _inputs(client_module, [image], [prompt]), parameters=sent)
+                    latencies.append(time.perf_counter() - begin)
+                    answers[index] = result.as_numpy("TEXT")[0, 0].decode()
+            finally:
+                await client.close()
+
+        if warmup is not None:
+            warm = client_module.InferenceServerClient(url)
+            try:
+                await warm.infer("blip2", _inputs(client_module, [warmup], [""]), parameters=parameters)
+            finally:
+                await warm.close()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, time.perf_counter() - started, answers
+
+    return asyncio.run(main())
+
+
+def ask_many_once(url: str, image: bytes, prompts: list[str], parameters: dict):
+    """One request: IMAGE once, PROMPT with a row per question."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url)
+    begin = time.perf_counter()
+    result = client.infer("blip2", _inputs(httpclient, [image], prompts), parameters=parameters)
+    elapsed = time.perf_counter() - begin
+    return [elapsed], elapsed, [t.decode() for t in result.as_numpy("TEXT").reshape(-1)]
+
+
+def openai_streams(base_url: str, jobs: list[tuple[bytes, str]], max_tokens: int):
+    """Streams one at a time through /v1/chat/completions: time to first text and the gaps between chunks."""
+    import base64
+
+    import httpx
+
+    ttft, gaps, latencies, answers = [], [], [], []
+    started = time.perf_counter()
+    for image, question in jobs:
+        url = "data:image/png;base64," + base64.b64encode(image).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}] + (
+            [{"type": "text", "text": question}] if question else []
+        )
+        body = {
+            "model": "blip2",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "stream": True,
+        }
+        begin, arrivals, pieces = time.perf_counter(), [], []
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=600) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        if choice["delta"].get("content"):
+                            arrivals.append(time.perf_counter())
+                            pieces.append(choice["delta"]["content"])
+        latencies.append(time.perf_counter() - begin)
+        answers.append("".join(pieces))
+        if arrivals:
+            ttft.append(arrivals[0] - begin)
+            gaps += [b - a for a, b in zip(arrivals, arrivals[1:])]
+    extra = {
+        "ttft_p50_ms": round(1000 * statistics.median(ttft), 2) if ttft else None,
+        "inter_token_p50_ms": round(1000 * statistics.median(gaps), 2) if gaps else None,
+    }
+    return latencies, time.perf_counter() - started, answers, extra
+
+
+def vision_backends(checkpoint: str, onnx_dir, images: list[bytes], batch_sizes=(1, 4, 8), repeats: int = 3):
+    """Images/s of the vision stage alone: torch, ONNX Runtime fp32 and int8, by batch size."""
+    import torch
+
+    from deployments.config import ModelConfig
+    from deployments.images import check_image
+    from deployments.vision_encoder import ImagePreprocessor, TorchVisionBackend
+    from deployments.vision_onnx import OnnxVisionBackend
+
+    model = ModelConfig(checkpoint=checkpoint, device="cpu", dtype="fp32")
+    preprocess = ImagePreprocessor(model)
+    pixel_values = torch.stack([preprocess(check_image(data)) for data in images])
+    backends = {
+        "torch": TorchVisionBackend(model),
+        "onnxruntime-fp32": OnnxVisionBackend(str(onnx_dir / "vision.onnx"), ["CPUExecutionProvider"]),
+        "onnxruntime-int8": OnnxVisionBackend(str(onnx_dir / "vision_int8.onnx"), ["CPUExecutionProvider"]),
+    }
+    reference = backends["torch"].encode(pixel_values[:4]).float()
+    rows = []
+    for name, backend in backends.items():
+        diff = float((backend.encode(pixel_values[:4]).float() - reference).abs().max())
+        for batch in batch_sizes:
+            chunk = pixel_values[:batch]
+            backend.encode(chunk)  # warm-up
+            times = []
+            for _ in range(repeats):
+                begin = time.perf_counter()
+                backend.encode(chunk)
+                times.append(time.perf_counter() - begin)
+            best = statistics.median(times)
+            rows.append(
+                {
+                    "scenario": "vision",
+                    "variant": name,
+                    "batch": batch,
+                    "images_per_s": round(batch / best, 2),
+                    "max_abs_diff_vs_torch": round(diff, 6),
+                    "valid": name.endswith("int8") or diff <= 1e-4,
+                }
+            )
+    return rows
+
+
+def overhead_profile(http_url: str, app_name: str, image: bytes, repeats: int = 30) -> dict[str, float]:
+    """Where served latency goes when the model is idle: p50 ms of each hop, measured with no model work
+    (HTTP proxy -> ingress and back; a DeploymentHandle round trip; the vision stage answering from its cache)."""
+    import httpx
+    from ray import serve
+
+    from deployments.images import check_image
+
+    def p50(call) -> float:
+        call()
+        times = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - begin)
+        return round(1000 * statistics.median(times), 2)
+
+    llm = serve.get_deployment_handle("LLM", app_name)
+    vision = serve.get_deployment_handle("Vision", app_name)
+    encoded = check_image(image)
+    with httpx.Client() as client:
+        return {
+            "http_proxy_round_trip_ms": p50(lambda: client.get(f"{http_url}/v2/health/live")),
+            "handle_round_trip_ms": p50(lambda: llm.ready.remote().result()),
+            "vision_cached_embed_ms": p50(lambda: vision.embed.remote(encoded).result()),
+        }

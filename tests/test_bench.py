@@ -1,0 +1,58 @@
+"""The bench harness runs end to end on the tiny checkpoint (a smoke run: figures come from bench/, not tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.symlink(checkpoints["opt"], cache / "tiny-opt")  # the session's checkpoint, not a second one
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--size",
+            "tiny",
+            "--images",
+            "4",
+            "--max-new-tokens",
+            "6",
+            "--scenarios",
+            "baseline,served,multi_question",
+            "--out",
+            str(out),
+            "--cache",
+            str(cache),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads((out / "tiny-opt.json").read_text())
+    scenarios = [(r["scenario"], r["concurrency"]) for r in document["results"]]
+    assert scenarios == [
+        ("baseline", 1),
+        ("served", 1),
+        ("served", 4),
+        ("served", 16),
+        ("multi_question", 1),
+        ("multi_question", 1),
+    ]
+    assert all(r["valid"] for r in document["results"]), document["results"]
+    assert document["commit"] and document["versions"]["torch"] and "wide x" in document["checkpoint"]["llm"]
+    assert {"captioning_throughput_c16_over_baseline", "serving_overhead_c1_p50_ms", "five_questions_speedup"} <= set(
+        document["summary"]
+    )
+    assert (out / "tiny-opt.md").read_text().startswith("# bench: tiny opt")
+    assert (out / "tiny-opt.png").stat().st_size > 10_000
