@@ -92,9 +92,12 @@ def _select_layers(cache: DynamicCache, rows: torch.Tensor, first_column: int = 
 class ContinuousBatcher:
     """Owns the language model on one thread; `submit` from any thread, results through callbacks."""
 
-    def __init__(self, generator: LanguageGenerator, max_running: int = 16):
+    def __init__(self, generator: LanguageGenerator, max_running: int = 16, gather_s: float = 0.003):
         self.generator = generator
         self.max_running = max_running
+        # When idle, wait this long after the first arrival so that requests sent together (ask_many's rows, a
+        # burst) are prefilled together; a busy engine admits between steps without waiting.
+        self.gather_s = gather_s
         self.model = generator.model.language_model
         self._incoming: queue.Queue[Sequence] = queue.Queue()
         self._exclusive: queue.Queue[tuple[Callable, tuple, Future]] = queue.Queue()
@@ -128,6 +131,7 @@ class ContinuousBatcher:
             if not self._running and self._incoming.empty() and self._exclusive.empty():
                 self._wake.wait()
                 self._wake.clear()
+                time.sleep(self.gather_s)
             while not self._exclusive.empty():
                 fn, args, future = self._exclusive.get()
                 try:
@@ -275,44 +279,54 @@ class ContinuousBatcher:
         self._emit(list(self._running), output.logits[:, -1])
 
     def _emit(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
-        """Choose each sequence's next token from `logits [len(sequences), vocab]`, then retire finished ones."""
+        """Choose each sequence's next token from `logits [len(sequences), vocab]`, then retire finished ones.
+
+        Plain greedy rows take one argmax over the whole batch; rows with processors, sampling or a minimum
+        length go one by one."""
+        greedy = logits.argmax(-1).tolist()
         finished = []
         for row, sequence in enumerate(sequences):
             params = sequence.item.request.params
-            scores = logits[row : row + 1].float()
-            if len(sequence.generated) < params.min_new_tokens:
-                scores[:, list(self.generator.eos_ids)] = -float("inf")
-            history = torch.tensor([sequence.history], device=scores.device)
-            scores = sequence.processors(history, scores)
-            if params.do_sample:
-                token = int(torch.multinomial(scores.softmax(-1), 1, generator=sequence.rng))
+            too_short = len(sequence.generated) < params.min_new_tokens
+            if sequence.processors or params.do_sample or too_short:
+                scores = logits[row : row + 1].float()
+                if too_short:
+                    scores[:, list(self.generator.eos_ids)] = -float("inf")
+                if sequence.processors:
+                    scores = sequence.processors(torch.tensor([sequence.history], device=scores.device), scores)
+                if params.do_sample:
+                    token = int(torch.multinomial(scores.softmax(-1), 1, generator=sequence.rng))
+                else:
+                    token = int(scores.argmax(-1))
             else:
-                token = int(scores.argmax(-1))
+                token = greedy[row]
             sequence.generated.append(token)
             sequence.history.append(token)
             if sequence.on_tokens is not None:
                 sequence.on_tokens([token])
             if sequence.assembler is not None:
                 sequence.assembler.update([token])
-            stopped = sequence.assembler is not None and sequence.assembler.stopped
             if (
                 token in self.generator.eos_ids
                 or len(sequence.generated) >= params.max_new_tokens
-                or stopped
+                or (sequence.assembler is not None and sequence.assembler.stopped)
                 or sequence.cancelled.is_set()
             ):
                 finished.append(sequence)
-        for sequence in finished:
-            self._retire(sequence)
+        self._retire(finished)
 
-    def _retire(self, sequence: Sequence) -> None:
-        index = self._running.index(sequence)
-        keep = [i for i in range(len(self._running)) if i != index]
-        self._running.pop(index)
-        try:
-            sequence.on_done(self.generator.result(sequence.item, sequence.generated))
-        except Exception as exc:
-            sequence.on_done(exc)
+    def _retire(self, finished: list[Sequence]) -> None:
+        """Hand finished sequences their results and drop their rows from the batch (one reindex for all)."""
+        if not finished:
+            return
+        for sequence in finished:
+            try:
+                sequence.on_done(self.generator.result(sequence.item, sequence.generated))
+            except Exception as exc:
+                sequence.on_done(exc)
+        gone = {id(sequence) for sequence in finished}
+        keep = [i for i, sequence in enumerate(self._running) if id(sequence) not in gone]
+        self._running = [self._running[i] for i in keep]
         if not self._running:
             self._reset_batch()
             return
