@@ -10,7 +10,7 @@ import statistics
 import time
 from typing import Any
 
-import numpy as np
+from clients.transports import bytes_inputs
 
 
 def row(
@@ -78,14 +78,6 @@ class Baseline:
         return latencies, time.perf_counter() - started, answers
 
 
-def _inputs(module, images: list[bytes], prompts: list[str]):
-    tensor = module.InferInput("IMAGE", [len(images), 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[i] for i in images], dtype=np.object_))
-    prompt = module.InferInput("PROMPT", [len(prompts), 1], "BYTES")
-    prompt.set_data_from_numpy(np.array([[p.encode()] for p in prompts], dtype=np.object_))
-    return [tensor, prompt]
-
-
 def kserve_load(
     url: str,
     jobs: list[tuple[bytes, str]],
@@ -115,7 +107,9 @@ def kserve_load(
                     index, (image, prompt) = pending.pop(0)
                     begin = time.perf_counter()
                     sent = per_job[index] if per_job else parameters
-                    result = await client.infer("blip2", _inputs(client_module, [image], [prompt]), parameters=sent)
+                    result = await client.infer(
+                        "blip2", bytes_inputs(client_module, [image], [prompt]), parameters=sent
+                    )
                     latencies.append(time.perf_counter() - begin)
                     answers[index] = result.as_numpy("TEXT")[0, 0].decode()
             finally:
@@ -124,7 +118,7 @@ def kserve_load(
         if warmup is not None:
             warm = client_module.InferenceServerClient(url)
             try:
-                await warm.infer("blip2", _inputs(client_module, [warmup], [""]), parameters=parameters)
+                await warm.infer("blip2", bytes_inputs(client_module, [warmup], [""]), parameters=parameters)
             finally:
                 await warm.close()
         started = time.perf_counter()
@@ -140,7 +134,7 @@ def ask_many_once(url: str, image: bytes, prompts: list[str], parameters: dict):
 
     client = httpclient.InferenceServerClient(url)
     begin = time.perf_counter()
-    result = client.infer("blip2", _inputs(httpclient, [image], prompts), parameters=parameters)
+    result = client.infer("blip2", bytes_inputs(httpclient, [image], prompts), parameters=parameters)
     elapsed = time.perf_counter() - begin
     return [elapsed], elapsed, [t.decode() for t in result.as_numpy("TEXT").reshape(-1)]
 

@@ -39,7 +39,8 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
-def _bytes_inputs(module, images: list[bytes], prompts: list[str] | None) -> list:
+def bytes_inputs(module, images: list[bytes], prompts: list[str] | None = None) -> list:
+    """IMAGE [N, 1] (and PROMPT [len(prompts), 1]) as tritonclient InferInputs of `module` (http, grpc, or aio)."""
     tensor = module.InferInput(IMAGE.name, [len(images), 1], IMAGE.datatype)
     tensor.set_data_from_numpy(np.array([[image] for image in images], dtype=np.object_))
     inputs = [tensor]
@@ -84,7 +85,7 @@ class _TritonTransport:
         self._module, self._triton, self._model, self._call_options = module, triton, model, call_options
 
     async def infer(self, images: list[bytes], prompts: list[str] | None, parameters: dict) -> list[str]:
-        inputs = _bytes_inputs(self._module, images, prompts)
+        inputs = bytes_inputs(self._module, images, prompts)
         call = self._triton.infer(self._model, inputs, parameters=parameters or None, **self._call_options)
         return _texts(await _guarded(call))
 
@@ -187,7 +188,7 @@ class GrpcTransport(_TritonTransport):
         async def requests():
             yield {
                 "model_name": self._model,
-                "inputs": _bytes_inputs(self._module, [image], [prompt]),
+                "inputs": bytes_inputs(self._module, [image], [prompt]),
                 "parameters": parameters,
             }
 

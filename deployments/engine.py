@@ -56,31 +56,23 @@ class Sequence:
     queued_s: float = 0.0  # from submit to the start of its prefill
 
 
-def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+def _pad(tensor: torch.Tensor, length: int, dim: int, left: bool = True) -> torch.Tensor:
+    """Zeros added along `dim` (before the data when `left`) up to `length`."""
     missing = length - tensor.shape[dim]
     if missing <= 0:
         return tensor
     shape = list(tensor.shape)
     shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def _pad_right(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    missing = length - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+    zeros = tensor.new_zeros(shape)
+    return torch.cat([zeros, tensor] if left else [tensor, zeros], dim=dim)
 
 
 def _join_layers(running: DynamicCache, joining: DynamicCache, left: bool = True) -> None:
     """Append `joining`'s rows to `running`, padding the shorter along the sequence axis (dim 2)."""
-    pad = _pad_left if left else _pad_right
     for mine, theirs in zip(running.layers, joining.layers):
         length = max(mine.keys.shape[2], theirs.keys.shape[2])
-        mine.keys = torch.cat([pad(mine.keys, length, 2), pad(theirs.keys, length, 2)])
-        mine.values = torch.cat([pad(mine.values, length, 2), pad(theirs.values, length, 2)])
+        mine.keys = torch.cat([_pad(mine.keys, length, 2, left), _pad(theirs.keys, length, 2, left)])
+        mine.values = torch.cat([_pad(mine.values, length, 2, left), _pad(theirs.values, length, 2, left)])
 
 
 def _select_layers(cache: DynamicCache, rows: torch.Tensor, first_column: int = 0) -> None:
@@ -243,15 +235,15 @@ class ContinuousBatcher:
     def _join(self, joining: dict) -> None:
         length = max(self._mask.shape[1], joining["mask"].shape[1])
         _join_layers(self._cache, joining["cache"])
-        self._mask = torch.cat([_pad_left(self._mask, length, 1), _pad_left(joining["mask"], length, 1)])
+        self._mask = torch.cat([_pad(self._mask, length, 1), _pad(joining["mask"], length, 1)])
         if self._cross is not None:  # T5: encoder outputs and cross-attention caches, padded on the right
             _join_layers(self._cross, joining["cross"], left=False)
             enc = max(self._encoder_mask.shape[1], joining["encoder_mask"].shape[1])
             self._encoder_mask = torch.cat(
-                [_pad_right(self._encoder_mask, enc, 1), _pad_right(joining["encoder_mask"], enc, 1)]
+                [_pad(self._encoder_mask, enc, 1, left=False), _pad(joining["encoder_mask"], enc, 1, left=False)]
             )
             self._encoder_states = torch.cat(
-                [_pad_right(self._encoder_states, enc, 1), _pad_right(joining["encoder_states"], enc, 1)]
+                [_pad(self._encoder_states, enc, 1, left=False), _pad(joining["encoder_states"], enc, 1, left=False)]
             )
 
     @torch.inference_mode()

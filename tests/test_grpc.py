@@ -7,29 +7,18 @@ import base64
 import queue
 
 import httpx
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from clients.transports import bytes_inputs
 from tests.helpers import image_bytes, truncated_png
 
 pytestmark = pytest.mark.serve
 
 QUESTION = "Question: what is in the picture? Answer:"
-
-
-def _inputs(module, images: list[bytes], prompts: list[str] | None = None):
-    tensor = module.InferInput("IMAGE", [len(images), 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[i] for i in images], dtype=np.object_))
-    inputs = [tensor]
-    if prompts is not None:
-        prompt = module.InferInput("PROMPT", [len(prompts), 1], "BYTES")
-        prompt.set_data_from_numpy(np.array([[p.encode()] for p in prompts], dtype=np.object_))
-        inputs.append(prompt)
-    return inputs
 
 
 def _texts(result) -> list[str]:
@@ -56,9 +45,11 @@ def test_answers_match_the_http_path(app):
     http = httpclient.InferenceServerClient(app.url)
     for prompts, parameters in ((None, {"max_new_tokens": 9}), ([QUESTION] * 2, {"max_new_tokens": 6, "num_beams": 2})):
         over_grpc = _texts(
-            grpc.infer("blip2", _inputs(grpcclient, images, prompts), parameters=parameters, headers=app.grpc_headers)
+            grpc.infer(
+                "blip2", bytes_inputs(grpcclient, images, prompts), parameters=parameters, headers=app.grpc_headers
+            )
         )
-        over_http = _texts(http.infer("blip2", _inputs(httpclient, images, prompts), parameters=parameters))
+        over_http = _texts(http.infer("blip2", bytes_inputs(httpclient, images, prompts), parameters=parameters))
         assert over_grpc == over_http and all(over_grpc)
 
 
@@ -67,23 +58,23 @@ def test_status_codes(app):
     cases = [
         (lambda: client.get_model_metadata("nope", headers=app.grpc_headers), "StatusCode.NOT_FOUND", "unknown model"),
         (
-            lambda: client.infer("nope", _inputs(grpcclient, [image_bytes(1)]), headers=app.grpc_headers),
+            lambda: client.infer("nope", bytes_inputs(grpcclient, [image_bytes(1)]), headers=app.grpc_headers),
             "StatusCode.NOT_FOUND",
             "unknown model",
         ),
         (
-            lambda: client.infer("blip2", _inputs(grpcclient, [b"not an image"]), headers=app.grpc_headers),
+            lambda: client.infer("blip2", bytes_inputs(grpcclient, [b"not an image"]), headers=app.grpc_headers),
             "StatusCode.INVALID_ARGUMENT",
             "not an image file",
         ),
         (
-            lambda: client.infer("blip2", _inputs(grpcclient, [truncated_png()]), headers=app.grpc_headers),
+            lambda: client.infer("blip2", bytes_inputs(grpcclient, [truncated_png()]), headers=app.grpc_headers),
             "StatusCode.INVALID_ARGUMENT",
             "truncated",
         ),
         (
             lambda: client.infer(
-                "blip2", _inputs(grpcclient, [image_bytes(1)]), parameters={"top_p": 3.0}, headers=app.grpc_headers
+                "blip2", bytes_inputs(grpcclient, [image_bytes(1)]), parameters={"top_p": 3.0}, headers=app.grpc_headers
             ),
             "StatusCode.INVALID_ARGUMENT",
             "out of range",
@@ -96,7 +87,7 @@ def test_status_codes(app):
             info.value.status(),
             info.value.message(),
         )
-    assert _texts(client.infer("blip2", _inputs(grpcclient, [image_bytes(2)]), headers=app.grpc_headers))
+    assert _texts(client.infer("blip2", bytes_inputs(grpcclient, [image_bytes(2)]), headers=app.grpc_headers))
 
 
 def test_aio_client(app):
@@ -107,7 +98,7 @@ def test_aio_client(app):
             metadata = await client.get_model_metadata("blip2", headers=app.grpc_headers, as_json=True)
             results = await asyncio.gather(
                 *(
-                    client.infer("blip2", _inputs(grpcaio, [image_bytes(i)]), headers=app.grpc_headers)
+                    client.infer("blip2", bytes_inputs(grpcaio, [image_bytes(i)]), headers=app.grpc_headers)
                     for i in (52, 53, 54)
                 )
             )
@@ -124,7 +115,7 @@ def test_model_stream_infer_streams_text_that_joins_to_the_answer(app):
     expected = _texts(
         client.infer(
             "blip2",
-            _inputs(grpcclient, [image_bytes(55)], [QUESTION]),
+            bytes_inputs(grpcclient, [image_bytes(55)], [QUESTION]),
             parameters={"max_new_tokens": 24},
             headers=app.grpc_headers,
         )
@@ -133,11 +124,11 @@ def test_model_stream_infer_streams_text_that_joins_to_the_answer(app):
     client.start_stream(callback=lambda result, error: responses.put((result, error)), headers=app.grpc_headers)
     try:
         client.async_stream_infer(
-            "blip2", _inputs(grpcclient, [image_bytes(55)], [QUESTION]), parameters={"max_new_tokens": 24}
+            "blip2", bytes_inputs(grpcclient, [image_bytes(55)], [QUESTION]), parameters={"max_new_tokens": 24}
         )
-        client.async_stream_infer("blip2", _inputs(grpcclient, [b"junk"]))  # an error, then the stream goes on
+        client.async_stream_infer("blip2", bytes_inputs(grpcclient, [b"junk"]))  # an error, then the stream goes on
         client.async_stream_infer(
-            "blip2", _inputs(grpcclient, [image_bytes(55)], [QUESTION]), parameters={"max_new_tokens": 24}
+            "blip2", bytes_inputs(grpcclient, [image_bytes(55)], [QUESTION]), parameters={"max_new_tokens": 24}
         )
         pieces: list[list[str]] = [[], [], []]
         errors, index = [], 0
@@ -166,7 +157,7 @@ def test_overload_is_unavailable_over_grpc_and_503_over_http(tight_app):
             calls = [
                 client.infer(
                     "blip2",
-                    _inputs(grpcaio, [image_bytes(i)]),
+                    bytes_inputs(grpcaio, [image_bytes(i)]),
                     parameters={"max_new_tokens": 120},
                     headers=tight_app.grpc_headers,
                 )
@@ -199,4 +190,4 @@ def test_overload_is_unavailable_over_grpc_and_503_over_http(tight_app):
     statuses = [r.status_code for r in asyncio.run(http_burst())]
     assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}, statuses
     client = grpcclient.InferenceServerClient(tight_app.grpc_url)
-    assert _texts(client.infer("blip2", _inputs(grpcclient, [image_bytes(3)]), headers=tight_app.grpc_headers))
+    assert _texts(client.infer("blip2", bytes_inputs(grpcclient, [image_bytes(3)]), headers=tight_app.grpc_headers))

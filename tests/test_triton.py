@@ -18,6 +18,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
+from clients.transports import bytes_inputs
 from tests.conftest import free_port
 from tests.helpers import image_bytes
 
@@ -64,17 +65,6 @@ def triton(request, checkpoints, tmp_path_factory):
     log.close()
 
 
-def _inputs(module, images: list[bytes], prompts: list[str] | None):
-    tensor = module.InferInput("IMAGE", [len(images), 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[i] for i in images], dtype=np.object_))
-    inputs = [tensor]
-    if prompts is not None:
-        prompt = module.InferInput("PROMPT", [len(prompts), 1], "BYTES")
-        prompt.set_data_from_numpy(np.array([[p.encode()] for p in prompts], dtype=np.object_))
-        inputs.append(prompt)
-    return inputs
-
-
 def _texts(result) -> list[str]:
     return [t.decode() for t in result.as_numpy("TEXT").reshape(-1)]
 
@@ -92,13 +82,13 @@ def test_same_text_as_transformers_and_ray_serve(triton, references, apps, case,
     expected = [reference.text(t) for t in reference.generate(images, prompts, **settings)]
 
     over_http = httpclient.InferenceServerClient(triton.http_url).infer(
-        "blip2", _inputs(httpclient, images, prompts), parameters=settings
+        "blip2", bytes_inputs(httpclient, images, prompts), parameters=settings
     )
     over_grpc = grpcclient.InferenceServerClient(triton.grpc_url).infer(
-        "blip2", _inputs(grpcclient, images, prompts), parameters=settings
+        "blip2", bytes_inputs(grpcclient, images, prompts), parameters=settings
     )
     ray_serve = httpclient.InferenceServerClient(apps[triton.llm].url).infer(
-        "blip2", _inputs(httpclient, images, prompts), parameters=settings
+        "blip2", bytes_inputs(httpclient, images, prompts), parameters=settings
     )
     assert _texts(over_http) == _texts(over_grpc) == _texts(ray_serve) == expected
 
@@ -131,7 +121,9 @@ def test_dynamic_batching_inside_triton(triton):
         aio = grpcaio.InferenceServerClient(triton.grpc_url)
         try:
             calls = [
-                aio.infer("blip2", _inputs(grpcaio, [image_bytes(300 + i)], ["a"]), parameters={"max_new_tokens": 8})
+                aio.infer(
+                    "blip2", bytes_inputs(grpcaio, [image_bytes(300 + i)], ["a"]), parameters={"max_new_tokens": 8}
+                )
                 for i in range(12)
             ]
             return await asyncio.gather(*calls)
@@ -170,7 +162,9 @@ def test_streaming_from_blip2_llm(triton, references):
         return [embeds_input, prompt]
 
     whole = _texts(
-        client.infer("blip2", _inputs(grpcclient, [image_bytes(40)], [PROMPTS_3[0]]), parameters={"max_new_tokens": 24})
+        client.infer(
+            "blip2", bytes_inputs(grpcclient, [image_bytes(40)], [PROMPTS_3[0]]), parameters={"max_new_tokens": 24}
+        )
     )[0]
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
@@ -199,12 +193,12 @@ def test_bad_input_gets_an_error_and_the_server_keeps_serving(triton):
     http = httpclient.InferenceServerClient(triton.http_url)
     grpc = grpcclient.InferenceServerClient(triton.grpc_url)
     cases = [
-        (lambda c, m: c.infer("blip2", _inputs(m, [b"not an image"], None)), "not an image file"),
+        (lambda c, m: c.infer("blip2", bytes_inputs(m, [b"not an image"], None)), "not an image file"),
         (
-            lambda c, m: c.infer("blip2", _inputs(m, [image_bytes(1)], None), parameters={"num_beams": 99}),
+            lambda c, m: c.infer("blip2", bytes_inputs(m, [image_bytes(1)], None), parameters={"num_beams": 99}),
             "out of range",
         ),
-        (lambda c, m: c.infer("blip2", _inputs(m, [image_bytes(1)], ["look <image>"])), "image placeholder"),
+        (lambda c, m: c.infer("blip2", bytes_inputs(m, [image_bytes(1)], ["look <image>"])), "image placeholder"),
     ]
     for call, words in cases:
         with pytest.raises(InferenceServerException) as over_http:
@@ -213,13 +207,13 @@ def test_bad_input_gets_an_error_and_the_server_keeps_serving(triton):
         with pytest.raises(InferenceServerException) as over_grpc:
             call(grpc, grpcclient)
         assert words in over_grpc.value.message() and over_grpc.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert _texts(http.infer("blip2", _inputs(httpclient, [image_bytes(1)], None)))
+    assert _texts(http.infer("blip2", bytes_inputs(httpclient, [image_bytes(1)], None)))
 
     async def mixed():  # a bad request among good ones: only it fails
         aio = grpcaio.InferenceServerClient(triton.grpc_url)
         try:
-            calls = [aio.infer("blip2", _inputs(grpcaio, [image_bytes(310 + i)], ["a"])) for i in range(4)]
-            calls.insert(2, aio.infer("blip2", _inputs(grpcaio, [image_bytes(320)], ["look <image>"])))
+            calls = [aio.infer("blip2", bytes_inputs(grpcaio, [image_bytes(310 + i)], ["a"])) for i in range(4)]
+            calls.insert(2, aio.infer("blip2", bytes_inputs(grpcaio, [image_bytes(320)], ["look <image>"])))
             return await asyncio.gather(*calls, return_exceptions=True)
         finally:
             await aio.close()
