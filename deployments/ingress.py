@@ -33,22 +33,29 @@ class Blip2Pipeline:
         return await self._llm.generate.remote(request.without_image(), await self._embed(request))
 
     async def generate_all(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        """Run requests concurrently (so they share batches), each distinct image through the vision stage once;
-        the first error fails the call, after all finish."""
-        embeds: dict[str, asyncio.Task] = {}
-        for request in requests:
-            if request.image is not None and request.image.digest not in embeds:
-                embeds[request.image.digest] = asyncio.ensure_future(self._embed(request))
+        """Run requests concurrently (so they share batches). Each distinct image goes through the vision stage
+        once, and its prompts to the LLM stage in one call; the first error fails the call, after all finish."""
+        by_image: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            if request.image is None:
+                raise ValueError("GenerateRequest without an image reached the pipeline")
+            by_image.setdefault(request.image.digest, []).append(index)
 
-        async def one(request: GenerateRequest) -> GenerateResult:
-            image = await embeds[request.image.digest] if request.image is not None else await self._embed(request)
-            return await self._llm.generate.remote(request.without_image(), image)
+        async def one_image(indices: list[int]) -> list[GenerateResult]:
+            embeds = await self._embed(requests[indices[0]])
+            if len(indices) == 1:
+                return [await self._llm.generate.remote(requests[indices[0]].without_image(), embeds)]
+            return await self._llm.generate_many.remote([requests[i].without_image() for i in indices], embeds)
 
-        outcomes = await asyncio.gather(*(one(r) for r in requests), return_exceptions=True)
-        for outcome in outcomes:
+        groups = list(by_image.values())
+        outcomes = await asyncio.gather(*(one_image(g) for g in groups), return_exceptions=True)
+        results: list[GenerateResult] = [None] * len(requests)  # type: ignore[list-item]
+        for indices, outcome in zip(groups, outcomes):
             if isinstance(outcome, BaseException):
                 raise outcome
-        return list(outcomes)
+            for index, result in zip(indices, outcome):
+                results[index] = result
+        return results
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Run one request, yielding text as the LLM stage produces it; closing this generator stops it there."""

@@ -67,6 +67,15 @@ class LLMDeployment:
             self._metrics.add("blip2_generated_tokens", len(result.token_ids))
             return result
 
+    async def generate_many(self, requests: list[GenerateRequest], embeds: ImageEmbeds) -> list[GenerateResult]:
+        """Several prompts about one image in one call (ask_many): they reach the engine together, so they are
+        prefilled together, and the image embeddings cross from the ingress once. Fails as a whole on any error."""
+        outcomes = await asyncio.gather(*(self.generate(r, embeds) for r in requests), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return list(outcomes)
+
     def _submit(
         self, prepared: PreparedRequest, on_tokens=None, cancelled: threading.Event | None = None
     ) -> asyncio.Future:
