@@ -45,25 +45,41 @@ def run(args: argparse.Namespace) -> int:
     from serve.app import build_app, serve_options
 
     config = _config_from_args(args)
-    ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
-    serve.start(**serve_options(config))
-    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
-    url = f"http://{config.server.host}:{config.server.http_port}{config.route_prefix.rstrip('/')}"
-    grpc = f", gRPC on port {config.server.grpc_port}" if config.server.grpc_port is not None else ""
-    print(
-        f"blip2-serve: model '{config.server.model_name}' ready at {url} (KServe v2: {url}/v2, OpenAI: {url}/v1{grpc})",
-        flush=True,
-    )
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    # a signal while starting (the proxy answers ready before serve.run returns) stops as cleanly as one later
+    try:
+        ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
+        # ray.init installs its own SIGTERM handlers (sys.exit, then a crash dump and abort): ours goes back on top
+        signal.signal(signal.SIGTERM, interrupt)
+        serve.start(**serve_options(config))
+        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+        url = f"http://{config.server.host}:{config.server.http_port}{config.route_prefix.rstrip('/')}"
+        grpc = f", gRPC on port {config.server.grpc_port}" if config.server.grpc_port is not None else ""
+        print(
+            f"blip2-serve: model '{config.server.model_name}' ready at {url} "
+            f"(KServe v2: {url}/v2, OpenAI: {url}/v1{grpc})",
+            flush=True,
+        )
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's handler, for a SIGTERM inside ray.init
+        pass
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal during shutdown does not cut it short
+        signal.signal(sig, signal.SIG_IGN)
     print("blip2-serve: shutting down", flush=True)
-    serve.delete(config.app_name)
-    if args.address is None:
-        serve.shutdown()
-        ray.shutdown()
+    if ray.is_initialized():
+        try:
+            serve.delete(config.app_name)
+        except Exception as exc:  # interrupted before Serve was up: nothing to delete
+            logger.warning("could not delete the application: %s", exc)
+        if args.address is None:
+            serve.shutdown()
+    ray.shutdown()
     return 0
 
 

@@ -71,6 +71,40 @@ def test_config_command_round_trips(tmp_path):
     assert AppConfig.from_file(path) == config
 
 
+class _Server:
+    """`blip2-serve run` as a child process whose output is read as it comes (to wait on a printed line)."""
+
+    def __init__(self, command: list[str]):
+        import threading
+
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            assert self.process.poll() is None, self.output
+            assert time.monotonic() < deadline, f"no {text!r} in:\n{self.output}"
+            time.sleep(0.2)
+
+    def stop(self, sig: int) -> int:
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout=120)
+        self._reader.join(timeout=10)
+        return code
+
+
 def test_make_tiny_then_run_serves_stock_tritonclient(tmp_path):
     """The README's path: make-tiny, then `blip2-serve run` on its own embedded Ray, then Ctrl-C."""
     import tritonclient.http as httpclient
@@ -80,22 +114,12 @@ def test_make_tiny_then_run_serves_stock_tritonclient(tmp_path):
     assert "gibberish" in made.stdout and (checkpoint / "model.safetensors").exists()
 
     port, grpc_port = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     command = [BLIP2_SERVE, "run", "--model", str(checkpoint), "--port", str(port), "--grpc-port", str(grpc_port)]
-    command += ["--num-cpus", "4"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    server = _Server([*command, "--num-cpus", "4"])
     try:
+        server.wait_for("ready at http://127.0.0.1")
         client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                if client.is_server_ready():
-                    break
-            except Exception:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(1)
+        assert client.is_server_ready()
         image = httpclient.InferInput("IMAGE", [1, 1], "BYTES")
         image.set_data_from_numpy(np.array([[image_bytes(5)]], dtype=np.object_))
         text = client.infer("blip2", [image], parameters={"max_new_tokens": 5}).as_numpy("TEXT")[0, 0]
@@ -110,7 +134,17 @@ def test_make_tiny_then_run_serves_stock_tritonclient(tmp_path):
         chat = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         assert [m.id for m in chat.models.list().data] == ["blip2"]
     finally:
-        server.send_signal(signal.SIGINT)
-        output, _ = server.communicate(timeout=120)
-    assert server.returncode == 0, output
-    assert "ready at http://127.0.0.1" in output and "shutting down" in output
+        code = server.stop(signal.SIGINT)
+    assert code == 0, server.output
+    assert "shutting down" in server.output
+
+
+def test_a_signal_while_starting_stops_cleanly(tmp_path, checkpoints):
+    """SIGTERM (what Kubernetes sends) before the model is up: exit 0 and Ray shut down, not a crash dump."""
+    port = free_port()
+    command = [BLIP2_SERVE, "run", "--model", str(checkpoints["opt"]), "--port", str(port), "--grpc-port", "0"]
+    server = _Server([*command, "--num-cpus", "4"])
+    server.wait_for("Started Serve")  # Ray is up, the model is not
+    code = server.stop(signal.SIGTERM)
+    assert code == 0, server.output
+    assert "shutting down" in server.output and "Traceback" not in server.output
