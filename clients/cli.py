@@ -22,6 +22,15 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=os.environ.get("BLIP2_SERVE_URL", "127.0.0.1:8000"), help="server address")
     parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
     parser.add_argument("--max-new-tokens", type=int, help="generation length")
+    parser.add_argument(
+        "--api-key-env",
+        default="BLIP2_SERVE_API_KEY",
+        help="environment variable holding the server's API key, if it wants one (default BLIP2_SERVE_API_KEY)",
+    )
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    return os.environ.get(args.api_key_env) or None
 
 
 def _generation(args: argparse.Namespace) -> dict:
@@ -70,7 +79,7 @@ async def _caption_files(args: argparse.Namespace) -> int:
     failures = 0
     sink = out.open("a", encoding="utf-8") if out else sys.stdout
     limit = asyncio.Semaphore(args.concurrency)
-    async with AsyncBlip2Client(args.url, args.protocol) as client:
+    async with AsyncBlip2Client(args.url, args.protocol, api_key=_api_key(args)) as client:
         progress = tqdm(total=len(files), initial=len(files) - len(todo), unit="img", disable=not args.progress)
 
         async def one(path: Path) -> None:
@@ -107,7 +116,7 @@ def caption(args: argparse.Namespace) -> int:
 def ask(args: argparse.Namespace) -> int:
     from clients.sdk import Blip2Client
 
-    with Blip2Client(args.url, args.protocol) as client:
+    with Blip2Client(args.url, args.protocol, api_key=_api_key(args)) as client:
         answers = client.ask_many(args.image, args.questions, **_generation(args))
     for question, answer in zip(args.questions, answers):
         print(f"Q: {question}\nA: {answer}")
@@ -121,7 +130,7 @@ def chat(args: argparse.Namespace) -> int:
 
     image = Path(args.image).read_bytes()
     turns: list[tuple[str, str]] = []
-    with Blip2Client(args.url, args.protocol) as client:
+    with Blip2Client(args.url, args.protocol, api_key=_api_key(args)) as client:
         while True:
             try:
                 question = input("you> ").strip()

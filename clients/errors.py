@@ -23,6 +23,14 @@ class ModelNotFoundError(Blip2Error):
     """The server does not serve the model (HTTP 404, gRPC NOT_FOUND)."""
 
 
+class AuthenticationError(Blip2Error):
+    """The server wants an API key, and this one is missing or wrong (HTTP 401, gRPC UNAUTHENTICATED)."""
+
+
+class DeadlineExceededError(Blip2Error):
+    """The request's deadline passed before its answer (HTTP 504, gRPC DEADLINE_EXCEEDED)."""
+
+
 class ServiceUnavailableError(Blip2Error):
     """The server is overloaded or not ready (HTTP 503, gRPC UNAVAILABLE); retrying later may work."""
 
@@ -40,6 +48,11 @@ _BY_STATUS = {
     "413": InvalidRequestError,
     "404": ModelNotFoundError,
     "503": ServiceUnavailableError,
+    "429": ServiceUnavailableError,
+    "401": AuthenticationError,
+    "504": DeadlineExceededError,
+    "StatusCode.UNAUTHENTICATED": AuthenticationError,
+    "StatusCode.DEADLINE_EXCEEDED": DeadlineExceededError,
     "StatusCode.INVALID_ARGUMENT": InvalidRequestError,
     "StatusCode.NOT_FOUND": ModelNotFoundError,
     "StatusCode.UNAVAILABLE": ServiceUnavailableError,

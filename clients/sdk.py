@@ -8,16 +8,20 @@
             print(piece, end="", flush=True)
 
 Images are a path, bytes, a PIL image or a numpy array. Generation parameters (max_new_tokens, num_beams,
-temperature, ...; see clients.contract) are keyword arguments. Server errors raise clients.errors types.
+temperature, ...; see clients.contract) are keyword arguments. Server errors raise clients.errors types;
+"unavailable" answers (overload, a replica being replaced) are retried `retries` times with exponential backoff.
+`api_key=` sends `Authorization: Bearer <key>` (HTTP header, gRPC metadata).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 from typing import AsyncIterator, Iterator, Sequence
 
 from clients.contract import MODEL_NAME, question_prompt
+from clients.errors import ServiceUnavailableError
 from clients.images import ImageLike, image_bytes
 from clients.transports import make_transport
 
@@ -34,13 +38,31 @@ class AsyncBlip2Client:
         timeout_s: float = 300.0,
         concurrency: int = 8,
         headers: dict[str, str] | None = None,
+        api_key: str | None = None,
+        retries: int = 3,
+        backoff_s: float = 0.5,
     ):
+        if api_key:
+            headers = {**(headers or {}), "authorization": f"Bearer {api_key}"}
         self._transport = make_transport(url, protocol, model, timeout_s, headers)
         self.concurrency = concurrency
+        self.retries, self.backoff_s = retries, backoff_s
+
+    async def _infer(self, images: list[bytes], prompts: list[str] | None, generation: dict) -> list[str]:
+        """One inference, retried with exponential backoff (and jitter) while the server answers "unavailable":
+        overloaded, or replacing a replica it lost. Other errors are raised at once."""
+        for attempt in range(self.retries + 1):
+            try:
+                return await self._transport.infer(images, prompts, generation)
+            except ServiceUnavailableError:
+                if attempt == self.retries:
+                    raise
+                await asyncio.sleep(min(self.backoff_s * 2**attempt, 30.0) * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
 
     async def caption(self, image: ImageLike, **generation) -> str:
         """A caption of one image."""
-        return (await self._transport.infer([image_bytes(image)], None, generation))[0]
+        return (await self._infer([image_bytes(image)], None, generation))[0]
 
     async def ask(self, image: ImageLike, question: str, **generation) -> str:
         """The answer to a question about an image (prompted as "Question: ... Answer:")."""
@@ -49,11 +71,11 @@ class AsyncBlip2Client:
     async def ask_many(self, image: ImageLike, questions: Sequence[str], **generation) -> list[str]:
         """Several questions about one image, in one request: the image is sent once."""
         prompts = [question_prompt(q) for q in questions]
-        return await self._transport.infer([image_bytes(image)], prompts, generation)
+        return await self._infer([image_bytes(image)], prompts, generation)
 
     async def generate(self, image: ImageLike, prompt: str = "", **generation) -> str:
         """Text for one image and a raw prompt (no "Question:" wrapping)."""
-        return (await self._transport.infer([image_bytes(image)], [prompt], generation))[0]
+        return (await self._infer([image_bytes(image)], [prompt], generation))[0]
 
     async def caption_many(
         self, images: Sequence[ImageLike], concurrency: int | None = None, **generation

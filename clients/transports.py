@@ -67,6 +67,9 @@ def _typed(exc: Exception) -> Blip2Error:
         if status is None and code.isupper() and reason:  # a stream error: "<gRPC code>: <reason>"
             return error_for(f"StatusCode.{code}", reason)
         return error_for(status, message)
+    code = getattr(exc, "code", None)  # a grpc.RpcError, as tritonclient's aio streams raise them
+    if callable(code) and getattr(code(), "name", None):
+        return error_for(f"StatusCode.{code().name}", exc.details() or str(exc))
     return ConnectionFailedError(f"cannot reach the server: {exc}")
 
 
@@ -103,14 +106,14 @@ class _TritonTransport:
 class HttpTransport(_TritonTransport):
     """`url` is host:port[/prefix] (a scheme is allowed and dropped for tritonclient)."""
 
-    def __init__(self, url: str, model: str, timeout_s: float):
+    def __init__(self, url: str, model: str, timeout_s: float, headers: dict[str, str] | None = None):
         import httpx
         import tritonclient.http.aio as triton_http
 
         address = url.split("://", 1)[-1].rstrip("/")
         triton = triton_http.InferenceServerClient(address, conn_timeout=timeout_s)
-        super().__init__(triton_http, triton, model, {})
-        self._http = httpx.AsyncClient(base_url=f"http://{address}", timeout=timeout_s)
+        super().__init__(triton_http, triton, model, {"headers": headers} if headers else {})
+        self._http = httpx.AsyncClient(base_url=f"http://{address}", timeout=timeout_s, headers=headers or {})
 
     async def _post(self, path: str, body: dict, stream: bool = False):
         import httpx
@@ -164,7 +167,7 @@ class HttpTransport(_TritonTransport):
         return response.json()["choices"][0]["message"]["content"]
 
     async def metadata(self) -> dict:
-        return await _guarded(self._triton.get_model_metadata(self._model))
+        return await _guarded(self._triton.get_model_metadata(self._model, **self._call_options))
 
     async def close(self) -> None:
         await super().close()
@@ -222,7 +225,7 @@ class GrpcTransport(_TritonTransport):
 
 def make_transport(url: str, protocol: str, model: str, timeout_s: float, headers: dict[str, str] | None) -> Any:
     if protocol == "http":
-        return HttpTransport(url, model, timeout_s)
+        return HttpTransport(url, model, timeout_s, headers)
     if protocol == "grpc":
         return GrpcTransport(url, model, timeout_s, headers)
     raise ValueError(f"protocol must be 'http' or 'grpc', not {protocol!r}")

@@ -41,11 +41,26 @@ class ModelNotFound(Blip2ServeError):
     grpc_code = "NOT_FOUND"
 
 
+class Unauthenticated(Blip2ServeError):
+    """The server wants an API key and the request has none, or another one."""
+
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+
+
 class Unavailable(Blip2ServeError):
-    """The server is overloaded or not ready yet: the client may retry later."""
+    """The server is overloaded, not ready yet, or lost the replica serving the request: the client may retry later
+    (HTTP answers carry Retry-After)."""
 
     http_status = 503
     grpc_code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(Blip2ServeError):
+    """The request's own deadline (Triton's `timeout` parameter, or the `timeout-ms` header) passed first."""
+
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
 
 
 def status_of(exc: BaseException) -> tuple[int, str, str]:

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from deployments.errors import Blip2ServeError, InvalidInput, PayloadTooLarge, status_of
+from serve.auth import is_public_path
 
 logger = logging.getLogger(__name__)
 
@@ -21,22 +22,42 @@ T = TypeVar("T")
 
 app = FastAPI(title="blip2-serve", docs_url=None, redoc_url=None)
 
-_OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error"}
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
 
 
 def _is_openai_route(request: Request) -> bool:
-    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :]
-    return path.startswith("/v1/")
+    return _route_path(request.scope).startswith("/v1/")
+
+
+def _route_path(scope) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def _headers_for(status: int) -> dict[str, str]:
+    if status == 503:  # retriable: say when (overload, a replica being replaced)
+        ingress = _ingress_or_none()
+        return {"retry-after": str(ingress.server.retry_after_s if ingress is not None else 1)}
+    if status == 401:
+        return {"www-authenticate": 'Bearer realm="blip2-serve"'}
+    return {}
 
 
 def error_response(request: Request, status: int, message: str, code: str | None = None) -> Response:
     """The error body for the route's protocol."""
+    headers = _headers_for(status)
     if _is_openai_route(request):
         kind = _OPENAI_TYPES.get(status, "server_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
-    return JSONResponse({"error": message}, status_code=status)
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        return JSONResponse(body, status, headers=headers)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:
@@ -61,6 +82,37 @@ def current_ingress():
     from ray import serve
 
     return serve.get_replica_context().servable_object
+
+
+def _ingress_or_none():
+    try:
+        return current_ingress()
+    except Exception:  # outside a replica (unit tests of the app)
+        return None
+
+
+class ApiKeyMiddleware:
+    """Refuses every route but KServe health without the replica's API key (when one is configured): 401 in the
+    route's error shape. Plain ASGI, so streaming responses and disconnects pass through untouched."""
+
+    def __init__(self, asgi_app):
+        self.app = asgi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            ingress = _ingress_or_none()
+            key = getattr(ingress, "api_key", None)
+            if key is not None and not is_public_path(_route_path(scope)):
+                authorization = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
+                if not key.accepts(authorization):
+                    message = "missing or wrong API key: send Authorization: Bearer <key>"
+                    response = error_response(Request(scope), 401, message, "invalid_api_key")
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(ApiKeyMiddleware)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -14,19 +14,26 @@ logger = logging.getLogger("blip2_serve")
 
 
 def _config_from_args(args: argparse.Namespace):
+    """The AppConfig the flags and --config file describe, and the Ray Serve config document when the file is one."""
     from serve.config import AppConfig
+    from serve.deploy_config import app_config_of, is_serve_config, with_app_config
 
-    if args.config:
-        config = AppConfig.from_file(args.config)
+    document = None
+    if getattr(args, "config", None):
+        document = AppConfig.read_document(args.config)
+        if is_serve_config(document):
+            config = app_config_of(document)
+        else:
+            config, document = AppConfig.model_validate(document), None
     elif args.model:
         config = AppConfig.model_validate({"model": {"checkpoint": args.model}})
     else:
-        raise SystemExit("blip2-serve run: give --model CHECKPOINT or --config FILE")
+        raise SystemExit(f"blip2-serve {args.command}: give --model CHECKPOINT or --config FILE")
     data: dict[str, Any] = config.model_dump()
     if args.model:
         data["model"]["checkpoint"] = args.model
     for name in ("dtype", "quantization", "device"):
-        if getattr(args, name):
+        if getattr(args, name, None):
             data["model"][name] = getattr(args, name)
     if args.host:
         data["server"]["host"] = args.host
@@ -34,17 +41,59 @@ def _config_from_args(args: argparse.Namespace):
         data["server"]["http_port"] = args.port
     if args.grpc_port is not None:
         data["server"]["grpc_port"] = args.grpc_port if args.grpc_port > 0 else None
-    return AppConfig.model_validate(data)
+    if getattr(args, "api_key_env", None):
+        data["server"]["api_key_env"] = args.api_key_env
+    autoscale = getattr(args, "autoscale", None)
+    if autoscale:
+        low, _, high = autoscale.partition(":")
+        for stage in ("vision", "llm"):
+            data[stage]["autoscaling"] = {
+                **(data[stage].get("autoscaling") or {}),
+                "min_replicas": int(low),
+                "max_replicas": int(high or low),
+            }
+    config = AppConfig.model_validate(data)
+    return config, (with_app_config(document, config) if document is not None else None)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Start Ray (local unless --address), deploy the graph, serve until SIGINT/SIGTERM."""
-    import ray
+def _deploy(config, document) -> None:
+    """Deploy and wait until running: a Serve config document the way `serve run FILE` does, else build_app."""
     from ray import serve
 
     from serve.app import build_app, serve_options
 
-    config = _config_from_args(args)
+    if document is None:
+        serve.start(**serve_options(config))
+        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+        return
+    import time
+
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(document)
+    client = serve_api.serve_start(
+        http_options=schema.http_options.model_dump(),
+        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+        proxy_location=schema.proxy_location,
+    )
+    client.deploy_apps(schema)
+    while True:  # until the application runs, or the controller says why not
+        status = serve.status().applications.get(config.app_name)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise ValueError(f"application {config.app_name!r} {status.status}: {status.message}")
+        time.sleep(0.5)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start Ray (local unless --address), deploy the graph, serve until SIGINT/SIGTERM (in-flight requests finish)."""
+    import ray
+    from ray import serve
+
+    config, document = _config_from_args(args)
 
     def interrupt(*_: Any) -> None:
         raise KeyboardInterrupt
@@ -54,8 +103,7 @@ def run(args: argparse.Namespace) -> int:
         ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
         # ray.init installs its own SIGTERM handlers (sys.exit, then a crash dump and abort): ours goes back on top
         signal.signal(signal.SIGTERM, interrupt)
-        serve.start(**serve_options(config))
-        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+        _deploy(config, document)
         url = f"http://{config.server.host}:{config.server.http_port}{config.route_prefix.rstrip('/')}"
         grpc = f", gRPC on port {config.server.grpc_port}" if config.server.grpc_port is not None else ""
         print(
@@ -73,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, signal.SIG_IGN)
     print("blip2-serve: shutting down", flush=True)
     if ray.is_initialized():
-        try:
+        try:  # replicas drain: each finishes what it holds (graceful_shutdown_timeout_s) before it exits
             serve.delete(config.app_name)
         except Exception as exc:  # interrupted before Serve was up: nothing to delete
             logger.warning("could not delete the application: %s", exc)
@@ -136,14 +184,33 @@ def triton(args: argparse.Namespace) -> int:
 
 
 def print_config(args: argparse.Namespace) -> int:
-    """The full configuration with every default, as YAML, to edit and pass back with --config."""
+    """A Ray Serve config file for `serve run`, `serve deploy`, KubeRay's serveConfigV2 and `blip2-serve run --config`:
+    every AppConfig default under the application's args, each deployment's options in its `deployments:` section."""
     import yaml
 
-    from serve.config import AppConfig
+    from serve.deploy_config import serve_config
 
-    config = AppConfig.model_validate({"model": {"checkpoint": args.model}})
-    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    if not args.model and not args.config:
+        args.model = "Salesforce/blip2-opt-2.7b"
+    config, document = _config_from_args(args)
+    text = yaml.safe_dump(document or serve_config(config), sort_keys=False)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
     return 0
+
+
+def _server_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    command.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    command.add_argument("--grpc-port", type=int, help="KServe v2 gRPC port (default 8001; 0 turns gRPC off)")
+    command.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"])
+    command.add_argument("--quantization", choices=["none", "int8", "int4"], help="LLM weights via bitsandbytes")
+    command.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    command.add_argument("--api-key-env", help="environment variable holding the API key every route but health needs")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -153,12 +220,7 @@ def parser() -> argparse.ArgumentParser:
     run_cmd = commands.add_parser("run", help="serve a checkpoint over HTTP (KServe v2)")
     run_cmd.add_argument("--model", help="checkpoint directory or hub name, e.g. Salesforce/blip2-opt-2.7b")
     run_cmd.add_argument("--config", help="YAML or JSON AppConfig (see `blip2-serve config`)")
-    run_cmd.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    run_cmd.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    run_cmd.add_argument("--grpc-port", type=int, help="KServe v2 gRPC port (default 8001; 0 turns gRPC off)")
-    run_cmd.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"])
-    run_cmd.add_argument("--quantization", choices=["none", "int8", "int4"], help="LLM weights via bitsandbytes")
-    run_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    _server_flags(run_cmd)
     run_cmd.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     run_cmd.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     run_cmd.set_defaults(func=run)
@@ -201,8 +263,12 @@ def parser() -> argparse.ArgumentParser:
 
     register(commands)
 
-    cfg = commands.add_parser("config", help="print the default configuration as YAML")
-    cfg.add_argument("--model", default="Salesforce/blip2-opt-2.7b")
+    cfg = commands.add_parser("config", help="write a Ray Serve config file (serve run / serve deploy / KubeRay)")
+    cfg.add_argument("--model", help="checkpoint directory or hub name (default Salesforce/blip2-opt-2.7b)")
+    cfg.add_argument("--config", help="an existing config to start from (AppConfig or Serve config)")
+    _server_flags(cfg)
+    cfg.add_argument("--autoscale", metavar="MIN:MAX", help="replicas of the vision and LLM stages, e.g. 1:3")
+    cfg.add_argument("--out", help="write here instead of stdout")
     cfg.set_defaults(func=print_config)
     return root
 

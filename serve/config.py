@@ -46,6 +46,7 @@ class StageConfig(BaseModel):
     max_queued_requests: int = Field(1024, ge=-1)  # beyond this a caller gets 503; -1: unbounded
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float | Literal["auto"] = "auto"  # auto: 1 where the cluster has GPUs and the model may use one
+    resources: dict[str, float] = {}  # Ray custom resources, to place the stage on labelled nodes (multi-node, KubeRay)
     torch_threads: int | None = Field(None, ge=1)
     batch: BatchConfig = BatchConfig()
 
@@ -56,6 +57,8 @@ class StageConfig(BaseModel):
             "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": num_gpus},
         }
+        if self.resources:
+            options["ray_actor_options"]["resources"] = dict(self.resources)
         if self.autoscaling is not None:
             options["autoscaling_config"] = self.autoscaling.model_dump()
         else:
@@ -86,6 +89,8 @@ class ServerConfig(BaseModel):
     http_port: int = Field(8000, ge=0, le=65535)
     grpc_port: int | None = Field(8001, ge=0, le=65535)  # None: no gRPC
     image_url_allowlist: tuple[str, ...] = ()  # URL prefixes the OpenAI route may fetch images from
+    api_key_env: str | None = None  # environment variable with the API key; set: every route but health needs it
+    retry_after_s: int = Field(1, ge=0)  # the Retry-After of 503 answers (overload, a replica lost)
     model_name: str = MODEL_NAME
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_images_per_request: int = Field(8, ge=1, le=1024)
@@ -128,12 +133,20 @@ class AppConfig(BaseModel):
     app_name: str = "blip2"
     route_prefix: str = "/"
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> AppConfig:
-        """Read a YAML (.yaml/.yml) or JSON file."""
+    @staticmethod
+    def read_document(path: str | Path) -> Any:
+        """The parsed YAML (.yaml/.yml) or JSON file."""
         text = Path(path).read_text()
         if str(path).endswith((".yaml", ".yml")):
             import yaml
 
-            return cls.model_validate(yaml.safe_load(text))
-        return cls.model_validate(json.loads(text))
+            return yaml.safe_load(text)
+        return json.loads(text)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> AppConfig:
+        """Read an AppConfig, or the blip2 application's AppConfig from a Ray Serve config file."""
+        from serve.deploy_config import app_config_of, is_serve_config
+
+        document = cls.read_document(path)
+        return app_config_of(document) if is_serve_config(document) else cls.model_validate(document)

@@ -17,10 +17,11 @@ import grpc
 from google.protobuf import json_format
 
 from clients.contract import IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, TEXT
-from deployments.errors import InvalidInput, status_of
+from deployments.errors import InvalidInput, Unauthenticated, status_of
 from deployments.types import GenerateResult
 from serve import kserve, metadata
 from serve.asgi import primed
+from serve.auth import PUBLIC_GRPC_METHODS
 from serve.grpc_protos import model_config_pb2
 from serve.grpc_protos import service_pb2 as pb
 
@@ -76,6 +77,8 @@ def _with_status(empty_response):
         # Not functools.wraps: Ray reads the signature for a `grpc_context` parameter, and would follow __wrapped__.
         async def wrapper(self, request, grpc_context=None):
             try:
+                if method.__name__ not in PUBLIC_GRPC_METHODS:
+                    self.authenticate(grpc_context)
                 return await method(self, request)
             except Exception as exc:
                 _, code, message = status_of(exc)
@@ -93,7 +96,15 @@ def _with_status(empty_response):
 
 
 class TritonGrpcMethods:
-    """GRPCInferenceService methods, mixed into serve/ingress.Ingress (uses its pipeline, config, server)."""
+    """GRPCInferenceService methods, mixed into serve/ingress.Ingress (uses its pipeline, config, server, api_key)."""
+
+    def authenticate(self, grpc_context) -> None:
+        """Raise Unauthenticated unless the call's `authorization` metadata carries the API key (when one is set)."""
+        if self.api_key is None:
+            return
+        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+        if not self.api_key.accepts(metadata.get("authorization")):
+            raise Unauthenticated("missing or wrong API key: send metadata authorization: Bearer <key>")
 
     @_with_status(pb.ServerLiveResponse)
     async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
@@ -143,8 +154,14 @@ class TritonGrpcMethods:
             results: list[GenerateResult] = await self.pipeline.generate_all(generate)
         return infer_response(self.server.model_name, infer, [r.text for r in results])
 
-    async def ModelStreamInfer(self, request_stream) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    async def ModelStreamInfer(self, request_stream, grpc_context=None) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request in the stream (one IMAGE row) is answered by responses carrying its text as it grows."""
+        try:
+            self.authenticate(grpc_context)
+        except Unauthenticated as exc:  # the whole stream is refused: Ray's proxy keeps a code set before a raise
+            grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+            grpc_context.set_details(exc.message)
+            raise
         async for request in request_stream:
             try:
                 with self.metrics.request():

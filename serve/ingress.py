@@ -15,6 +15,7 @@ from deployments.metrics import MetricsRecorder
 from deployments.types import GenerateRequest, GenerateResult
 from serve import http, openai
 from serve.asgi import app
+from serve.auth import ApiKey
 from serve.config import AppConfig
 from serve.grpc import TritonGrpcMethods
 
@@ -43,6 +44,7 @@ class Ingress(TritonGrpcMethods):
         self.server = config.server
         self.metrics_sink = metrics
         self.metrics = MetricsRecorder(metrics, config.server.model_name)
+        self.api_key = ApiKey.from_env(config.server.api_key_env) if config.server.api_key_env else None
 
     def check_model(self, model_name: str, version: str = "") -> None:
         """Raise ModelNotFound unless the request names this model (and version 1 or none)."""

@@ -12,6 +12,8 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The API key of the `secured` app, in the environment Ray's workers inherit (as a pod's env reaches them on K8s).
+os.environ["BLIP2_TEST_API_KEY"] = "s3cret-test-key"
 
 import socket
 from dataclasses import dataclass
@@ -20,6 +22,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Reference
+
+API_KEY_ENV = "BLIP2_TEST_API_KEY"
+API_KEY = os.environ[API_KEY_ENV]
 
 
 def free_port() -> int:
@@ -181,6 +186,28 @@ def tight_app(serve_ports, checkpoints, image_server) -> ServedApp:
             "llm": {**tight, "scheduler": "static"},  # the whole-batch LLM path stays tested here
             "app_name": "tight",
             "route_prefix": "/tight",
+        }
+    )
+    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+    return ServedApp("opt", config.app_name, serve_ports.http, serve_ports.grpc, config.route_prefix)
+
+
+@pytest.fixture(scope="session")
+def secured_app(serve_ports, checkpoints) -> ServedApp:
+    """The OPT graph with an API key (server.api_key_env)."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import AppConfig
+
+    config = AppConfig.model_validate(
+        {
+            "model": {"checkpoint": str(checkpoints["opt"])},
+            "server": {**TEST_SERVER, "api_key_env": API_KEY_ENV},
+            "vision": TEST_STAGE,
+            "llm": TEST_STAGE,
+            "app_name": "secured",
+            "route_prefix": "/secured",
         }
     )
     serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)

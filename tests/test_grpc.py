@@ -187,7 +187,10 @@ def test_overload_is_unavailable_over_grpc_and_503_over_http(tight_app):
 
             return await asyncio.gather(*(request(i) for i in range(12)))
 
-    statuses = [r.status_code for r in asyncio.run(http_burst())]
+    responses = asyncio.run(http_burst())
+    statuses = [r.status_code for r in responses]
     assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}, statuses
+    assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
+    assert all("error" in r.json() for r in responses if r.status_code == 503)
     client = grpcclient.InferenceServerClient(tight_app.grpc_url)
     assert _texts(client.infer("blip2", bytes_inputs(grpcclient, [image_bytes(3)]), headers=tight_app.grpc_headers))
