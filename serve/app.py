@@ -69,6 +69,18 @@ def serve_options(config: AppConfig) -> dict:
     return options
 
 
-def app_builder(args: AppConfig) -> Application:
-    """Entry point for Ray Serve config files and `serve run`."""
-    return build_app(args)
+def _nested(args: dict) -> dict:
+    """`serve run serve.app:app_builder model.checkpoint=DIR` passes {"model.checkpoint": "DIR"}: nest dotted keys."""
+    out: dict = {}
+    for key, value in args.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return out
+
+
+def app_builder(args: dict) -> Application:
+    """Entry point for Ray Serve config files and `serve run`: `args` (the application's `args:`) is an AppConfig."""
+    return build_app(args if isinstance(args, AppConfig) else AppConfig.model_validate(_nested(args)))

@@ -148,3 +148,67 @@ def test_a_signal_while_starting_stops_cleanly(tmp_path, checkpoints):
     code = server.stop(signal.SIGTERM)
     assert code == 0, server.output
     assert "shutting down" in server.output and "Traceback" not in server.output
+
+
+def _wait_and_caption(port: int, server: _Server) -> str:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+    deadline = time.monotonic() + 180
+    while True:
+        assert server.process.poll() is None, server.output
+        try:
+            if client.is_server_ready():
+                break
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, f"not ready:\n{server.output}"
+        time.sleep(1)
+    image = httpclient.InferInput("IMAGE", [1, 1], "BYTES")
+    image.set_data_from_numpy(np.array([[image_bytes(5)]], dtype=np.object_))
+    return client.infer("blip2", [image], parameters={"max_new_tokens": 5}).as_numpy("TEXT")[0, 0].decode()
+
+
+def test_serve_config_file_runs_under_serve_run_and_blip2_serve_run(tmp_path, checkpoints):
+    """`blip2-serve config` writes a Ray Serve config; Ray's own `serve run` and `blip2-serve run --config` serve it."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.deploy_config import app_config_of
+
+    port = free_port()
+    path = tmp_path / "serve.yaml"
+    flags = ["--model", str(checkpoints["opt"]), "--port", str(port), "--grpc-port", "0", "--autoscale", "1:2"]
+    _cli("config", *flags, "--out", str(path), check=True)
+    document = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(document)  # Ray's own schema of `serve deploy` / serveConfigV2
+    (application,) = schema.applications
+    assert application.import_path == "serve.app:app_builder" and schema.http_options.port == port
+    deployments = {d["name"]: d for d in document["applications"][0]["deployments"]}
+    assert deployments["LLM"]["autoscaling_config"]["max_replicas"] == 2
+    assert deployments["LLM"]["max_queued_requests"] == 1024 and "ray_actor_options" not in deployments["LLM"]
+    assert app_config_of(document).model.checkpoint == str(checkpoints["opt"])
+
+    serve_cli = str(Path(sys.executable).parent / "serve")
+    server = _Server([serve_cli, "run", str(path)])
+    try:
+        ray_text = _wait_and_caption(port, server)
+    finally:
+        assert server.stop(signal.SIGINT) == 0, server.output
+
+    server = _Server([BLIP2_SERVE, "run", "--config", str(path), "--num-cpus", "4"])
+    try:
+        server.wait_for("ready at http://127.0.0.1")
+        assert _wait_and_caption(port, server) == ray_text
+    finally:
+        code = server.stop(signal.SIGINT)
+    assert code == 0, server.output
+
+
+def test_app_builder_takes_serve_run_key_value_arguments():
+    """`serve run serve.app:app_builder model.checkpoint=DIR llm.batch.max_batch_size=4` reaches AppConfig nested."""
+    from serve.app import _nested
+
+    config = AppConfig.model_validate(_nested({"model.checkpoint": "x", "llm.batch.max_batch_size": "4"}))
+    assert config.model.checkpoint == "x" and config.llm.batch.max_batch_size == 4
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate(_nested({"model.checkpoint": "x", "llm.batch.size": "4"}))
