@@ -51,6 +51,7 @@ _BY_STATUS = {
     "429": ServiceUnavailableError,
     "401": AuthenticationError,
     "504": DeadlineExceededError,
+    "StatusCode.RESOURCE_EXHAUSTED": ServiceUnavailableError,  # Ray's gRPC proxy, when the ingress queue is full
     "StatusCode.UNAUTHENTICATED": AuthenticationError,
     "StatusCode.DEADLINE_EXCEEDED": DeadlineExceededError,
     "StatusCode.INVALID_ARGUMENT": InvalidRequestError,

@@ -73,6 +73,8 @@ def status_of(exc: BaseException) -> tuple[int, str, str]:
         return exc.http_status, exc.grpc_code, exc.message
     if _is_backpressure(exc):
         return Unavailable.http_status, Unavailable.grpc_code, "server overloaded: too many queued requests"
+    if _is_lost_replica(exc):
+        return Unavailable.http_status, Unavailable.grpc_code, "the replica serving this request was lost; retry"
     return 500, "INTERNAL", "internal server error"
 
 
@@ -82,3 +84,14 @@ def _is_backpressure(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - ray is a dependency of the server
         return False
     return isinstance(exc, BackPressureError)
+
+
+def _is_lost_replica(exc: BaseException) -> bool:
+    """A replica (or its node) died or became unreachable while it held the request: retriable elsewhere."""
+    try:
+        from ray.exceptions import ActorUnavailableError, NodeDiedError, RayActorError, WorkerCrashedError
+        from ray.serve.exceptions import DeploymentUnavailableError
+    except ImportError:  # pragma: no cover - ray is a dependency of the server
+        return False
+    lost = (RayActorError, ActorUnavailableError, WorkerCrashedError, NodeDiedError, DeploymentUnavailableError)
+    return isinstance(exc, lost)

@@ -7,13 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 
 from ray.serve.handle import DeploymentHandle
 
+from deployments.errors import Blip2ServeError, Unavailable, status_of
 from deployments.types import GenerateChunk, GenerateRequest, GenerateResult, ImageEmbeds
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def _retriable(work: Awaitable[T]) -> T:
+    """Await a stage call; Ray's overload and lost-replica errors become Unavailable (503 with Retry-After,
+    UNAVAILABLE), so that every protocol renders them itself."""
+    try:
+        return await work
+    except Blip2ServeError:
+        raise
+    except Exception as exc:
+        status, _, message = status_of(exc)
+        if status == Unavailable.http_status:
+            raise Unavailable(message) from exc
+        raise
 
 
 class Blip2Pipeline:
@@ -26,11 +42,12 @@ class Blip2Pipeline:
     async def _embed(self, request: GenerateRequest) -> ImageEmbeds:
         if request.image is None:
             raise ValueError("GenerateRequest without an image reached the pipeline")
-        return await self._vision.embed.remote(request.image)
+        return await _retriable(self._vision.embed.remote(request.image))
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         """Run one request through both stages; the stages batch it with concurrent requests."""
-        return await self._llm.generate.remote(request.without_image(), await self._embed(request))
+        embeds = await self._embed(request)
+        return await _retriable(self._llm.generate.remote(request.without_image(), embeds))
 
     async def generate_all(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         """Run requests concurrently (so they share batches). Each distinct image goes through the vision stage
@@ -44,8 +61,9 @@ class Blip2Pipeline:
         async def one_image(indices: list[int]) -> list[GenerateResult]:
             embeds = await self._embed(requests[indices[0]])
             if len(indices) == 1:
-                return [await self._llm.generate.remote(requests[indices[0]].without_image(), embeds)]
-            return await self._llm.generate_many.remote([requests[i].without_image() for i in indices], embeds)
+                return [await _retriable(self._llm.generate.remote(requests[indices[0]].without_image(), embeds))]
+            many = [requests[i].without_image() for i in indices]
+            return await _retriable(self._llm.generate_many.remote(many, embeds))
 
         groups = list(by_image.values())
         outcomes = await asyncio.gather(*(one_image(g) for g in groups), return_exceptions=True)
@@ -64,6 +82,13 @@ class Blip2Pipeline:
         try:
             async for chunk in chunks:
                 yield chunk
+        except Blip2ServeError:
+            raise
+        except Exception as exc:
+            status, _, message = status_of(exc)
+            if status == Unavailable.http_status:
+                raise Unavailable(message) from exc
+            raise
         finally:
             chunks.cancel()  # a no-op once finished; stops the LLM stage when our caller went away
 

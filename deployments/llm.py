@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from typing import AsyncIterator
@@ -174,5 +175,9 @@ class LLMDeployment:
         and, with the continuous scheduler, how many sequences each decode step ran."""
         engine = None
         if self._engine is not None:
-            engine = {"steps": self._engine.steps, "max_running_seen": self._engine.max_running_seen}
-        return {**self._worker.stats(), "streams": dict(self._streams), "engine": engine}
+            engine = {
+                "steps": self._engine.steps,
+                "max_running_seen": self._engine.max_running_seen,
+                "running": self._engine.running,
+            }
+        return {**self._worker.stats(), "streams": dict(self._streams), "engine": engine, "pid": os.getpid()}

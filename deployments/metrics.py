@@ -20,6 +20,7 @@ from ray import serve
 logger = logging.getLogger(__name__)
 
 FLUSH_S = 0.2
+EDGE_REPORT_S = 0.2  # how often each ingress replica reports its in-flight requests (graceful shutdown, gauge)
 # (name, help) of the counters, all labelled by model.
 COUNTERS = {
     "nv_inference_request_success": "Number of successful inference requests",
@@ -120,6 +121,29 @@ class MetricsDeployment:
     def __init__(self):
         self._counters: dict[tuple[str, str], float] = defaultdict(float)
         self._histograms: dict[tuple[str, str], list[float]] = {}
+        # Graceful shutdown: each ingress replica reports (in flight, knows it is draining) every EDGE_REPORT_S.
+        self._edges: dict[str, tuple[int, bool, float, str]] = {}
+        self._draining = False
+
+    async def edge(self, replica: str, model: str, in_flight: int, draining: bool) -> bool:
+        """An ingress replica's report; the answer says whether to drain (refuse new requests)."""
+        self._edges[replica] = (in_flight, draining, time.monotonic(), model)
+        return self._draining
+
+    async def begin_drain(self) -> None:
+        self._draining = True
+
+    async def drained(self) -> dict[str, Any]:
+        """Ingress replicas heard from lately, how many of them drain, and the requests they still hold."""
+        fresh = {r: e for r, e in self._edges.items() if time.monotonic() - e[2] < 10 * EDGE_REPORT_S}
+        return {
+            "replicas": len(fresh),
+            "draining": sum(1 for e in fresh.values() if e[1]),
+            "in_flight": sum(e[0] for e in fresh.values()),
+            "in_flight_by_model": {
+                m: sum(e[0] for e in fresh.values() if e[3] == m) for m in {e[3] for e in fresh.values()}
+            },
+        }
 
     async def record(self, model: str, counters: dict[str, float], observations: list[tuple[str, float]]) -> None:
         for name, value in counters.items():
@@ -135,6 +159,10 @@ class MetricsDeployment:
 
     async def render(self) -> str:
         lines = []
+        name = "nv_inference_pending_request_count"
+        lines += [f"# HELP {name} Requests the ingress replicas hold (accepted, not answered)", f"# TYPE {name} gauge"]
+        for model, pending in sorted((await self.drained())["in_flight_by_model"].items()):
+            lines.append(f"{name}{_labels(model)} {pending}")
         for name, text in COUNTERS.items():
             series = sorted(
                 (model, value) for (series_name, model), value in self._counters.items() if series_name == name

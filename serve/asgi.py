@@ -91,28 +91,35 @@ def _ingress_or_none():
         return None
 
 
-class ApiKeyMiddleware:
-    """Refuses every route but KServe health without the replica's API key (when one is configured): 401 in the
-    route's error shape. Plain ASGI, so streaming responses and disconnects pass through untouched."""
+class EdgeMiddleware:
+    """Every HTTP request but KServe health: refused without the replica's API key (when one is configured: 401
+    in the route's error shape), refused while the server drains for shutdown (503, Retry-After), and counted in
+    flight until its response (a stream included) is complete. Plain ASGI, so streams and disconnects pass through."""
 
     def __init__(self, asgi_app):
         self.app = asgi_app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            ingress = _ingress_or_none()
-            key = getattr(ingress, "api_key", None)
-            if key is not None and not is_public_path(_route_path(scope)):
-                authorization = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
-                if not key.accepts(authorization):
-                    message = "missing or wrong API key: send Authorization: Bearer <key>"
-                    response = error_response(Request(scope), 401, message, "invalid_api_key")
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        ingress = _ingress_or_none() if scope["type"] == "http" else None
+        if ingress is None or is_public_path(_route_path(scope)):
+            await self.app(scope, receive, send)
+            return
+        key = getattr(ingress, "api_key", None)
+        if key is not None:
+            authorization = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
+            if not key.accepts(authorization):
+                message = "missing or wrong API key: send Authorization: Bearer <key>"
+                await error_response(Request(scope), 401, message, "invalid_api_key")(scope, receive, send)
+                return
+        if ingress.draining:
+            message = "the server is shutting down; retry (another replica or server takes it)"
+            await error_response(Request(scope), 503, message)(scope, receive, send)
+            return
+        with ingress.admitted():
+            await self.app(scope, receive, send)
 
 
-app.add_middleware(ApiKeyMiddleware)
+app.add_middleware(EdgeMiddleware)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

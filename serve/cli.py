@@ -88,6 +88,27 @@ def _deploy(config, document) -> None:
         time.sleep(0.5)
 
 
+def _drain(config) -> None:
+    """Before the application goes: its ingress replicas refuse new requests (503, Retry-After; readiness false)
+    and finish the ones they hold, for at most server.drain_timeout_s. (Deleting at once would stop every stage
+    together, stranding requests between two stages.)"""
+    import time
+
+    from ray import serve
+
+    if config.app_name not in serve.status().applications:
+        return
+    metrics = serve.get_deployment_handle("Metrics", app_name=config.app_name)
+    metrics.begin_drain.remote().result(timeout_s=10)
+    deadline = time.monotonic() + config.server.drain_timeout_s
+    while time.monotonic() < deadline:
+        state = metrics.drained.remote().result(timeout_s=10)
+        if state["draining"] == state["replicas"] and state["in_flight"] == 0:
+            return
+        time.sleep(0.1)
+    logger.warning("requests still in flight after %.0f s of draining: %s", config.server.drain_timeout_s, state)
+
+
 def run(args: argparse.Namespace) -> int:
     """Start Ray (local unless --address), deploy the graph, serve until SIGINT/SIGTERM (in-flight requests finish)."""
     import ray
@@ -121,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, signal.SIG_IGN)
     print("blip2-serve: shutting down", flush=True)
     if ray.is_initialized():
-        try:  # replicas drain: each finishes what it holds (graceful_shutdown_timeout_s) before it exits
+        try:
+            _drain(config)
             serve.delete(config.app_name)
         except Exception as exc:  # interrupted before Serve was up: nothing to delete
             logger.warning("could not delete the application: %s", exc)

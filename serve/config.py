@@ -91,6 +91,7 @@ class ServerConfig(BaseModel):
     image_url_allowlist: tuple[str, ...] = ()  # URL prefixes the OpenAI route may fetch images from
     api_key_env: str | None = None  # environment variable with the API key; set: every route but health needs it
     retry_after_s: int = Field(1, ge=0)  # the Retry-After of 503 answers (overload, a replica lost)
+    drain_timeout_s: float = Field(30.0, ge=0)  # on SIGTERM: how long in-flight requests may take to finish
     model_name: str = MODEL_NAME
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_images_per_request: int = Field(8, ge=1, le=1024)

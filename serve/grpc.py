@@ -17,11 +17,12 @@ import grpc
 from google.protobuf import json_format
 
 from clients.contract import IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, TEXT
-from deployments.errors import InvalidInput, Unauthenticated, status_of
+from deployments.errors import InvalidInput, Unauthenticated, Unavailable, status_of
 from deployments.types import GenerateResult
 from serve import kserve, metadata
 from serve.asgi import primed
 from serve.auth import PUBLIC_GRPC_METHODS
+from serve.deadline import deadline_s, within
 from serve.grpc_protos import model_config_pb2
 from serve.grpc_protos import service_pb2 as pb
 
@@ -77,9 +78,11 @@ def _with_status(empty_response):
         # Not functools.wraps: Ray reads the signature for a `grpc_context` parameter, and would follow __wrapped__.
         async def wrapper(self, request, grpc_context=None):
             try:
-                if method.__name__ not in PUBLIC_GRPC_METHODS:
-                    self.authenticate(grpc_context)
-                return await method(self, request)
+                if method.__name__ in PUBLIC_GRPC_METHODS:
+                    return await method(self, request)
+                self.authenticate(grpc_context)
+                with self.admitted():
+                    return await method(self, request)
             except Exception as exc:
                 _, code, message = status_of(exc)
                 if code == "INTERNAL":
@@ -112,13 +115,13 @@ class TritonGrpcMethods:
 
     @_with_status(pb.ServerReadyResponse)
     async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=await self.pipeline.ready())
+        return pb.ServerReadyResponse(ready=not self.draining and await self.pipeline.ready())
 
     @_with_status(pb.ModelReadyResponse)
     async def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
         if request.name != self.server.model_name or request.version not in ("", MODEL_VERSION):
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=await self.pipeline.ready())
+        return pb.ModelReadyResponse(ready=not self.draining and await self.pipeline.ready())
 
     @_with_status(pb.ServerMetadataResponse)
     async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
@@ -151,17 +154,27 @@ class TritonGrpcMethods:
         with self.metrics.request() as counted:
             infer, generate = self._generate_requests(request)
             counted["rows"] = len(generate)
-            results: list[GenerateResult] = await self.pipeline.generate_all(generate)
+            deadline = deadline_s(infer.parameters)
+            results: list[GenerateResult] = await within(deadline, self.pipeline.generate_all(generate))
         return infer_response(self.server.model_name, infer, [r.text for r in results])
 
     async def ModelStreamInfer(self, request_stream, grpc_context=None) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request in the stream (one IMAGE row) is answered by responses carrying its text as it grows."""
         try:
             self.authenticate(grpc_context)
-        except Unauthenticated as exc:  # the whole stream is refused: Ray's proxy keeps a code set before a raise
-            grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+            admitted = self.admitted()
+            admitted.__enter__()
+        except (Unauthenticated, Unavailable) as exc:  # the stream is refused: Ray keeps a code set before a raise
+            grpc_context.set_code(getattr(grpc.StatusCode, exc.grpc_code))
             grpc_context.set_details(exc.message)
             raise
+        try:
+            async for response in self._stream_responses(request_stream):
+                yield response
+        finally:
+            admitted.__exit__(None, None, None)
+
+    async def _stream_responses(self, request_stream) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async for request in request_stream:
             try:
                 with self.metrics.request():

@@ -14,6 +14,7 @@ from clients.contract import MODEL_VERSION, TEXT
 from deployments.errors import InvalidInput, Unavailable, status_of
 from serve import kserve, metadata
 from serve.asgi import current_ingress, primed, read_body
+from serve.deadline import deadline_s, within
 
 router = APIRouter()
 Ingress = Any  # serve/ingress.Ingress; not imported here, it imports this module
@@ -31,6 +32,8 @@ async def live(ingress: Ingress = Depends(current_ingress)) -> Response:
 
 @router.get("/v2/health/ready")
 async def ready(ingress: Ingress = Depends(current_ingress)) -> Response:
+    if ingress.draining:
+        raise Unavailable("the server is shutting down")
     if not await ingress.pipeline.ready():
         raise Unavailable("model stages are not ready")
     return Response(status_code=200)
@@ -73,7 +76,7 @@ async def infer(
             infer, ingress.server.image_limits(), ingress.server.max_images_per_request, ingress.server.default_params()
         )
         counted["rows"] = len(requests)
-        results = await ingress.pipeline.generate_all(requests)
+        results = await within(deadline_s(infer.parameters, request.headers), ingress.pipeline.generate_all(requests))
     content, headers = kserve.encode_infer_response(ingress.server.model_name, infer, results)
     return Response(content=content, headers=headers)
 
@@ -102,7 +105,8 @@ async def generate(
     ingress.check_model(model_name, version)
     with ingress.metrics.request():
         infer, generate_request = await _generate_request(request, ingress)
-        result = await ingress.pipeline.generate(generate_request)
+        deadline = deadline_s(infer.parameters, request.headers)
+        result = await within(deadline, ingress.pipeline.generate(generate_request))
     return JSONResponse(_generate_response(ingress, infer, result.text, finish_reason=result.finish_reason))
 
 

@@ -5,19 +5,26 @@ Each protocol is a mixin of routes or RPC methods that parse, call the Blip2Pipe
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from clients.contract import MODEL_VERSION
-from deployments.errors import ModelNotFound
+from deployments.errors import ModelNotFound, Unavailable
 from deployments.ingress import Blip2Pipeline
-from deployments.metrics import MetricsRecorder
+from deployments.metrics import EDGE_REPORT_S, MetricsRecorder
 from deployments.types import GenerateRequest, GenerateResult
 from serve import http, openai
 from serve.asgi import app
 from serve.auth import ApiKey
 from serve.config import AppConfig
 from serve.grpc import TritonGrpcMethods
+
+logger = logging.getLogger(__name__)
 
 app.include_router(http.router)
 app.include_router(openai.router)
@@ -45,6 +52,35 @@ class Ingress(TritonGrpcMethods):
         self.metrics_sink = metrics
         self.metrics = MetricsRecorder(metrics, config.server.model_name)
         self.api_key = ApiKey.from_env(config.server.api_key_env) if config.server.api_key_env else None
+        # Graceful shutdown: requests held now, and whether new ones are refused (503) because the server is going
+        self.in_flight = 0
+        self.draining = False
+        if metrics is not None:
+            self._reporter = asyncio.get_running_loop().create_task(self._report_edge_forever())
+
+    async def _report_edge_forever(self) -> None:
+        """Tell the Metrics deployment what this replica holds; its answer says when to start draining."""
+        replica = serve.get_replica_context().replica_id.unique_id
+        while True:
+            try:
+                drain = await self.metrics_sink.edge.remote(
+                    replica, self.server.model_name, self.in_flight, self.draining
+                )
+                self.draining = self.draining or drain
+            except Exception as exc:  # never fails serving
+                logger.debug("edge report failed: %s", exc)
+            await asyncio.sleep(EDGE_REPORT_S)
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Hold one request: refused (retriable) while draining, counted in flight until answered."""
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry (another replica or server takes it)")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     def check_model(self, model_name: str, version: str = "") -> None:
         """Raise ModelNotFound unless the request names this model (and version 1 or none)."""

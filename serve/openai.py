@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serve import openai_codec as codec
 from serve.asgi import current_ingress, primed, read_body
+from serve.deadline import deadline_s, within
 
 router = APIRouter()
 Ingress = Any  # serve/ingress.Ingress; not imported here, it imports this module
@@ -42,7 +43,7 @@ async def chat_completions(request: Request, ingress: Ingress = Depends(current_
             chat, server.model_name, server.image_limits(), tuple(server.image_url_allowlist), server.default_params()
         )
         if not chat.stream:
-            result = await ingress.pipeline.generate(generate)
+            result = await within(deadline_s({}, request.headers), ingress.pipeline.generate(generate))
             return JSONResponse(codec.completion(server.model_name, result))
         stream = await primed(ingress.pipeline.stream(generate))
     return _sse(codec.chunks(server.model_name, stream, chat.include_usage))

@@ -63,12 +63,20 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def test_config_command_round_trips(tmp_path):
+    from serve.deploy_config import app_config_of
+
     result = _cli("config", "--model", "Salesforce/blip2-flan-t5-xl", check=True)
-    config = AppConfig.model_validate(yaml.safe_load(result.stdout))
+    config = app_config_of(yaml.safe_load(result.stdout))
     assert config.model.checkpoint == "Salesforce/blip2-flan-t5-xl"
     path = tmp_path / "config.yaml"
     path.write_text(result.stdout)
     assert AppConfig.from_file(path) == config
+    # a bare AppConfig file is read too, and `config --config` turns it into a Serve config
+    bare = tmp_path / "app.yaml"
+    bare.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    assert AppConfig.from_file(bare) == config
+    again = _cli("config", "--config", str(bare), check=True)
+    assert app_config_of(yaml.safe_load(again.stdout)) == config
 
 
 class _Server:
@@ -212,3 +220,36 @@ def test_app_builder_takes_serve_run_key_value_arguments():
     assert config.model.checkpoint == "x" and config.llm.batch.max_batch_size == 4
     with pytest.raises(ValidationError):
         AppConfig.model_validate(_nested({"model.checkpoint": "x", "llm.batch.size": "4"}))
+
+
+def test_sigterm_lets_in_flight_requests_finish(checkpoints):
+    """Kubernetes' SIGTERM: the request being generated still gets its answer, then the server exits 0."""
+    import base64
+    import threading
+
+    import httpx
+
+    port = free_port()
+    command = [BLIP2_SERVE, "run", "--model", str(checkpoints["t5"]), "--port", str(port), "--grpc-port", "0"]
+    server = _Server([*command, "--num-cpus", "4"])
+    server.wait_for("ready at http://127.0.0.1")
+    image = {"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1], "data": [base64.b64encode(image_bytes(1)).decode()]}
+    body = {"inputs": [image], "parameters": {"max_new_tokens": 300, "min_new_tokens": 300}}
+    answered: list = []
+
+    def send() -> None:
+        with httpx.Client(timeout=120) as http:
+            response = http.post(f"http://127.0.0.1:{port}/v2/models/blip2/infer", json=body)
+            answered.append((time.monotonic(), response))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(0.5)  # the request is in the LLM stage
+    signalled = time.monotonic()
+    code = server.stop(signal.SIGTERM)
+    sender.join(timeout=120)
+    assert code == 0, server.output
+    ((at, response),) = answered
+    assert at > signalled and response.status_code == 200, (at - signalled, response.text)
+    # finished after the signal, not refused
+    assert len(response.json()["outputs"][0]["data"][0]) > 0
