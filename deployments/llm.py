@@ -23,6 +23,12 @@ from deployments.types import GenerateChunk, GenerateRequest, GenerateResult, Im
 logger = logging.getLogger(__name__)
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def _settle(future: asyncio.Future, outcome) -> None:
     if not future.done():
         future.set_exception(outcome) if isinstance(outcome, BaseException) else future.set_result(outcome)
@@ -180,4 +186,5 @@ class LLMDeployment:
                 "max_running_seen": self._engine.max_running_seen,
                 "running": self._engine.running,
             }
-        return {**self._worker.stats(), "streams": dict(self._streams), "engine": engine, "pid": os.getpid()}
+        where = {"pid": os.getpid(), "node_id": _node_id()}
+        return {**self._worker.stats(), "streams": dict(self._streams), "engine": engine, **where}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -119,9 +120,11 @@ def run(args: argparse.Namespace) -> int:
     def interrupt(*_: Any) -> None:
         raise KeyboardInterrupt
 
+    # "local": a new embedded Ray, even where `ray start` left a cluster behind that ray.init() would join
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     # a signal while starting (the proxy answers ready before serve.run returns) stops as cleanly as one later
     try:
-        ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
+        ray.init(address=address, num_cpus=args.num_cpus if address == "local" else None, include_dashboard=False)
         # ray.init installs its own SIGTERM handlers (sys.exit, then a crash dump and abort): ours goes back on top
         signal.signal(signal.SIGTERM, interrupt)
         _deploy(config, document)
@@ -147,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             serve.delete(config.app_name)
         except Exception as exc:  # interrupted before Serve was up: nothing to delete
             logger.warning("could not delete the application: %s", exc)
-        if args.address is None:
+        if address == "local":  # a cluster we joined keeps its Serve (and other applications)
             serve.shutdown()
     ray.shutdown()
     return 0
