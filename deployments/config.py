@@ -22,6 +22,7 @@ class ModelConfig(BaseModel):
     quantization: Quantization = "none"  # bitsandbytes, LLM stage only
     device: Device = "auto"  # auto: CUDA when the replica sees a GPU
     local_files_only: bool = False  # never contact the hub (HF_HUB_OFFLINE=1 does the same)
+    trust_remote_code: bool = False  # run Python shipped in a checkpoint: only when flagged (BLIP-2 needs none)
 
 
 class BatchConfig(BaseModel):

@@ -12,7 +12,7 @@ from typing import AsyncIterator, Awaitable, TypeVar
 from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import Blip2ServeError, Unavailable, status_of
-from deployments.types import GenerateChunk, GenerateRequest, GenerateResult, ImageEmbeds
+from deployments.types import GenerateChunk, GenerateRequest, GenerateResult, GenerationLimits, ImageEmbeds
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,13 +35,15 @@ async def _retriable(work: Awaitable[T]) -> T:
 class Blip2Pipeline:
     """image -> vision stage -> ImageEmbeds -> LLM stage -> GenerateResult, one request at a time or many."""
 
-    def __init__(self, vision: DeploymentHandle, llm: DeploymentHandle):
+    def __init__(self, vision: DeploymentHandle, llm: DeploymentHandle, limits: GenerationLimits | None = None):
         self._vision = vision
         self._llm = llm
+        self._limits = limits or GenerationLimits()
 
     async def _embed(self, request: GenerateRequest) -> ImageEmbeds:
         if request.image is None:
             raise ValueError("GenerateRequest without an image reached the pipeline")
+        self._limits.check(request.params)
         return await _retriable(self._vision.embed.remote(request.image))
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
@@ -56,6 +58,7 @@ class Blip2Pipeline:
         for index, request in enumerate(requests):
             if request.image is None:
                 raise ValueError("GenerateRequest without an image reached the pipeline")
+            self._limits.check(request.params)  # all rows before any work
             by_image.setdefault(request.image.digest, []).append(index)
 
         async def one_image(indices: list[int]) -> list[GenerateResult]:

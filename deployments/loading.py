@@ -104,7 +104,11 @@ def _from_pretrained(cls, config: ModelConfig, **kwargs):
     """`cls.from_pretrained(checkpoint)`: a local directory, or a hub name fetched (and cached) by transformers."""
     try:
         return cls.from_pretrained(
-            config.checkpoint, revision=config.revision, local_files_only=config.local_files_only, **kwargs
+            config.checkpoint,
+            revision=config.revision,
+            local_files_only=config.local_files_only,
+            trust_remote_code=config.trust_remote_code,
+            **kwargs,
         )
     except OSError as exc:
         raise OSError(f"cannot load checkpoint {config.checkpoint!r} (a local directory or a hub name): {exc}") from exc

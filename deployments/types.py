@@ -146,6 +146,22 @@ def _stop_strings(spec: ParamSpec, raw: Any) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class GenerationLimits:
+    """What one server lets a request ask for (server config), checked before any model work."""
+
+    max_new_tokens: int = 1024
+    max_num_beams: int = 16
+
+    def check(self, params: GenerationParams) -> None:
+        if params.max_new_tokens > self.max_new_tokens:
+            raise InvalidInput(
+                f"max_new_tokens {params.max_new_tokens} is over this server's limit of {self.max_new_tokens}"
+            )
+        if params.num_beams > self.max_num_beams:
+            raise InvalidInput(f"num_beams {params.num_beams} is over this server's limit of {self.max_num_beams}")
+
+
+@dataclass(frozen=True)
 class EncodedImage:
     """An image file as the client sent it; `digest` (sha256 hex) keys caches. Checked, not decoded."""
 

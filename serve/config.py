@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from clients.contract import MODEL_NAME
 from deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
 from deployments.images import ImageLimits
-from deployments.types import GenerationParams
+from deployments.types import GenerationLimits, GenerationParams
 
 
 class AutoscalingConfig(BaseModel):
@@ -99,6 +99,17 @@ class ServerConfig(BaseModel):
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_prompt_tokens: int = Field(512, ge=1)
     default_max_new_tokens: int = Field(30, ge=1, le=1024)
+    max_new_tokens_limit: int = Field(1024, ge=1, le=1024)  # the most a request may ask for
+    max_num_beams: int = Field(8, ge=1, le=16)  # beam search costs num_beams sequences of LLM work
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> ServerConfig:
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
+        return self
+
+    def generation_limits(self) -> GenerationLimits:
+        return GenerationLimits(self.max_new_tokens_limit, self.max_num_beams)
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)

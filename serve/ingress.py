@@ -46,7 +46,7 @@ class Ingress(TritonGrpcMethods):
         config: AppConfig,
         metrics: DeploymentHandle | None = None,
     ):
-        self.pipeline = Blip2Pipeline(vision, llm)
+        self.pipeline = Blip2Pipeline(vision, llm, config.server.generation_limits())
         self.config = config
         self.server = config.server
         self.metrics_sink = metrics

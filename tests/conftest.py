@@ -194,7 +194,7 @@ def tight_app(serve_ports, checkpoints, image_server) -> ServedApp:
 
 @pytest.fixture(scope="session")
 def secured_app(serve_ports, checkpoints) -> ServedApp:
-    """The OPT graph with an API key (server.api_key_env)."""
+    """The OPT graph with an API key (server.api_key_env) and tighter generation limits."""
     from ray import serve
 
     from serve.app import build_app
@@ -203,7 +203,13 @@ def secured_app(serve_ports, checkpoints) -> ServedApp:
     config = AppConfig.model_validate(
         {
             "model": {"checkpoint": str(checkpoints["opt"])},
-            "server": {**TEST_SERVER, "api_key_env": API_KEY_ENV},
+            "server": {
+                **TEST_SERVER,
+                "api_key_env": API_KEY_ENV,
+                "max_new_tokens_limit": 16,
+                "max_num_beams": 2,
+                "default_max_new_tokens": 8,
+            },
             "vision": TEST_STAGE,
             "llm": TEST_STAGE,
             "app_name": "secured",

@@ -156,3 +156,38 @@ def test_sdk_and_cli_send_the_key(secured_app, protocol, tmp_path):
         env = {"PATH": "/usr/bin:/bin", "MY_KEY": API_KEY}
         answered = subprocess.run([*command, "--api-key-env", "MY_KEY"], capture_output=True, text=True, env=env)
         assert answered.returncode == 0 and answered.stdout.strip(), answered.stderr
+
+
+def test_configured_generation_limits(secured_app):
+    """server.max_new_tokens_limit / max_num_beams: a clear 400 before any model work, in every protocol."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    with httpx.Client(timeout=60) as http:
+        for parameters, word in (({"max_new_tokens": 17}, "max_new_tokens"), ({"num_beams": 3}, "num_beams")):
+            body = {**_infer_body(), "parameters": parameters}
+            refused = http.post(f"{secured_app.http}/v2/models/blip2/infer", headers=GOOD, json=body)
+            assert refused.status_code == 400 and word in refused.json()["error"] and "limit" in refused.json()["error"]
+        chat = {
+            "model": "blip2",
+            "max_tokens": 100,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, _data_uri_part()]}],
+        }
+        refused = http.post(f"{secured_app.http}/v1/chat/completions", headers=GOOD, json=chat)
+        assert refused.status_code == 400 and "limit" in refused.json()["error"]["message"]
+        body = {**_infer_body(), "parameters": {"max_new_tokens": 16, "num_beams": 2}}
+        assert http.post(f"{secured_app.http}/v2/models/blip2/infer", headers=GOOD, json=body).status_code == 200
+    client = grpcclient.InferenceServerClient(secured_app.grpc_url)
+    with pytest.raises(InferenceServerException) as refused:
+        inputs = bytes_inputs(grpcclient, [image_bytes(2)])
+        client.infer("blip2", inputs, parameters={"num_beams": 3}, headers={**secured_app.grpc_headers, **GOOD})
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT" and "limit" in refused.value.message()
+
+
+def _data_uri_part() -> dict:
+    import base64
+
+    return {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64," + base64.b64encode(image_bytes(1)).decode()},
+    }
