@@ -27,6 +27,8 @@ class AutoscalingConfig(BaseModel):
     target_ongoing_requests: float = Field(8.0, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(300.0, ge=0)
+    metrics_interval_s: float = Field(10.0, gt=0)  # how often replicas and handles report their load
+    look_back_period_s: float = Field(30.0, gt=0)  # the window the load is averaged over
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
