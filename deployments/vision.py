@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from functools import partial
 
@@ -76,4 +77,4 @@ class VisionDeployment:
     async def stats(self) -> dict:
         """What this replica's model saw, for tests and operators."""
         cache = {"entries": len(self._cache), "bytes": self._cache.bytes} if self._cache is not None else None
-        return {**self._worker.stats(), "cache": cache}
+        return {**self._worker.stats(), "cache": cache, "pid": os.getpid()}
