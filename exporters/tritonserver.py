@@ -74,10 +74,23 @@ def start_tritonserver(repo: str | Path, ports: TritonPorts = TritonPorts(), **p
 
 
 def run_tritonserver(repo: str | Path, ports: TritonPorts = TritonPorts()) -> int:
-    """Run tritonserver in the foreground until it exits (Ctrl-C stops it)."""
+    """Run tritonserver in the foreground until it exits. Ctrl-C or SIGTERM stops it (and its Python backend
+    stubs) before this process exits: nothing is left behind."""
+    import signal
+
+    def stop(*_) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     process = start_tritonserver(repo, ports)
     try:
         return process.wait()
     except KeyboardInterrupt:
-        process.terminate()
-        return process.wait()
+        process.terminate()  # tritonserver stops its models' stub processes itself
+        try:
+            return process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

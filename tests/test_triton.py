@@ -61,8 +61,20 @@ def triton(request, checkpoints, tmp_path_factory):
         time.sleep(1)
     yield Triton(llm, repo, http, grpc)
     server.terminate()
-    server.wait(timeout=60)
+    server.wait(timeout=90)
     log.close()
+    # `blip2-serve triton` takes tritonserver (and its Python backend stubs) down with it
+    deadline = time.monotonic() + 30
+    while _serving(http) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _serving(http), "tritonserver outlived `blip2-serve triton`"
+
+
+def _serving(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _texts(result) -> list[str]:
