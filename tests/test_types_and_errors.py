@@ -16,6 +16,8 @@ ERROR_TABLE = {
     errors.PayloadTooLarge: (413, "INVALID_ARGUMENT"),
     errors.ModelNotFound: (404, "NOT_FOUND"),
     errors.Unavailable: (503, "UNAVAILABLE"),
+    errors.Unauthenticated: (401, "UNAUTHENTICATED"),
+    errors.DeadlineExceeded: (504, "DEADLINE_EXCEEDED"),
 }
 
 
@@ -72,3 +74,18 @@ def test_batch_keys():
     assert GenerationParams(do_sample=True, seed=1).runs_alone and not GenerationParams(do_sample=True).runs_alone
     assert "temperature" not in greedy.generate_kwargs(5)
     assert GenerationParams(do_sample=True, temperature=0.5).generate_kwargs(5)["temperature"] == 0.5
+
+
+def test_lost_replicas_and_overload_are_retriable():
+    """Ray's errors for a dead replica, an unreachable one, or a full queue map to 503 / UNAVAILABLE."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve.exceptions import BackPressureError
+
+    for exc in (
+        ActorDiedError(),
+        ActorUnavailableError("gone", None),
+        BackPressureError(num_queued_requests=1, max_queued_requests=1),
+    ):
+        status, code, message = status_of(exc)
+        assert (status, code) == (503, "UNAVAILABLE"), exc
+        assert "retry" in message or "overloaded" in message, message
