@@ -285,3 +285,73 @@ def make_tiny_checkpoint(
     processor.save_pretrained(out)
     logger.info("wrote a tiny BLIP-2 (%s) checkpoint to %s", llm, out)
     return out
+
+
+def _bert_tokenizer(vocab_size: int, corpus: list[str]):
+    """WordPiece like the Q-Former's BERT tokenizer (bert-base-uncased): [PAD]=0 ... [CLS] text [SEP]."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return BertTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", do_lower_case=True,
+    )  # fmt: skip
+
+
+def make_tiny_itm_checkpoint(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A small random BLIP-2 image-text retrieval checkpoint, shaped as `Salesforce/blip2-itm-vit-g`: vision tower,
+    Q-Former with its text input (`use_qformer_text_input`), vision/text projections and the ITM head; no language
+    model. Loads with `Blip2ForImageTextRetrieval`, `Blip2VisionModelWithProjection`, `Blip2TextModelWithProjection`
+    and `Blip2Processor` `from_pretrained(out_dir)`."""
+    import torch
+    from transformers import (
+        Blip2Config,
+        Blip2ForImageTextRetrieval,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        OPTConfig,
+    )
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    shape = SIZES["tiny"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    qformer_shape = dict(shape["qformer"])
+    tokenizer = _bert_tokenizer(qformer_shape["vocab_size"], _corpus())
+    image_size = shape["image_size"]
+    processor = Blip2Processor(BlipImageProcessorPil(size={"height": image_size, "width": image_size}), tokenizer)
+    vision = Blip2VisionConfig(
+        **shape["vision"], image_size=image_size, patch_size=shape["patch_size"], initializer_range=0.02
+    )
+    qformer_shape["vocab_size"] = len(tokenizer)
+    qformer = Blip2QFormerConfig(
+        **qformer_shape,
+        encoder_hidden_size=shape["vision"]["hidden_size"],
+        use_qformer_text_input=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=16, num_attention_heads=2).to_dict(),
+        num_query_tokens=shape["num_query_tokens"],
+        image_text_hidden_size=16,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForImageTextRetrieval(config).eval()
+    _reinitialise(model, seed)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,131 @@
+"""BLIP-2 image-text retrieval (`Salesforce/blip2-itm-vit-g` and the like): embeddings, ITM and ITC, batched.
+
+One `Blip2ForImageTextRetrieval` loaded with `from_pretrained`; every output equals what transformers' own
+`Blip2VisionModelWithProjection`, `Blip2TextModelWithProjection` and `Blip2ForImageTextRetrieval` give.
+
+Embeddings (what `blip2_embed_image` / `blip2_embed_text` serve, and what search indexes):
+- a text: the Q-Former's [CLS] output through `text_projection`, L2-normalised (Blip2TextModelWithProjection's
+  `text_embeds[:, 0]`);
+- an image: the Q-Former's query outputs through `vision_projection`, each L2-normalised
+  (Blip2VisionModelWithProjection's `image_embeds`, [num_query_tokens, D]), then pooled to one vector as the
+  L2-normalised mean over the query tokens. One vector per image is what a vector index holds; the cosine of two
+  embeddings is their dot product.
+Scores for an (image, text) pair (what `blip2_itm` serves):
+- ITM: the matching head's probability that the text describes the image, softmax(logits)[1];
+- ITC: the contrastive similarity as the model computes it, the maximum over query tokens of the cosine between the
+  query token's embedding and the text's (it ranks like, but is not equal to, the pooled embeddings' cosine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from deployments.config import ModelConfig
+from deployments.errors import InvalidInput
+from deployments.loading import _from_pretrained, resolve_device, resolve_dtype
+
+
+@dataclass
+class RetrievalModel:
+    model: torch.nn.Module  # Blip2ForImageTextRetrieval
+    processor: object  # Blip2Processor
+    device: torch.device
+    dtype: torch.dtype
+    max_text_tokens: int = 64
+
+    @classmethod
+    def load(cls, config: ModelConfig, max_text_tokens: int = 64) -> RetrievalModel:
+        from transformers import AutoProcessor, Blip2ForImageTextRetrieval
+
+        device = resolve_device(config)
+        dtype = resolve_dtype(config, device)
+        model = _from_pretrained(Blip2ForImageTextRetrieval, config, dtype=dtype).to(device).eval()
+        if not getattr(model.config.qformer_config, "use_qformer_text_input", False):
+            raise ValueError(f"{config.checkpoint} is not a retrieval checkpoint (its Q-Former takes no text input)")
+        processor = _from_pretrained(AutoProcessor, config)
+        return cls(model, processor, device, dtype, max_text_tokens)
+
+    @property
+    def dimension(self) -> int:
+        return self.model.config.image_text_hidden_size
+
+    # ---- inputs
+    def pixel_values(self, images: Sequence) -> torch.Tensor:
+        """Decoded PIL images -> the processor's pixel tensor."""
+        pixels = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, self.dtype)
+
+    def tokens(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        for text in texts:
+            if not isinstance(text, str) or not text.strip():
+                raise InvalidInput("TEXT must be non-empty text")
+        encoded = self.processor.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+        )
+        return {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+
+    # ---- model
+    def _query_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        vision = model.vision_model(pixel_values=pixel_values).last_hidden_state
+        mask = torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device)
+        queries = model.query_tokens.expand(vision.shape[0], -1, -1)
+        out = model.qformer(query_embeds=queries, encoder_hidden_states=vision, encoder_attention_mask=mask)
+        return vision, out.last_hidden_state
+
+    @torch.inference_mode()
+    def query_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, num_query_tokens, D], each L2-normalised (Blip2VisionModelWithProjection's image_embeds)."""
+        _, queries = self._query_outputs(pixel_values)
+        return F.normalize(self.model.vision_projection(queries.to(self.model.vision_projection.weight.dtype)), dim=-1)
+
+    @torch.inference_mode()
+    def embed_images(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """[B, D] float32: the L2-normalised mean of the normalised query-token embeddings."""
+        pooled = F.normalize(self.query_embeddings(pixel_values).float().mean(dim=1), dim=-1)
+        return pooled.cpu().numpy().astype(np.float32)
+
+    @torch.inference_mode()
+    def _text_embeddings(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        model = self.model
+        embeds = model.embeddings(input_ids=tokens["input_ids"])
+        out = model.qformer(query_embeds=embeds, query_length=0, attention_mask=tokens["attention_mask"])
+        cls = out.last_hidden_state[:, 0, :].to(model.text_projection.weight.dtype)
+        return F.normalize(model.text_projection(cls), dim=-1)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """[B, D] float32: the normalised [CLS] projection."""
+        return self._text_embeddings(self.tokens(texts)).float().cpu().numpy().astype(np.float32)
+
+    @torch.inference_mode()
+    def match(self, pixel_values: torch.Tensor, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ITM probability [B], ITC score [B]) for the pairs (image i, text i)."""
+        if len(texts) != pixel_values.shape[0]:
+            raise InvalidInput(f"{pixel_values.shape[0]} images and {len(texts)} texts: pairs need as many of each")
+        model = self.model
+        tokens = self.tokens(texts)
+        vision, queries = self._query_outputs(pixel_values)
+        # ITM: queries and text attend together, over the image
+        query_tokens = model.query_tokens.expand(vision.shape[0], -1, -1)
+        query_mask = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=vision.device)
+        embeds = model.embeddings(input_ids=tokens["input_ids"], query_embeds=query_tokens)
+        out = model.qformer(
+            query_embeds=embeds,
+            query_length=query_tokens.shape[1],
+            attention_mask=torch.cat([query_mask, tokens["attention_mask"]], dim=1),
+            encoder_hidden_states=vision,
+            encoder_attention_mask=torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device),
+        )
+        hidden = out.last_hidden_state[:, : query_tokens.shape[1], :].to(model.itm_head.weight.dtype)
+        itm = model.itm_head(hidden).mean(dim=1).float().softmax(dim=-1)[:, 1]
+        # ITC: max over query tokens of the cosine with the text
+        image = F.normalize(model.vision_projection(queries.to(model.vision_projection.weight.dtype)), dim=-1)
+        text = self._text_embeddings(tokens)
+        itc = torch.einsum("bqd,bd->bq", image.float(), text.float()).max(dim=1).values
+        return itm.cpu().numpy().astype(np.float32), itc.cpu().numpy().astype(np.float32)
