@@ -38,6 +38,21 @@ TEXT = TensorSpec("TEXT", "BYTES", (1,))
 INPUTS = (IMAGE, PROMPT)
 OUTPUTS = (TEXT,)
 
+# Retrieval models (a BLIP-2 ITM checkpoint, `retrieval:` in the server config). Embeddings are L2-normalised
+# (deployments/retrieval_model.py documents the pooling); the cosine of two is their dot product.
+EMBED_IMAGE_MODEL = "blip2_embed_image"  # IMAGE [N, 1] -> EMBEDDING [N, D]
+EMBED_TEXT_MODEL = "blip2_embed_text"  # TEXT [N, 1] -> EMBEDDING [N, D]
+ITM_MODEL = "blip2_itm"  # IMAGE [N, 1], TEXT [N, 1] (pairs row by row) -> ITM_SCORE [N, 1], ITC_SCORE [N, 1]
+TEXT_IN = TensorSpec("TEXT", "BYTES", (1,))
+EMBEDDING = TensorSpec("EMBEDDING", "FP32", (-1,))
+ITM_SCORE = TensorSpec("ITM_SCORE", "FP32", (1,))  # the matching head's probability that the text fits the image
+ITC_SCORE = TensorSpec("ITC_SCORE", "FP32", (1,))  # the contrastive similarity (max over query tokens of cosine)
+RETRIEVAL_MODELS = {
+    EMBED_IMAGE_MODEL: ((IMAGE,), (EMBEDDING,)),
+    EMBED_TEXT_MODEL: ((TEXT_IN,), (EMBEDDING,)),
+    ITM_MODEL: ((IMAGE, TEXT_IN), (ITM_SCORE, ITC_SCORE)),
+}
+
 # The exported vision stage (vision tower + Q-Former + language projection).
 PIXEL_VALUES = TensorSpec("pixel_values", "FP32", (3, -1, -1))
 IMAGE_EMBEDS = TensorSpec("image_embeds", "FP32", (-1, -1))  # [num_query_tokens, llm_hidden]

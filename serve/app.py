@@ -55,8 +55,18 @@ def build_app(config: AppConfig) -> Application:
         metrics,
         config.llm.scheduler,
     )
+    retrieval = None
+    if config.retrieval is not None:
+        from deployments.retrieval_stage import RetrievalDeployment
+
+        stage = config.retrieval
+        gpus = _gpus_for(stage, config.model_copy(update={"model": stage.model}))
+        retrieval = RetrievalDeployment.options(**stage.deployment_options(gpus)).bind(
+            stage.model, stage.batch, config.server.image_limits(), stage.torch_threads, metrics
+        )
     ingress_gpus = 0.0 if config.ingress.num_gpus == "auto" else float(config.ingress.num_gpus)
-    return Ingress.options(**config.ingress.deployment_options(ingress_gpus)).bind(vision, llm, config, metrics)
+    ingress = Ingress.options(**config.ingress.deployment_options(ingress_gpus))
+    return ingress.bind(vision, llm, config, metrics, retrieval)
 
 
 def serve_options(config: AppConfig) -> dict:

@@ -82,6 +82,13 @@ class LLMStageConfig(StageConfig):
     scheduler: Literal["continuous", "static"] = "continuous"
 
 
+class RetrievalStageConfig(StageConfig):
+    """The optional retrieval stage (blip2_embed_image, blip2_embed_text, blip2_itm, /v1/embeddings): a BLIP-2
+    image-text retrieval checkpoint (e.g. `Salesforce/blip2-itm-vit-g`) with its own replicas and batching."""
+
+    model: ModelConfig
+
+
 class ServerConfig(BaseModel):
     """The HTTP edge: address, public model name, request limits and default generation parameters."""
 
@@ -144,6 +151,7 @@ class AppConfig(BaseModel):
     vision_backend: VisionBackendConfig = VisionBackendConfig()
     embedding_cache: EmbeddingCacheConfig = EmbeddingCacheConfig()
     llm: LLMStageConfig = LLMStageConfig()
+    retrieval: RetrievalStageConfig | None = None
     app_name: str = "blip2"
     route_prefix: str = "/"
 

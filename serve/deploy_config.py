@@ -47,6 +47,9 @@ def serve_config(config: AppConfig) -> dict[str, Any]:
             _deployment("LLM", config.llm, stage_gpus(config.llm, config)),
         ],
     }
+    if config.retrieval is not None:
+        retrieval_gpus = stage_gpus(config.retrieval, config.model_copy(update={"model": config.retrieval.model}))
+        application["deployments"].append(_deployment("Retrieval", config.retrieval, retrieval_gpus))
     document: dict[str, Any] = {
         "proxy_location": "EveryNode",
         "http_options": {"host": config.server.host, "port": config.server.http_port},

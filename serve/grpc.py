@@ -14,12 +14,13 @@ import logging
 from typing import Any, AsyncIterator
 
 import grpc
+import numpy as np
 from google.protobuf import json_format
 
 from clients.contract import IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, TEXT
 from deployments.errors import InvalidInput, Unauthenticated, Unavailable, status_of
 from deployments.types import GenerateResult
-from serve import kserve, metadata
+from serve import kserve, metadata, retrieval
 from serve.asgi import primed
 from serve.auth import PUBLIC_GRPC_METHODS
 from serve.deadline import deadline_s, within
@@ -37,14 +38,19 @@ def _parameter(value: pb.InferParameter) -> Any:
     return getattr(value, kind) if kind else None
 
 
-def infer_request_from_grpc(request: pb.ModelInferRequest) -> kserve.InferRequest:
-    """The transport-neutral InferRequest of a ModelInferRequest (raw or typed BYTES contents)."""
+def infer_request_from_grpc(
+    request: pb.ModelInferRequest, input_names: frozenset[str] | None = None, output_names: frozenset[str] | None = None
+) -> kserve.InferRequest:
+    """The transport-neutral InferRequest of a ModelInferRequest (raw or typed BYTES contents), for the model
+    whose tensors are `input_names` / `output_names` (blip2's by default)."""
+    input_names = input_names or frozenset(spec.name for spec in INPUTS)
+    output_names = output_names or frozenset(spec.name for spec in OUTPUTS)
     if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
         raise InvalidInput("raw_input_contents must have one entry per input")
     inputs: dict[str, kserve.InputTensor] = {}
     for index, tensor in enumerate(request.inputs):
-        if tensor.name not in {spec.name for spec in INPUTS}:
-            raise InvalidInput(f"unknown input {tensor.name!r}; this model takes {sorted(s.name for s in INPUTS)}")
+        if tensor.name not in input_names:
+            raise InvalidInput(f"unknown input {tensor.name!r}; this model takes {sorted(input_names)}")
         if request.raw_input_contents:
             elements = kserve.split_bytes_tensor(request.raw_input_contents[index], tensor.name)
         else:
@@ -53,8 +59,8 @@ def infer_request_from_grpc(request: pb.ModelInferRequest) -> kserve.InferReques
             elements = []  # the datatype check names the problem
         inputs[tensor.name] = kserve.InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), tuple(elements))
     for output in request.outputs:
-        if output.name not in {spec.name for spec in OUTPUTS}:
-            raise InvalidInput(f"unknown output {output.name!r}; this model gives {sorted(s.name for s in OUTPUTS)}")
+        if output.name not in output_names:
+            raise InvalidInput(f"unknown output {output.name!r}; this model gives {sorted(output_names)}")
     parameters = {name: _parameter(value) for name, value in request.parameters.items()}
     return kserve.InferRequest(id=request.id, parameters=parameters, inputs=inputs)
 
@@ -119,6 +125,8 @@ class TritonGrpcMethods:
 
     @_with_status(pb.ModelReadyResponse)
     async def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
+        if self.serves_retrieval(request.name) and request.version in ("", MODEL_VERSION):
+            return pb.ModelReadyResponse(ready=not self.draining and await self.retrieval.ready.remote())
         if request.name != self.server.model_name or request.version not in ("", MODEL_VERSION):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=not self.draining and await self.pipeline.ready())
@@ -130,13 +138,28 @@ class TritonGrpcMethods:
     @_with_status(pb.ModelMetadataResponse)
     async def ModelMetadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
         self.check_model(request.name, request.version)
+        if self.serves_retrieval(request.name):
+            return json_format.ParseDict(retrieval.model_metadata(request.name), pb.ModelMetadataResponse())
         return json_format.ParseDict(metadata.model_metadata(self.config), pb.ModelMetadataResponse())
 
     @_with_status(pb.ModelConfigResponse)
     async def ModelConfig(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
         self.check_model(request.name, request.version)
-        config = json_format.ParseDict(metadata.model_config(self.config), model_config_pb2.ModelConfig())
+        if self.serves_retrieval(request.name):
+            described = retrieval.model_config(request.name, self.server.max_images_per_request)
+        else:
+            described = metadata.model_config(self.config)
+        config = json_format.ParseDict(described, model_config_pb2.ModelConfig())
         return pb.ModelConfigResponse(config=config)
+
+    async def _retrieval_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        infer = infer_request_from_grpc(request, *retrieval.names(request.model_name))
+        outputs = await within(deadline_s(infer.parameters), retrieval.run(self, request.model_name, infer))
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION, id=infer.id)
+        for name, array in outputs.items():
+            response.outputs.add(name=name, datatype="FP32", shape=list(array.shape))
+            response.raw_output_contents.append(np.ascontiguousarray(array, dtype="<f4").tobytes())
+        return response
 
     def _generate_requests(self, request: pb.ModelInferRequest):
         self.check_model(request.model_name, request.model_version)
@@ -150,7 +173,8 @@ class TritonGrpcMethods:
     @_with_status(pb.ModelInferResponse)
     async def ModelInfer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         if request.model_name != self.server.model_name:
-            self.check_model(request.model_name)  # unknown models are not this model's failures
+            self.check_model(request.model_name, request.model_version)  # unknown models: not this model's failures
+            return await self._retrieval_infer(request)
         with self.metrics.request() as counted:
             infer, generate = self._generate_requests(request)
             counted["rows"] = len(generate)

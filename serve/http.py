@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from clients.contract import MODEL_VERSION, TEXT
 from deployments.errors import InvalidInput, Unavailable, status_of
-from serve import kserve, metadata
+from serve import kserve, metadata, retrieval
 from serve.asgi import current_ingress, primed, read_body
 from serve.deadline import deadline_s, within
 
@@ -43,6 +43,8 @@ async def ready(ingress: Ingress = Depends(current_ingress)) -> Response:
 @router.get("/v2/models/{model_name}/versions/{version}")
 async def model_metadata(model_name: str, version: str = "", ingress: Ingress = Depends(current_ingress)) -> dict:
     ingress.check_model(model_name, version)
+    if ingress.serves_retrieval(model_name):
+        return retrieval.model_metadata(model_name)
     return metadata.model_metadata(ingress.config)
 
 
@@ -50,6 +52,10 @@ async def model_metadata(model_name: str, version: str = "", ingress: Ingress = 
 @router.get("/v2/models/{model_name}/versions/{version}/ready")
 async def model_ready(model_name: str, version: str = "", ingress: Ingress = Depends(current_ingress)) -> Response:
     ingress.check_model(model_name, version)
+    if ingress.serves_retrieval(model_name):
+        if ingress.draining or not await ingress.retrieval.ready.remote():
+            raise Unavailable("the retrieval stage is not ready")
+        return Response(status_code=200)
     return await ready(ingress)
 
 
@@ -57,6 +63,8 @@ async def model_ready(model_name: str, version: str = "", ingress: Ingress = Dep
 @router.get("/v2/models/{model_name}/versions/{version}/config")
 async def model_config(model_name: str, version: str = "", ingress: Ingress = Depends(current_ingress)) -> dict:
     ingress.check_model(model_name, version)
+    if ingress.serves_retrieval(model_name):
+        return retrieval.model_config(model_name, ingress.server.max_images_per_request)
     return metadata.model_config(ingress.config)
 
 
@@ -66,12 +74,11 @@ async def infer(
     model_name: str, request: Request, version: str = "", ingress: Ingress = Depends(current_ingress)
 ) -> Response:
     ingress.check_model(model_name, version)
+    if ingress.serves_retrieval(model_name):
+        return await _retrieval_infer(model_name, request, ingress)
     with ingress.metrics.request() as counted:
         body = await read_body(request, ingress.server.max_request_bytes)
-        header_length = request.headers.get("inference-header-content-length")
-        if header_length is not None and not header_length.isdigit():
-            raise InvalidInput("Inference-Header-Content-Length must be an integer")
-        infer = kserve.decode_infer_request(body, int(header_length) if header_length else None)
+        infer = kserve.decode_infer_request(body, _header_length(request))
         requests = kserve.to_generate_requests(
             infer, ingress.server.image_limits(), ingress.server.max_images_per_request, ingress.server.default_params()
         )
@@ -81,7 +88,25 @@ async def infer(
     return Response(content=content, headers=headers)
 
 
+def _header_length(request: Request) -> int | None:
+    header_length = request.headers.get("inference-header-content-length")
+    if header_length is not None and not header_length.isdigit():
+        raise InvalidInput("Inference-Header-Content-Length must be an integer")
+    return int(header_length) if header_length else None
+
+
+async def _retrieval_infer(model_name: str, request: Request, ingress: Ingress) -> Response:
+    body = await read_body(request, ingress.server.max_request_bytes)
+    inputs, outputs = retrieval.names(model_name)
+    infer = kserve.decode_infer_request(body, _header_length(request), inputs, outputs)
+    result = await within(deadline_s(infer.parameters, request.headers), retrieval.run(ingress, model_name, infer))
+    content, headers = kserve.encode_fp32_response(model_name, infer, result)
+    return Response(content=content, headers=headers)
+
+
 async def _generate_request(request: Request, ingress: Ingress):
+    if ingress.serves_retrieval(request.path_params.get("model_name", "")):
+        raise InvalidInput("the retrieval models answer the infer route, not generate")
     body = await read_body(request, ingress.server.max_request_bytes)
     server = ingress.server
     infer = kserve.decode_generate_request(body)

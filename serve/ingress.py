@@ -13,7 +13,7 @@ from typing import Iterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from clients.contract import MODEL_VERSION
+from clients.contract import MODEL_VERSION, RETRIEVAL_MODELS
 from deployments.errors import ModelNotFound, Unavailable
 from deployments.ingress import Blip2Pipeline
 from deployments.metrics import EDGE_REPORT_S, MetricsRecorder
@@ -45,8 +45,10 @@ class Ingress(TritonGrpcMethods):
         llm: DeploymentHandle,
         config: AppConfig,
         metrics: DeploymentHandle | None = None,
+        retrieval: DeploymentHandle | None = None,
     ):
         self.pipeline = Blip2Pipeline(vision, llm, config.server.generation_limits())
+        self.retrieval = retrieval  # the Retrieval stage, when the config names a retrieval checkpoint
         self.config = config
         self.server = config.server
         self.metrics_sink = metrics
@@ -82,9 +84,12 @@ class Ingress(TritonGrpcMethods):
         finally:
             self.in_flight -= 1
 
+    def serves_retrieval(self, model_name: str) -> bool:
+        return self.retrieval is not None and model_name in RETRIEVAL_MODELS
+
     def check_model(self, model_name: str, version: str = "") -> None:
-        """Raise ModelNotFound unless the request names this model (and version 1 or none)."""
-        if model_name != self.server.model_name:
+        """Raise ModelNotFound unless the request names a model served here (and version 1 or none)."""
+        if model_name != self.server.model_name and not self.serves_retrieval(model_name):
             raise ModelNotFound(f"Request for unknown model: '{model_name}' is not found")
         if version not in ("", MODEL_VERSION):
             raise ModelNotFound(f"Request for unknown model: '{model_name}' version {version} is not found")

@@ -99,8 +99,14 @@ def _json_elements(name: str, data: Any) -> list[bytes]:
     return elements
 
 
-def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest:
-    """Parse a v2 HTTP inference body, JSON-only or JSON header + binary tensors."""
+def decode_infer_request(
+    body: bytes,
+    header_length: int | None,
+    input_names: frozenset[str] | set[str] = _INPUT_NAMES,
+    output_names: frozenset[str] | set[str] = _OUTPUT_NAMES,
+) -> InferRequest:
+    """Parse a v2 HTTP inference body, JSON-only or JSON header + binary tensors (for the model whose tensors
+    are `input_names` and `output_names`; blip2's by default)."""
     if header_length is not None and not 0 < header_length <= len(body):
         raise InvalidInput(f"Inference-Header-Content-Length {header_length} does not fit a {len(body)}-byte body")
     header = _json_object(body[:header_length] if header_length else body, "inference request")
@@ -114,8 +120,8 @@ def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise InvalidInput("each input must be an object with a 'name'")
         name = raw["name"]
-        if name not in _INPUT_NAMES:
-            raise InvalidInput(f"unknown input {name!r}; this model takes {sorted(_INPUT_NAMES)}")
+        if name not in input_names:
+            raise InvalidInput(f"unknown input {name!r}; this model takes {sorted(input_names)}")
         if name in inputs:
             raise InvalidInput(f"input {name!r} appears twice")
         shape = _shape(raw.get("shape"), name)
@@ -137,8 +143,8 @@ def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest
 
     requested: dict[str, bool] = {}
     for raw in header.get("outputs") or []:
-        if not isinstance(raw, dict) or raw.get("name") not in _OUTPUT_NAMES:
-            raise InvalidInput(f"unknown output {raw!r}; this model gives {sorted(_OUTPUT_NAMES)}")
+        if not isinstance(raw, dict) or raw.get("name") not in output_names:
+            raise InvalidInput(f"unknown output {raw!r}; this model gives {sorted(output_names)}")
         params = raw.get("parameters") or {}
         requested[raw["name"]] = bool(params.get("binary_data", False))
     parameters = header.get("parameters") or {}
@@ -251,6 +257,38 @@ def encode_infer_response(
     if not binary:
         return header, {"content-type": "application/json"}
     return header + payload, {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(len(header)),
+    }
+
+
+def bytes_rows(tensor: InputTensor) -> int:
+    """Rows of an [N] or [N, 1] BYTES input (checked against its elements)."""
+    return _rows(tensor, "BYTES")
+
+
+def encode_fp32_response(model_name: str, infer: InferRequest, outputs: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """A v2 response of FP32 outputs (numpy arrays): JSON data, or raw little-endian bytes where asked."""
+    import numpy as np
+
+    rendered, payloads = [], []
+    for name, array in outputs.items():
+        array = np.ascontiguousarray(array, dtype="<f4")
+        output: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+        if infer.requested_outputs.get(name, infer.binary_output):
+            payload = array.tobytes()
+            output["parameters"] = {"binary_data_size": len(payload)}
+            payloads.append(payload)
+        else:
+            output["data"] = array.reshape(-1).tolist()
+        rendered.append(output)
+    response: dict[str, Any] = {"model_name": model_name, "model_version": MODEL_VERSION, "outputs": rendered}
+    if infer.id:
+        response["id"] = infer.id
+    header = json.dumps(response).encode("utf-8")
+    if not payloads:
+        return header, {"content-type": "application/json"}
+    return header + b"".join(payloads), {
         "content-type": "application/octet-stream",
         "inference-header-content-length": str(len(header)),
     }

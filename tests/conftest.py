@@ -223,3 +223,34 @@ def secured_app(serve_ports, checkpoints) -> ServedApp:
 @pytest.fixture(params=["opt", "t5"])
 def app(request, apps) -> ServedApp:
     return apps[request.param]
+
+
+@pytest.fixture(scope="session")
+def itm_checkpoint(tmp_path_factory):
+    """A tiny BLIP-2 image-text retrieval checkpoint (blip2-itm-vit-g's shape)."""
+    from exporters.tiny import make_tiny_itm_checkpoint
+
+    return make_tiny_itm_checkpoint(tmp_path_factory.mktemp("itm") / "itm")
+
+
+@pytest.fixture(scope="session")
+def retrieval_app(serve_ports, checkpoints, itm_checkpoint) -> ServedApp:
+    """The OPT graph with the retrieval stage (a tiny ITM checkpoint)."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import AppConfig
+
+    config = AppConfig.model_validate(
+        {
+            "model": {"checkpoint": str(checkpoints["opt"])},
+            "server": TEST_SERVER,
+            "vision": TEST_STAGE,
+            "llm": TEST_STAGE,
+            "retrieval": {**TEST_STAGE, "model": {"checkpoint": str(itm_checkpoint)}},
+            "app_name": "retrieval",
+            "route_prefix": "/retrieval",
+        }
+    )
+    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+    return ServedApp("opt", config.app_name, serve_ports.http, serve_ports.grpc, config.route_prefix)

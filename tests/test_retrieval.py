@@ -13,13 +13,6 @@ from tests.helpers import image_bytes
 TEXTS = ["a dog on a beach", "a red block", "two cats", "the sea at night", "a green square on grey"]
 
 
-@pytest.fixture(scope="session")
-def itm_checkpoint(tmp_path_factory):
-    from exporters.tiny import make_tiny_itm_checkpoint
-
-    return make_tiny_itm_checkpoint(tmp_path_factory.mktemp("itm") / "itm")
-
-
 @pytest.fixture(scope="module")
 def retrieval(itm_checkpoint):
     from deployments.config import ModelConfig
@@ -86,3 +79,98 @@ def test_different_inputs_differ_and_bad_text_is_refused(retrieval):
             retrieval.embed_texts(bad)
     with pytest.raises(InvalidInput, match="pairs"):
         retrieval.match(retrieval.pixel_values(_images(2)), TEXTS[:1])
+
+
+def _reference(itm_checkpoint, images: list, texts: list[str]) -> dict[str, np.ndarray]:
+    """transformers' own outputs: pooled image embeddings, text embeddings, ITM probability, ITC score."""
+    from transformers import (
+        Blip2ForImageTextRetrieval,
+        Blip2Processor,
+        Blip2TextModelWithProjection,
+        Blip2VisionModelWithProjection,
+    )
+
+    processor = Blip2Processor.from_pretrained(itm_checkpoint)
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        tokens = Blip2VisionModelWithProjection.from_pretrained(itm_checkpoint)(pixel_values=inputs["pixel_values"])
+        text = Blip2TextModelWithProjection.from_pretrained(itm_checkpoint)(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).text_embeds[:, 0, :]
+        full = Blip2ForImageTextRetrieval.from_pretrained(itm_checkpoint).eval()
+        itm = full(**inputs, use_image_text_matching_head=True).logits_per_image.softmax(dim=-1)[:, 1]
+        itc = full(**inputs, use_image_text_matching_head=False).logits_per_image.diagonal()
+    pooled = torch.nn.functional.normalize(tokens.image_embeds.mean(dim=1), dim=-1)
+    return {"image": pooled.numpy(), "text": text.numpy(), "itm": itm.numpy(), "itc": itc.numpy()}
+
+
+@pytest.mark.serve
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_served_embeddings_and_scores_equal_transformers(retrieval_app, itm_checkpoint, protocol, batch):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    images = [image_bytes(i) for i in range(batch)]
+    texts = TEXTS[:batch]
+    reference = _reference(itm_checkpoint, _images(batch), texts)
+    if protocol == "http":
+        module, client = httpclient, httpclient.InferenceServerClient(retrieval_app.url)
+        options = {}
+    else:
+        module, client = grpcclient, grpcclient.InferenceServerClient(retrieval_app.grpc_url)
+        options = {"headers": retrieval_app.grpc_headers}
+    encoded = [t.encode() for t in texts]
+
+    def infer(model, tensors, outputs):
+        inputs = []
+        for name, values in tensors.items():
+            tensor = module.InferInput(name, [len(values), 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[v] for v in values], dtype=np.object_))
+            inputs.append(tensor)
+        return client.infer(model, inputs, outputs=[module.InferRequestedOutput(n) for n in outputs], **options)
+
+    image = infer("blip2_embed_image", {"IMAGE": images}, ["EMBEDDING"]).as_numpy("EMBEDDING")
+    np.testing.assert_allclose(image, reference["image"], atol=1e-5)
+    text = infer("blip2_embed_text", {"TEXT": encoded}, ["EMBEDDING"]).as_numpy("EMBEDDING")
+    np.testing.assert_allclose(text, reference["text"], atol=1e-5)
+    scored = infer("blip2_itm", {"IMAGE": images, "TEXT": encoded}, ["ITM_SCORE", "ITC_SCORE"])
+    np.testing.assert_allclose(scored.as_numpy("ITM_SCORE")[:, 0], reference["itm"], atol=1e-5)
+    np.testing.assert_allclose(scored.as_numpy("ITC_SCORE")[:, 0], reference["itc"], atol=1e-5)
+    assert image.dtype == np.float32 and image.shape == (batch, 16)
+    metadata = client.get_model_metadata("blip2_embed_image", **options)
+    assert client.is_model_ready("blip2_itm", **options)
+    names = [o["name"] for o in metadata["outputs"]] if protocol == "http" else [o.name for o in metadata.outputs]
+    assert names == ["EMBEDDING"]
+
+
+@pytest.mark.serve
+def test_retrieval_bad_input_is_refused_and_the_server_goes_on(retrieval_app):
+    import base64
+
+    import httpx
+
+    url = f"{retrieval_app.http}/v2/models"
+    good = base64.b64encode(image_bytes(1)).decode()
+
+    def tensor(name, data):
+        return {"name": name, "datatype": "BYTES", "shape": [len(data), 1], "data": data}
+
+    cases = {
+        "not an image": ("blip2_embed_image", [tensor("IMAGE", [base64.b64encode(b"nope").decode()])], "image"),
+        "empty text": ("blip2_embed_text", [tensor("TEXT", [""])], "TEXT"),
+        "blank text": ("blip2_embed_text", [tensor("TEXT", ["   "])], "TEXT"),
+        "unequal rows": ("blip2_itm", [tensor("IMAGE", [good, good]), tensor("TEXT", ["a"])], "rows"),
+        "missing TEXT": ("blip2_itm", [tensor("IMAGE", [good])], "TEXT"),
+        "wrong input": ("blip2_embed_text", [tensor("IMAGE", [good])], "unknown input"),
+        "too many rows": ("blip2_embed_text", [tensor("TEXT", ["a"] * 9)], "batch size"),
+    }
+    with httpx.Client(timeout=60) as http:
+        for case, (model, inputs, word) in cases.items():
+            refused = http.post(f"{url}/{model}/infer", json={"inputs": inputs})
+            assert refused.status_code == 400 and word in refused.json()["error"], (case, refused.text)
+        oversize = http.post(f"{url}/blip2_embed_text/infer", content=b"x" * (3 * 1024 * 1024))
+        assert oversize.status_code == 413
+        assert http.get(f"{url}/blip2_nothing").status_code == 404
+        answered = http.post(f"{url}/blip2_embed_text/infer", json={"inputs": [tensor("TEXT", ["a dog"])]})
+        assert answered.status_code == 200 and len(answered.json()["outputs"][0]["data"]) == 16
