@@ -150,8 +150,84 @@ def chat(args: argparse.Namespace) -> int:
             turns.append((question, "".join(pieces)))
 
 
+async def _index_files(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from clients.image_index import ImageIndex
+    from clients.sdk import AsyncBlip2Client
+
+    files = image_files([args.dir])
+    async with AsyncBlip2Client(args.url, args.protocol, api_key=_api_key(args)) as client:
+        index = None
+        try:
+            index = ImageIndex(args.out)
+        except FileNotFoundError:
+            pass
+        done = set(index.paths) if index is not None else set()
+        todo = [f for f in files if str(f) not in done]
+        progress = tqdm(total=len(files), initial=len(files) - len(todo), unit="img", disable=not args.progress)
+        try:
+            for start in range(0, len(todo), args.batch):
+                chunk = todo[start : start + args.batch]
+                embeddings = await client.embed_images([p.read_bytes() for p in chunk])
+                if index is None:
+                    index = ImageIndex(args.out, dimension=embeddings.shape[1])
+                index.add([str(p) for p in chunk], embeddings)  # saved: a rerun resumes after this batch
+                progress.update(len(chunk))
+        finally:
+            progress.close()
+    print(f"{args.out}: {len(index) if index is not None else 0} images", file=sys.stderr)
+    return 0
+
+
+def index_folder(args: argparse.Namespace) -> int:
+    return asyncio.run(_index_files(args))
+
+
+def search(args: argparse.Namespace) -> int:
+    from clients.image_index import ImageIndex
+    from clients.sdk import Blip2Client
+
+    index = ImageIndex(args.index)
+    with Blip2Client(args.url, args.protocol, api_key=_api_key(args)) as client:
+        query = client.embed_texts([args.text])[0]
+    for match in index.search(query, args.k):
+        print(f"{match.score:.4f}\t{match.path}")
+    return 0
+
+
+def match(args: argparse.Namespace) -> int:
+    from clients.sdk import Blip2Client
+
+    with Blip2Client(args.url, args.protocol, api_key=_api_key(args)) as client:
+        scores = client.match(args.image, args.text)
+    print(f"itm {scores['itm']:.4f}\titc {scores['itc']:.4f}")
+    return 0
+
+
 def register(commands) -> None:
-    """Add caption, ask and chat to the `blip2-serve` parser."""
+    """Add caption, ask, chat, index, search and match to the `blip2-serve` parser."""
+    idx = commands.add_parser("index", help="embed a folder of images into a search index (resumable)")
+    idx.add_argument("dir")
+    idx.add_argument("--out", required=True, help="index file (INDEX and INDEX.json); a rerun adds what is missing")
+    idx.add_argument("--batch", type=int, default=8, help="images per request")
+    idx.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_client_options(idx)
+    idx.set_defaults(func=index_folder)
+
+    find = commands.add_parser("search", help="the images of an index that best match a text")
+    find.add_argument("index")
+    find.add_argument("text")
+    find.add_argument("-k", type=int, default=5)
+    add_client_options(find)
+    find.set_defaults(func=search)
+
+    pair = commands.add_parser("match", help="ITM probability and ITC similarity of an image and a text")
+    pair.add_argument("image")
+    pair.add_argument("text")
+    add_client_options(pair)
+    pair.set_defaults(func=match)
+
     cap = commands.add_parser("caption", help="caption images and directories of images")
     cap.add_argument("images", nargs="+", help="image files or directories")
     cap.add_argument("--out", help="JSONL file to append to; a rerun skips images already in it")

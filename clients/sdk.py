@@ -20,7 +20,9 @@ import random
 import threading
 from typing import AsyncIterator, Iterator, Sequence
 
-from clients.contract import MODEL_NAME, question_prompt
+import numpy as np
+
+from clients.contract import EMBED_IMAGE_MODEL, EMBED_TEXT_MODEL, ITM_MODEL, MODEL_NAME, question_prompt
 from clients.errors import ServiceUnavailableError
 from clients.images import ImageLike, image_bytes
 from clients.transports import make_transport
@@ -100,6 +102,33 @@ class AsyncBlip2Client:
         async for piece in self._transport.stream(image_bytes(image), prompt, generation):
             yield piece
 
+    # ---- retrieval (a server with a `retrieval:` checkpoint)
+    async def _tensors(self, model: str, tensors: dict[str, list[bytes]], outputs: list[str]) -> dict:
+        for attempt in range(self.retries + 1):
+            try:
+                return await self._transport.infer_tensors(model, tensors, outputs)
+            except ServiceUnavailableError:
+                if attempt == self.retries:
+                    raise
+                await asyncio.sleep(min(self.backoff_s * 2**attempt, 30.0) * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
+
+    async def embed_images(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """[N, D] float32, L2-normalised image embeddings (blip2_embed_image)."""
+        data = [image_bytes(image) for image in images]
+        return (await self._tensors(EMBED_IMAGE_MODEL, {"IMAGE": data}, ["EMBEDDING"]))["EMBEDDING"]
+
+    async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """[N, D] float32, L2-normalised text embeddings (blip2_embed_text); cosine with images = dot product."""
+        data = [text.encode("utf-8") for text in texts]
+        return (await self._tensors(EMBED_TEXT_MODEL, {"TEXT": data}, ["EMBEDDING"]))["EMBEDDING"]
+
+    async def match(self, image: ImageLike, text: str) -> dict[str, float]:
+        """{"itm": probability that `text` describes `image`, "itc": contrastive similarity} (blip2_itm)."""
+        tensors = {"IMAGE": [image_bytes(image)], "TEXT": [text.encode("utf-8")]}
+        out = await self._tensors(ITM_MODEL, tensors, ["ITM_SCORE", "ITC_SCORE"])
+        return {"itm": float(out["ITM_SCORE"].reshape(-1)[0]), "itc": float(out["ITC_SCORE"].reshape(-1)[0])}
+
     async def health(self) -> dict[str, bool]:
         """{"live", "ready", "model_ready"}."""
         return await self._transport.health()
@@ -169,6 +198,15 @@ class Blip2Client:
                     return
         finally:
             self._run(pieces.aclose())
+
+    def embed_images(self, images: Sequence[ImageLike]) -> np.ndarray:
+        return self._run(self._client.embed_images(images))
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self._run(self._client.embed_texts(texts))
+
+    def match(self, image: ImageLike, text: str) -> dict[str, float]:
+        return self._run(self._client.match(image, text))
 
     def health(self) -> dict[str, bool]:
         """See AsyncBlip2Client.health."""

@@ -92,6 +92,17 @@ class _TritonTransport:
         call = self._triton.infer(self._model, inputs, parameters=parameters or None, **self._call_options)
         return _texts(await _guarded(call))
 
+    async def infer_tensors(self, model: str, tensors: dict[str, list[bytes]], outputs: list[str]) -> dict:
+        """Any served model with BYTES [N, 1] inputs: its named outputs as numpy arrays."""
+        inputs = []
+        for name, values in tensors.items():
+            tensor = self._module.InferInput(name, [len(values), 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[v] for v in values], dtype=np.object_))
+            inputs.append(tensor)
+        requested = [self._module.InferRequestedOutput(name) for name in outputs]
+        result = await _guarded(self._triton.infer(model, inputs, outputs=requested, **self._call_options))
+        return {name: result.as_numpy(name) for name in outputs}
+
     async def health(self) -> dict[str, bool]:
         options = {k: v for k, v in self._call_options.items() if k == "headers"}
         live = await _guarded(self._triton.is_server_live(**options))

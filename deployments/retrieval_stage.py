@@ -90,6 +90,11 @@ class RetrievalDeployment:
 
         return await self._run(scores, items)
 
+    async def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens of each text as the model reads it (OpenAI's `usage`)."""
+        ids = self._model.processor.tokenizer(list(texts), truncation=True, max_length=self._model.max_text_tokens)
+        return [len(row) for row in ids["input_ids"]]
+
     async def ready(self) -> bool:
         return True
 

@@ -47,3 +47,47 @@ async def chat_completions(request: Request, ingress: Ingress = Depends(current_
             return JSONResponse(codec.completion(server.model_name, result))
         stream = await primed(ingress.pipeline.stream(generate))
     return _sse(codec.chunks(server.model_name, stream, chat.include_usage))
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request, ingress: Ingress = Depends(current_ingress)) -> Response:
+    """OpenAI's embeddings API for text (`model`: blip2_embed_text): L2-normalised BLIP-2 text embeddings, which
+    compare by cosine with blip2_embed_image's image embeddings."""
+    import asyncio
+    import base64
+
+    import numpy as np
+
+    from clients.contract import EMBED_TEXT_MODEL
+    from deployments.errors import InvalidInput, ModelNotFound
+
+    raw = await read_body(request, ingress.server.max_request_bytes)
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise InvalidInput("the request body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    model = body.get("model")
+    if ingress.retrieval is None or model != EMBED_TEXT_MODEL:
+        raise ModelNotFound(f"The model '{model}' does not exist; this server embeds text with '{EMBED_TEXT_MODEL}'")
+    texts = body.get("input")
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise InvalidInput("'input' must be a non-empty string or a list of non-empty strings")
+    if len(texts) > ingress.server.max_images_per_request:
+        raise InvalidInput(f"'input' takes at most {ingress.server.max_images_per_request} strings")
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise InvalidInput("'encoding_format' must be 'float' or 'base64'")
+    stage = ingress.retrieval
+    vectors, counts = await asyncio.gather(
+        asyncio.gather(*(stage.embed_text.remote(text) for text in texts)), stage.token_counts.remote(texts)
+    )
+    data = []
+    for index, vector in enumerate(vectors):
+        vector = np.asarray(vector, dtype="<f4")
+        embedding = base64.b64encode(vector.tobytes()).decode() if encoding == "base64" else vector.tolist()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    usage = {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}
+    return JSONResponse({"object": "list", "data": data, "model": model, "usage": usage})

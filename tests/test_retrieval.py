@@ -174,3 +174,80 @@ def test_retrieval_bad_input_is_refused_and_the_server_goes_on(retrieval_app):
         assert http.get(f"{url}/blip2_nothing").status_code == 404
         answered = http.post(f"{url}/blip2_embed_text/infer", json={"inputs": [tensor("TEXT", ["a dog"])]})
         assert answered.status_code == 200 and len(answered.json()["outputs"][0]["data"]) == 16
+
+
+@pytest.mark.serve
+def test_openai_embeddings_route(retrieval_app, itm_checkpoint):
+    import base64
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{retrieval_app.http}/v1", api_key="unused", max_retries=0)
+    result = client.embeddings.create(model="blip2_embed_text", input=TEXTS[:3])
+    served = np.array([d.embedding for d in result.data], dtype=np.float32)
+    reference = _reference(itm_checkpoint, _images(3), TEXTS[:3])["text"]
+    np.testing.assert_allclose(served, reference, atol=1e-5)
+    assert result.usage.prompt_tokens > 3 and [d.index for d in result.data] == [0, 1, 2]
+    packed = client.embeddings.create(model="blip2_embed_text", input="a dog on a beach", encoding_format="base64")
+    vector = packed.data[0].embedding
+    if isinstance(vector, str):  # the openai package may decode base64 itself
+        vector = np.frombuffer(base64.b64decode(vector), dtype="<f4")
+    np.testing.assert_allclose(np.asarray(vector, dtype=np.float32), reference[0], atol=1e-5)
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="text-embedding-3-small", input="x")
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="blip2_embed_text", input=[""])
+
+
+@pytest.mark.serve
+def test_index_search_and_match_from_the_cli(retrieval_app, tmp_path):
+    """50 images indexed (resumably) through the server; search's top-k equals brute-force cosine over the same
+    embeddings; `match` prints both scores."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from clients import Blip2Client
+    from clients.image_index import ImageIndex
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(50):
+        (folder / f"{i:02d}.png").write_bytes(image_bytes(i))
+    cli = str(Path(sys.executable).parent / "blip2-serve")
+    index = tmp_path / "images.usearch"
+    base = ["--url", retrieval_app.url, "--no-progress"]
+    # a first run over 20 images, then the whole folder: the second run adds only the other 30
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for i in range(20):
+        (partial / f"{i:02d}.png").symlink_to(folder / f"{i:02d}.png")
+    subprocess.run([cli, "index", str(partial), "--out", str(index), *base], check=True, capture_output=True)
+    assert len(ImageIndex(index)) == 20
+    meta = ImageIndex(index)
+    meta.paths = [str(folder / Path(p).name) for p in meta.paths]  # the same files, under the folder's paths
+    meta.save()
+    ran = subprocess.run([cli, "index", str(folder), "--out", str(index), *base], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    loaded = ImageIndex(index)
+    assert len(loaded) == 50 and sorted(loaded.paths) == sorted(str(p) for p in folder.iterdir())
+
+    with Blip2Client(retrieval_app.url) as client:
+        files = [Path(p).read_bytes() for p in loaded.paths]
+        images = np.concatenate([client.embed_images(files[i : i + 8]) for i in range(0, len(files), 8)])
+        query = client.embed_texts(["a red block on a blue ground"])[0]
+    brute = np.argsort(-(images @ query))[:5]
+    found = subprocess.run(
+        [cli, "search", str(index), "a red block on a blue ground", "-k", "5", "--url", retrieval_app.url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    printed = [line.split("\t") for line in found if line]
+    assert [p for _, p in printed] == [loaded.paths[i] for i in brute]
+    np.testing.assert_allclose([float(s) for s, _ in printed], (images @ query)[brute], atol=1e-4)
+
+    matched = subprocess.run(
+        [cli, "match", str(folder / "03.png"), "a dog", "--url", retrieval_app.url], capture_output=True, text=True
+    )
+    assert matched.returncode == 0 and matched.stdout.startswith("itm ") and "itc " in matched.stdout
