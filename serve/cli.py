@@ -158,9 +158,12 @@ def run(args: argparse.Namespace) -> int:
 
 def make_tiny(args: argparse.Namespace) -> int:
     """Write a small random checkpoint; its captions are gibberish."""
-    from exporters.tiny import make_tiny_checkpoint
+    from exporters.tiny import make_tiny_checkpoint, make_tiny_itm_checkpoint
 
-    path = make_tiny_checkpoint(args.dir, args.llm, size=args.size, seed=args.seed)
+    if args.llm == "itm":
+        path = make_tiny_itm_checkpoint(args.dir, seed=args.seed)
+    else:
+        path = make_tiny_checkpoint(args.dir, args.llm, size=args.size, seed=args.seed)
     print(f"wrote a {args.size} random BLIP-2 ({args.llm}) checkpoint to {path}; its outputs are gibberish")
     return 0
 
@@ -252,7 +255,7 @@ def parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("make-tiny", help="write a small random BLIP-2 checkpoint (no hub needed)")
     tiny.add_argument("dir")
-    tiny.add_argument("--llm", choices=["opt", "t5"], default="opt")
+    tiny.add_argument("--llm", choices=["opt", "t5", "itm"], default="opt", help="itm: a retrieval checkpoint")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--size", choices=["tiny", "medium"], default="tiny", help="medium: real widths, 2 layers each")
     tiny.set_defaults(func=make_tiny)
