@@ -70,24 +70,31 @@ class RetrievalModel:
         return {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
 
     # ---- model
-    def _query_outputs(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.inference_mode()
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tower's output [B, patches + 1, H]: the costly part, and what the stage caches per image."""
+        return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+
+    def _query_outputs(self, pixel_values: torch.Tensor | None, vision: torch.Tensor | None = None):
         model = self.model
-        vision = model.vision_model(pixel_values=pixel_values).last_hidden_state
+        if vision is None:
+            vision = model.vision_model(pixel_values=pixel_values).last_hidden_state
         mask = torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device)
         queries = model.query_tokens.expand(vision.shape[0], -1, -1)
         out = model.qformer(query_embeds=queries, encoder_hidden_states=vision, encoder_attention_mask=mask)
         return vision, out.last_hidden_state
 
     @torch.inference_mode()
-    def query_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, num_query_tokens, D], each L2-normalised (Blip2VisionModelWithProjection's image_embeds)."""
-        _, queries = self._query_outputs(pixel_values)
+    def query_embeddings(self, pixel_values: torch.Tensor | None, vision: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, num_query_tokens, D], each L2-normalised (Blip2VisionModelWithProjection's image_embeds); from pixels,
+        or from `vision_features` computed before."""
+        _, queries = self._query_outputs(pixel_values, vision)
         return F.normalize(self.model.vision_projection(queries.to(self.model.vision_projection.weight.dtype)), dim=-1)
 
     @torch.inference_mode()
-    def embed_images(self, pixel_values: torch.Tensor) -> np.ndarray:
+    def embed_images(self, pixel_values: torch.Tensor | None, vision: torch.Tensor | None = None) -> np.ndarray:
         """[B, D] float32: the L2-normalised mean of the normalised query-token embeddings."""
-        pooled = F.normalize(self.query_embeddings(pixel_values).float().mean(dim=1), dim=-1)
+        pooled = F.normalize(self.query_embeddings(pixel_values, vision).float().mean(dim=1), dim=-1)
         return pooled.cpu().numpy().astype(np.float32)
 
     @torch.inference_mode()
@@ -104,13 +111,16 @@ class RetrievalModel:
         return self._text_embeddings(self.tokens(texts)).float().cpu().numpy().astype(np.float32)
 
     @torch.inference_mode()
-    def match(self, pixel_values: torch.Tensor, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(ITM probability [B], ITC score [B]) for the pairs (image i, text i)."""
-        if len(texts) != pixel_values.shape[0]:
-            raise InvalidInput(f"{pixel_values.shape[0]} images and {len(texts)} texts: pairs need as many of each")
+    def match(
+        self, pixel_values: torch.Tensor | None, texts: Sequence[str], vision: torch.Tensor | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ITM probability [B], ITC score [B]) for the pairs (image i, text i); from pixels or vision features."""
+        count = (pixel_values if vision is None else vision).shape[0]
+        if len(texts) != count:
+            raise InvalidInput(f"{count} images and {len(texts)} texts: pairs need as many of each")
         model = self.model
         tokens = self.tokens(texts)
-        vision, queries = self._query_outputs(pixel_values)
+        vision, queries = self._query_outputs(pixel_values, vision)
         # ITM: queries and text attend together, over the image
         query_tokens = model.query_tokens.expand(vision.shape[0], -1, -1)
         query_mask = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=vision.device)

@@ -5,6 +5,7 @@ for what the numbers are."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.batching import ModelWorker, configure_batching, run_isolated, set_torch_threads, unwrap
+from deployments.cache import EmbeddingCache
 from deployments.config import BatchConfig, ModelConfig
 from deployments.errors import InvalidInput
 from deployments.images import ImageLimits, decode_image
@@ -35,18 +37,39 @@ class RetrievalDeployment:
         limits: ImageLimits = ImageLimits(),
         torch_threads: int | None = None,
         metrics: DeploymentHandle | None = None,
+        cache_bytes: int = 0,
     ):
         set_torch_threads(torch_threads)
         self._model = RetrievalModel.load(model)
         self._limits = limits
+        self._settings = repr(sorted(self._model.processor.image_processor.to_dict().items())).encode()
         self._worker = ModelWorker("retrieval")
         self._metrics = MetricsRecorder(metrics, "blip2_retrieval")
-        for method in (self._image_batch, self._text_batch, self._match_batch):
+        # The vision stage's cache, for this stage's vision tower: an image embedded, then matched against texts
+        # (or indexed again) runs the tower once.
+        self._cache = EmbeddingCache(cache_bytes) if cache_bytes else None
+        for method in (self._vision_batch, self._image_batch, self._text_batch, self._match_batch):
             configure_batching(method, batch)
         logger.info("retrieval stage ready (%d-dimensional embeddings)", self._model.dimension)
 
-    def _pixels(self, image: EncodedImage) -> torch.Tensor:
-        return self._model.pixel_values([decode_image(image, self._limits)])[0]
+    def _pixels(self, image: EncodedImage) -> tuple[torch.Tensor, str]:
+        """pixel_values [3, H, W] and the cache key: the decoded pixels and the processor's settings."""
+        rgb = decode_image(image, self._limits)
+        key = hashlib.sha256(self._settings + f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+        return self._model.pixel_values([rgb])[0], key
+
+    async def _features(self, image: EncodedImage) -> torch.Tensor:
+        """The vision tower's output for one image, from the cache where it is there."""
+        pixels, key = await asyncio.to_thread(self._pixels, image)
+        cached = self._cache.get(key) if self._cache is not None else None
+        if self._cache is not None:
+            self._metrics.add("blip2_embedding_cache_hits" if cached is not None else "blip2_embedding_cache_misses")
+        if cached is not None:
+            return cached
+        features = unwrap(await self._vision_batch(pixels))
+        if self._cache is not None:
+            self._cache.put(key, features)
+        return features
 
     async def _run(self, method, items: list) -> list:
         started = time.perf_counter()
@@ -57,8 +80,7 @@ class RetrievalDeployment:
     # ---- one row each; a bad row fails before it joins a batch
     async def embed_image(self, image: EncodedImage) -> np.ndarray:
         with self._metrics.request():
-            pixels = await asyncio.to_thread(self._pixels, image)
-            return unwrap(await self._image_batch(pixels))
+            return unwrap(await self._image_batch(await self._features(image)))
 
     async def embed_text(self, text: str) -> np.ndarray:
         with self._metrics.request():
@@ -70,13 +92,16 @@ class RetrievalDeployment:
         with self._metrics.request():
             if not isinstance(text, str) or not text.strip():
                 raise InvalidInput("TEXT must be non-empty text")
-            pixels = await asyncio.to_thread(self._pixels, image)
-            return unwrap(await self._match_batch((pixels, text)))
+            return unwrap(await self._match_batch((await self._features(image), text)))
 
     # ---- batches
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _vision_batch(self, items: list[torch.Tensor]) -> list:
+        return await self._run(lambda batch: list(self._model.vision_features(torch.stack(batch))), items)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _image_batch(self, items: list[torch.Tensor]) -> list:
-        return await self._run(lambda batch: list(self._model.embed_images(torch.stack(batch))), items)
+        return await self._run(lambda batch: list(self._model.embed_images(None, torch.stack(batch))), items)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _text_batch(self, items: list[str]) -> list:
@@ -85,7 +110,7 @@ class RetrievalDeployment:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _match_batch(self, items: list[tuple[torch.Tensor, str]]) -> list:
         def scores(batch):
-            itm, itc = self._model.match(torch.stack([p for p, _ in batch]), [t for _, t in batch])
+            itm, itc = self._model.match(None, [t for _, t in batch], vision=torch.stack([f for f, _ in batch]))
             return list(zip(itm.tolist(), itc.tolist()))
 
         return await self._run(scores, items)
@@ -99,4 +124,5 @@ class RetrievalDeployment:
         return True
 
     async def stats(self) -> dict:
-        return {**self._worker.stats(), "dimension": self._model.dimension, "pid": os.getpid()}
+        cache = {"entries": len(self._cache), "hits": self._cache.hits} if self._cache is not None else None
+        return {**self._worker.stats(), "dimension": self._model.dimension, "cache": cache, "pid": os.getpid()}

@@ -62,7 +62,12 @@ def build_app(config: AppConfig) -> Application:
         stage = config.retrieval
         gpus = _gpus_for(stage, config.model_copy(update={"model": stage.model}))
         retrieval = RetrievalDeployment.options(**stage.deployment_options(gpus)).bind(
-            stage.model, stage.batch, config.server.image_limits(), stage.torch_threads, metrics
+            stage.model,
+            stage.batch,
+            config.server.image_limits(),
+            stage.torch_threads,
+            metrics,
+            config.embedding_cache.max_bytes,
         )
     ingress_gpus = 0.0 if config.ingress.num_gpus == "auto" else float(config.ingress.num_gpus)
     ingress = Ingress.options(**config.ingress.deployment_options(ingress_gpus))

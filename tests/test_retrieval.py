@@ -138,6 +138,9 @@ def test_served_embeddings_and_scores_equal_transformers(retrieval_app, itm_chec
     np.testing.assert_allclose(scored.as_numpy("ITM_SCORE")[:, 0], reference["itm"], atol=1e-5)
     np.testing.assert_allclose(scored.as_numpy("ITC_SCORE")[:, 0], reference["itc"], atol=1e-5)
     assert image.dtype == np.float32 and image.shape == (batch, 16)
+    # blip2_itm's images were embedded just before: the vision tower ran once for them (the stage's cache)
+    stats = retrieval_app.deployment("Retrieval").stats.remote().result()
+    assert stats["cache"]["hits"] >= batch and stats["max_batch_size_seen"] >= 1
     metadata = client.get_model_metadata("blip2_embed_image", **options)
     assert client.is_model_ready("blip2_itm", **options)
     names = [o["name"] for o in metadata["outputs"]] if protocol == "http" else [o.name for o in metadata.outputs]
