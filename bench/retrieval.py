@@ -21,12 +21,12 @@ from bench.run import _free_port
 TEXTS = [f"a photo of {w} number {i}" for i, w in enumerate(["a dog", "a cat", "the sea", "a red block"] * 16)]
 
 
-def _checkpoint(cache: Path) -> Path:
+def _checkpoint(cache: Path, size: str = "tiny") -> Path:
     from exporters.tiny import make_tiny_itm_checkpoint
 
-    path = cache / "tiny-itm"
+    path = cache / f"{size}-itm"
     if not (path / "model.safetensors").exists():
-        make_tiny_itm_checkpoint(path)
+        make_tiny_itm_checkpoint(path, size=size)
     return path
 
 
@@ -69,7 +69,7 @@ def served(checkpoint: Path, images: list[bytes], texts: list[str], concurrency:
     from serve.app import build_app
     from serve.config import AppConfig
 
-    captioner = _checkpoint(Path(__file__).parent / ".cache").parent / "tiny-opt"
+    captioner = Path(__file__).parent / ".cache" / "tiny-opt"
     if not (captioner / "model.safetensors").exists():
         make_tiny_checkpoint(captioner, "opt")
     port = _free_port()
@@ -116,13 +116,15 @@ def served(checkpoint: Path, images: list[bytes], texts: list[str], concurrency:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.retrieval", description=__doc__)
+    parser.add_argument("--size", choices=["tiny", "medium"], default="medium")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "retrieval"))
+    parser.add_argument("--out", help="default: bench/results/retrieval-<size>")
     args = parser.parse_args(argv)
     from exporters.int8_report import sample_images
 
-    checkpoint = _checkpoint(Path(__file__).parent / ".cache")
+    checkpoint = _checkpoint(Path(__file__).parent / ".cache", args.size)
+    args.out = args.out or str(Path(__file__).parent / "results" / f"retrieval-{args.size}")
     images, texts = sample_images(args.images), TEXTS[: args.images]
     loop = baseline(checkpoint, images, texts)
     server = served(checkpoint, images, texts, args.concurrency)
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
     lines = [
-        f"# Retrieval embeddings (tiny ITM checkpoint, commit {document['environment']['commit'][:10]})",
+        f"# Retrieval embeddings ({args.size} ITM checkpoint, commit {document['environment']['commit'][:10]})",
         "",
         f"{len(images)} images and {len(texts)} texts; served: {args.concurrency} concurrent stock tritonclient HTTP "
         "clients, one input per request; baseline: a sequential transformers loop, one input at a time.",

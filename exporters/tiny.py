@@ -309,11 +309,12 @@ def _bert_tokenizer(vocab_size: int, corpus: list[str]):
     )  # fmt: skip
 
 
-def make_tiny_itm_checkpoint(out_dir: str | Path, *, seed: int = 0) -> Path:
+def make_tiny_itm_checkpoint(out_dir: str | Path, *, size: str = "tiny", seed: int = 0) -> Path:
     """A small random BLIP-2 image-text retrieval checkpoint, shaped as `Salesforce/blip2-itm-vit-g`: vision tower,
     Q-Former with its text input (`use_qformer_text_input`), vision/text projections and the ITM head; no language
     model. Loads with `Blip2ForImageTextRetrieval`, `Blip2VisionModelWithProjection`, `Blip2TextModelWithProjection`
-    and `Blip2Processor` `from_pretrained(out_dir)`."""
+    and `Blip2Processor` `from_pretrained(out_dir)`. "medium": blip2-itm-vit-g's widths (ViT-g 1408, Q-Former 768,
+    256-dimensional embeddings) with 2 layers per tower, for benchmarks."""
     import torch
     from transformers import (
         Blip2Config,
@@ -325,11 +326,11 @@ def make_tiny_itm_checkpoint(out_dir: str | Path, *, seed: int = 0) -> Path:
     )
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    shape = SIZES["tiny"]
+    shape = SIZES[size]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     qformer_shape = dict(shape["qformer"])
-    tokenizer = _bert_tokenizer(qformer_shape["vocab_size"], _corpus())
+    tokenizer = _bert_tokenizer(min(qformer_shape["vocab_size"], 4000), _corpus())
     image_size = shape["image_size"]
     processor = Blip2Processor(BlipImageProcessorPil(size={"height": image_size, "width": image_size}), tokenizer)
     vision = Blip2VisionConfig(
@@ -347,7 +348,7 @@ def make_tiny_itm_checkpoint(out_dir: str | Path, *, seed: int = 0) -> Path:
         qformer_config=qformer.to_dict(),
         text_config=OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=16, num_attention_heads=2).to_dict(),
         num_query_tokens=shape["num_query_tokens"],
-        image_text_hidden_size=16,
+        image_text_hidden_size=16 if size == "tiny" else 256,
     )
     torch.manual_seed(seed)
     model = Blip2ForImageTextRetrieval(config).eval()
