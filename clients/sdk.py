@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from typing import AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -26,6 +26,8 @@ from clients.contract import EMBED_IMAGE_MODEL, EMBED_TEXT_MODEL, ITM_MODEL, MOD
 from clients.errors import ServiceUnavailableError
 from clients.images import ImageLike, image_bytes
 from clients.transports import make_transport
+
+T = TypeVar("T")
 
 
 class AsyncBlip2Client:
@@ -50,17 +52,20 @@ class AsyncBlip2Client:
         self.concurrency = concurrency
         self.retries, self.backoff_s = retries, backoff_s
 
-    async def _infer(self, images: list[bytes], prompts: list[str] | None, generation: dict) -> list[str]:
-        """One inference, retried with exponential backoff (and jitter) while the server answers "unavailable":
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, retried with exponential backoff (and jitter) while the server answers "unavailable":
         overloaded, or replacing a replica it lost. Other errors are raised at once."""
         for attempt in range(self.retries + 1):
             try:
-                return await self._transport.infer(images, prompts, generation)
+                return await call()
             except ServiceUnavailableError:
                 if attempt == self.retries:
                     raise
                 await asyncio.sleep(min(self.backoff_s * 2**attempt, 30.0) * random.uniform(0.5, 1.0))
         raise AssertionError("unreachable")
+
+    async def _infer(self, images: list[bytes], prompts: list[str] | None, generation: dict) -> list[str]:
+        return await self._retrying(lambda: self._transport.infer(images, prompts, generation))
 
     async def caption(self, image: ImageLike, **generation) -> str:
         """A caption of one image."""
@@ -104,14 +109,7 @@ class AsyncBlip2Client:
 
     # ---- retrieval (a server with a `retrieval:` checkpoint)
     async def _tensors(self, model: str, tensors: dict[str, list[bytes]], outputs: list[str]) -> dict:
-        for attempt in range(self.retries + 1):
-            try:
-                return await self._transport.infer_tensors(model, tensors, outputs)
-            except ServiceUnavailableError:
-                if attempt == self.retries:
-                    raise
-                await asyncio.sleep(min(self.backoff_s * 2**attempt, 30.0) * random.uniform(0.5, 1.0))
-        raise AssertionError("unreachable")
+        return await self._retrying(lambda: self._transport.infer_tensors(model, tensors, outputs))
 
     async def embed_images(self, images: Sequence[ImageLike]) -> np.ndarray:
         """[N, D] float32, L2-normalised image embeddings (blip2_embed_image)."""

@@ -18,18 +18,24 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _as_ours(exc: Exception) -> Exception:
+    """Ray's overload and lost-replica errors as Unavailable (503 with Retry-After, UNAVAILABLE), so that every
+    protocol renders them itself; anything else as it is."""
+    if isinstance(exc, Blip2ServeError):
+        return exc
+    status, _, message = status_of(exc)
+    return Unavailable(message) if status == Unavailable.http_status else exc
+
+
 async def _retriable(work: Awaitable[T]) -> T:
-    """Await a stage call; Ray's overload and lost-replica errors become Unavailable (503 with Retry-After,
-    UNAVAILABLE), so that every protocol renders them itself."""
+    """Await a stage call, its errors as _as_ours says."""
     try:
         return await work
-    except Blip2ServeError:
-        raise
     except Exception as exc:
-        status, _, message = status_of(exc)
-        if status == Unavailable.http_status:
-            raise Unavailable(message) from exc
-        raise
+        mapped = _as_ours(exc)
+        if mapped is exc:
+            raise
+        raise mapped from exc
 
 
 class Blip2Pipeline:
@@ -85,13 +91,11 @@ class Blip2Pipeline:
         try:
             async for chunk in chunks:
                 yield chunk
-        except Blip2ServeError:
-            raise
         except Exception as exc:
-            status, _, message = status_of(exc)
-            if status == Unavailable.http_status:
-                raise Unavailable(message) from exc
-            raise
+            mapped = _as_ours(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
         finally:
             chunks.cancel()  # a no-op once finished; stops the LLM stage when our caller went away
 

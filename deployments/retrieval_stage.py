@@ -5,7 +5,6 @@ for what the numbers are."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
@@ -20,10 +19,11 @@ from deployments.batching import ModelWorker, configure_batching, run_isolated, 
 from deployments.cache import EmbeddingCache
 from deployments.config import BatchConfig, ModelConfig
 from deployments.errors import InvalidInput
-from deployments.images import ImageLimits, decode_image
+from deployments.images import ImageLimits
 from deployments.metrics import MetricsRecorder
 from deployments.retrieval_model import RetrievalModel
 from deployments.types import EncodedImage
+from deployments.vision_encoder import ImagePreprocessor
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,7 @@ class RetrievalDeployment:
     ):
         set_torch_threads(torch_threads)
         self._model = RetrievalModel.load(model)
-        self._limits = limits
-        self._settings = repr(sorted(self._model.processor.image_processor.to_dict().items())).encode()
+        self._preprocess = ImagePreprocessor(None, limits, image_processor=self._model.processor.image_processor)
         self._worker = ModelWorker("retrieval")
         self._metrics = MetricsRecorder(metrics, "blip2_retrieval")
         # The vision stage's cache, for this stage's vision tower: an image embedded, then matched against texts
@@ -52,15 +51,9 @@ class RetrievalDeployment:
             configure_batching(method, batch)
         logger.info("retrieval stage ready (%d-dimensional embeddings)", self._model.dimension)
 
-    def _pixels(self, image: EncodedImage) -> tuple[torch.Tensor, str]:
-        """pixel_values [3, H, W] and the cache key: the decoded pixels and the processor's settings."""
-        rgb = decode_image(image, self._limits)
-        key = hashlib.sha256(self._settings + f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
-        return self._model.pixel_values([rgb])[0], key
-
     async def _features(self, image: EncodedImage) -> torch.Tensor:
         """The vision tower's output for one image, from the cache where it is there."""
-        pixels, key = await asyncio.to_thread(self._pixels, image)
+        pixels, key = await asyncio.to_thread(self._preprocess.with_key, image)  # the vision stage's cache key
         cached = self._cache.get(key) if self._cache is not None else None
         if self._cache is not None:
             self._metrics.add("blip2_embedding_cache_hits" if cached is not None else "blip2_embedding_cache_misses")
@@ -97,7 +90,10 @@ class RetrievalDeployment:
     # ---- batches
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _vision_batch(self, items: list[torch.Tensor]) -> list:
-        return await self._run(lambda batch: list(self._model.vision_features(torch.stack(batch))), items)
+        model = self._model
+        return await self._run(
+            lambda batch: list(model.vision_features(torch.stack(batch).to(model.device, model.dtype))), items
+        )
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _image_batch(self, items: list[torch.Tensor]) -> list:

@@ -24,9 +24,12 @@ logger = logging.getLogger(__name__)
 class ImagePreprocessor:
     """The checkpoint's image processor behind our image checks: `EncodedImage -> pixel_values [3, H, W]`."""
 
-    def __init__(self, config: ModelConfig, limits: ImageLimits = ImageLimits()):
-        processor = load_processor(config)
-        self.image_processor, self.tokenizer = processor.image_processor, processor.tokenizer
+    def __init__(self, config: ModelConfig | None, limits: ImageLimits = ImageLimits(), image_processor=None):
+        """The processor of `config`'s checkpoint, or the `image_processor` given (the retrieval stage's)."""
+        if image_processor is None:
+            processor = load_processor(config)
+            image_processor, self.tokenizer = processor.image_processor, processor.tokenizer
+        self.image_processor = image_processor
         self.limits = limits
         settings = json.dumps(self.image_processor.to_dict(), sort_keys=True, default=str)
         self._settings = hashlib.sha256(settings.encode()).digest()

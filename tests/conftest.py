@@ -192,32 +192,34 @@ def tight_app(serve_ports, checkpoints, image_server) -> ServedApp:
     return ServedApp("opt", config.app_name, serve_ports.http, serve_ports.grpc, config.route_prefix)
 
 
-@pytest.fixture(scope="session")
-def secured_app(serve_ports, checkpoints) -> ServedApp:
-    """The OPT graph with an API key (server.api_key_env) and tighter generation limits."""
+def deploy_graph(serve_ports: ServePorts, checkpoint, llm: str, name: str, **sections) -> ServedApp:
+    """One more graph on the shared Serve instance at /name: the test stage and server settings, with `sections`
+    of the AppConfig (server, retrieval, ...) on top."""
     from ray import serve
 
     from serve.app import build_app
     from serve.config import AppConfig
 
-    config = AppConfig.model_validate(
-        {
-            "model": {"checkpoint": str(checkpoints["opt"])},
-            "server": {
-                **TEST_SERVER,
-                "api_key_env": API_KEY_ENV,
-                "max_new_tokens_limit": 16,
-                "max_num_beams": 2,
-                "default_max_new_tokens": 8,
-            },
-            "vision": TEST_STAGE,
-            "llm": TEST_STAGE,
-            "app_name": "secured",
-            "route_prefix": "/secured",
-        }
-    )
+    document = {
+        "model": {"checkpoint": str(checkpoint)},
+        "server": TEST_SERVER,
+        "vision": TEST_STAGE,
+        "llm": TEST_STAGE,
+        "app_name": name,
+        "route_prefix": f"/{name}",
+        **sections,
+    }
+    config = AppConfig.model_validate(document)
     serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
-    return ServedApp("opt", config.app_name, serve_ports.http, serve_ports.grpc, config.route_prefix)
+    return ServedApp(llm, config.app_name, serve_ports.http, serve_ports.grpc, config.route_prefix)
+
+
+@pytest.fixture(scope="session")
+def secured_app(serve_ports, checkpoints) -> ServedApp:
+    """The OPT graph with an API key (server.api_key_env) and tighter generation limits."""
+    limits = {"max_new_tokens_limit": 16, "max_num_beams": 2, "default_max_new_tokens": 8}
+    server = {**TEST_SERVER, "api_key_env": API_KEY_ENV, **limits}
+    return deploy_graph(serve_ports, checkpoints["opt"], "opt", "secured", server=server)
 
 
 @pytest.fixture(params=["opt", "t5"])
@@ -236,21 +238,5 @@ def itm_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def retrieval_app(serve_ports, checkpoints, itm_checkpoint) -> ServedApp:
     """The OPT graph with the retrieval stage (a tiny ITM checkpoint)."""
-    from ray import serve
-
-    from serve.app import build_app
-    from serve.config import AppConfig
-
-    config = AppConfig.model_validate(
-        {
-            "model": {"checkpoint": str(checkpoints["opt"])},
-            "server": TEST_SERVER,
-            "vision": TEST_STAGE,
-            "llm": TEST_STAGE,
-            "retrieval": {**TEST_STAGE, "model": {"checkpoint": str(itm_checkpoint)}},
-            "app_name": "retrieval",
-            "route_prefix": "/retrieval",
-        }
-    )
-    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
-    return ServedApp("opt", config.app_name, serve_ports.http, serve_ports.grpc, config.route_prefix)
+    retrieval = {**TEST_STAGE, "model": {"checkpoint": str(itm_checkpoint)}}
+    return deploy_graph(serve_ports, checkpoints["opt"], "opt", "retrieval", retrieval=retrieval)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from clients.transports import bytes_inputs
-from tests.conftest import TEST_SERVER, TEST_STAGE, ServedApp
+from tests.conftest import ServedApp, deploy_graph
 from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.serve
@@ -68,22 +68,8 @@ def faulty_app(serve_ports, checkpoints) -> ServedApp:
     """The T5 graph of its own, to kill replicas of."""
     from ray import serve
 
-    from serve.app import build_app
-    from serve.config import AppConfig
-
-    config = AppConfig.model_validate(
-        {
-            "model": {"checkpoint": str(checkpoints["t5"])},
-            "server": TEST_SERVER,
-            "vision": TEST_STAGE,
-            "llm": TEST_STAGE,
-            "app_name": "faulty",
-            "route_prefix": "/faulty",
-        }
-    )
-    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
-    yield ServedApp("t5", config.app_name, serve_ports.http, serve_ports.grpc, config.route_prefix)
-    serve.delete(config.app_name)
+    yield deploy_graph(serve_ports, checkpoints["t5"], "t5", "faulty")
+    serve.delete("faulty")
 
 
 def _llm_pid(app: ServedApp) -> int:
