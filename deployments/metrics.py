@@ -135,7 +135,7 @@ class MetricsDeployment:
 
     async def drained(self) -> dict[str, Any]:
         """Ingress replicas heard from lately, how many of them drain, and the requests they still hold."""
-        fresh = {r: e for r, e in self._edges.items() if time.monotonic() - e[2] < 10 * EDGE_REPORT_S}
+        fresh = {r: e for r, e in self._edges.items() if time.monotonic() - e[2] < 50 * EDGE_REPORT_S}
         return {
             "replicas": len(fresh),
             "draining": sum(1 for e in fresh.values() if e[1]),

@@ -13,7 +13,8 @@ Embeddings (what `blip2_embed_image` / `blip2_embed_text` serve, and what search
 Scores for an (image, text) pair (what `blip2_itm` serves):
 - ITM: the matching head's probability that the text describes the image, softmax(logits)[1];
 - ITC: the contrastive similarity as the model computes it, the maximum over query tokens of the cosine between the
-  query token's embedding and the text's (it ranks like, but is not equal to, the pooled embeddings' cosine).
+  query token's embedding and the text's. It is not the pooled embeddings' cosine and need not rank the same: search
+  with the pooled vectors, then re-rank the top hits by ITM or ITC where that matters.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ class RetrievalModel:
     processor: object  # Blip2Processor
     device: torch.device
     dtype: torch.dtype
-    max_text_tokens: int = 64
+    max_text_tokens: int = 512
 
     @classmethod
-    def load(cls, config: ModelConfig, max_text_tokens: int = 64) -> RetrievalModel:
+    def load(cls, config: ModelConfig) -> RetrievalModel:
         from transformers import AutoProcessor, Blip2ForImageTextRetrieval
 
         device = resolve_device(config)
@@ -48,7 +49,8 @@ class RetrievalModel:
         if not getattr(model.config.qformer_config, "use_qformer_text_input", False):
             raise ValueError(f"{config.checkpoint} is not a retrieval checkpoint (its Q-Former takes no text input)")
         processor = _from_pretrained(AutoProcessor, config)
-        return cls(model, processor, device, dtype, max_text_tokens)
+        # texts are cut at the Q-Former's positions (past them transformers itself fails)
+        return cls(model, processor, device, dtype, model.config.qformer_config.max_position_embeddings)
 
     @property
     def dimension(self) -> int:

@@ -97,14 +97,19 @@ def _drain(config) -> None:
 
     from ray import serve
 
-    if config.app_name not in serve.status().applications:
+    application = serve.status().applications.get(config.app_name)
+    if application is None:
         return
+    ingress = application.deployments.get("Ingress")
+    expected = sum(n for state, n in ingress.replica_states.items() if str(state).endswith("RUNNING")) if ingress else 0
     metrics = serve.get_deployment_handle("Metrics", app_name=config.app_name)
     metrics.begin_drain.remote().result(timeout_s=10)
     deadline = time.monotonic() + config.server.drain_timeout_s
+    state: dict = {}
     while time.monotonic() < deadline:
         state = metrics.drained.remote().result(timeout_s=10)
-        if state["draining"] == state["replicas"] and state["in_flight"] == 0:
+        # every running ingress replica has said it drains, and none holds a request
+        if state["draining"] >= max(expected, 1) and state["in_flight"] == 0:
             return
         time.sleep(0.1)
     logger.warning("requests still in flight after %.0f s of draining: %s", config.server.drain_timeout_s, state)

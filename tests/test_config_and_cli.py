@@ -222,6 +222,14 @@ def test_app_builder_takes_serve_run_key_value_arguments():
         AppConfig.model_validate(_nested({"model.checkpoint": "x", "llm.batch.size": "4"}))
 
 
+def _pending(port: int) -> bool:
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    lines = [line for line in text.splitlines() if line.startswith("nv_inference_pending_request_count{")]
+    return any(float(line.rsplit(" ", 1)[1]) >= 1 for line in lines)
+
+
 def test_sigterm_lets_in_flight_requests_finish(checkpoints):
     """Kubernetes' SIGTERM: the request being generated still gets its answer, then the server exits 0."""
     import base64
@@ -234,7 +242,7 @@ def test_sigterm_lets_in_flight_requests_finish(checkpoints):
     server = _Server([*command, "--num-cpus", "4"])
     server.wait_for("ready at http://127.0.0.1")
     image = {"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1], "data": [base64.b64encode(image_bytes(1)).decode()]}
-    body = {"inputs": [image], "parameters": {"max_new_tokens": 300, "min_new_tokens": 300}}
+    body = {"inputs": [image], "parameters": {"max_new_tokens": 600, "min_new_tokens": 600}}
     answered: list = []
 
     def send() -> None:
@@ -244,7 +252,10 @@ def test_sigterm_lets_in_flight_requests_finish(checkpoints):
 
     sender = threading.Thread(target=send)
     sender.start()
-    time.sleep(0.5)  # the request is in the LLM stage
+    deadline = time.monotonic() + 60
+    while not _pending(port):  # until the ingress holds it (its report reaches /metrics within 0.2 s)
+        assert time.monotonic() < deadline and sender.is_alive(), "the request never reached the ingress"
+        time.sleep(0.1)
     signalled = time.monotonic()
     code = server.stop(signal.SIGTERM)
     sender.join(timeout=120)
