@@ -6,16 +6,44 @@ import json
 from pathlib import Path
 
 TARGETS = {  # summary key -> (comparison, bound, sizes it applies to, what it means)
+    "captioning_throughput_c16_over_peer": (
+        ">=",
+        1.0,
+        ("realistic",),
+        "captioning throughput, 16 clients / the LitServe peer's",
+    ),
+    "c1_p50_over_baseline": (
+        "<=",
+        1.05,
+        ("realistic",),
+        "one request alone: served p50 / the loop's p50",
+    ),
     "captioning_throughput_c16_over_baseline": (
         ">=",
-        2.0,
+        3.0,
         ("medium",),
-        "captioning throughput, 16 clients / baseline loop",
+        "captioning throughput, 16 clients / baseline loop (decode-heavy)",
     ),
-    "five_questions_speedup": (">=", 2.5, ("medium",), "5 questions about one image: 5 baseline calls / one ask_many"),
-    "serving_overhead_c1_p50_ms": ("<=", 10.0, ("tiny",), "served p50 at concurrency 1 minus the direct call, ms"),
+    "five_questions_speedup": (
+        ">=",
+        2.5,
+        ("realistic", "medium"),
+        "5 questions about one image: 5 baseline calls / one ask_many",
+    ),
+    "serving_overhead_c1_p50_ms": ("<=", 15.0, ("tiny",), "served p50 at concurrency 1 minus the direct call, ms"),
     "mixed_continuous_over_static": (">=", 1.3, ("medium",), "mixed 4/64-token answers: continuous / static tokens/s"),
 }
+PROFILE_KEYS = (
+    "tokens_per_s",
+    "ttft_p50_ms",
+    "inter_token_p50_ms",
+    "vision_executions",
+    "vision_mean_batch",
+    "vision_waited_s",
+    "llm_steps",
+    "llm_mean_running",
+    "llm_waited_s",
+)
 
 
 def targets(summary: dict, size: str) -> list[dict]:
@@ -37,6 +65,19 @@ def targets(summary: dict, size: str) -> list[dict]:
     return rows
 
 
+def flops_sentence(flops: dict) -> str:
+    """The checkpoint's vision : Q-Former : LLM split of one caption against the published model's."""
+    parts = flops["parts"]
+    return (
+        f"FLOPs per caption (bench/flops.py), GFLOP vision / Q-Former / LLM: {flops['gflop']['vision']} / "
+        f"{flops['gflop']['qformer']} / {flops['gflop']['llm']} (published shapes: {flops['reference_gflop']['vision']}"
+        f" / {flops['reference_gflop']['qformer']} / {flops['reference_gflop']['llm']}); vision / LLM "
+        f"{parts['vision']['per_llm']} vs {parts['vision']['reference_per_llm']} ({parts['vision']['off']:+.0%}), "
+        f"Q-Former / LLM {parts['qformer']['per_llm']} vs {parts['qformer']['reference_per_llm']} "
+        f"({parts['qformer']['off']:+.0%}); within 25%: {'yes' if flops['within_tolerance'] else 'NO'}."
+    )
+
+
 def markdown(document: dict) -> str:
     lines = [
         f"# bench: {document['size']} {document['llm']} ({document['measured_at']}, commit {document['commit'][:10]})",
@@ -50,7 +91,7 @@ def markdown(document: dict) -> str:
     for r in document["results"]:
         if r["scenario"] == "vision":
             continue
-        more = ", ".join(f"{k} {v}" for k, v in r.items() if k in ("tokens_per_s", "ttft_p50_ms", "inter_token_p50_ms"))
+        more = ", ".join(f"{k} {v}" for k, v in r.items() if k in PROFILE_KEYS)
         valid = "yes" if r["valid"] else "**INVALID**"
         lines.append(
             f"| {r['scenario']} | {r['variant']} | {r['concurrency']} | {r['requests']} | {r['throughput_rps']} | "
@@ -62,6 +103,9 @@ def markdown(document: dict) -> str:
         lines += [
             f"| {r['variant']} | {r['batch']} | {r['images_per_s']} | {r['max_abs_diff_vs_torch']} |" for r in vision
         ]
+    flops = document.get("flops_per_caption")
+    if flops:
+        lines += ["", flops_sentence(flops)]
     profile = document["summary"].get("overhead_profile")
     if profile:
         lines += [

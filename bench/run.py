@@ -17,9 +17,21 @@ import time
 from pathlib import Path
 
 from bench import report
-from bench.scenarios import Baseline, ask_many_once, kserve_load, openai_streams, overhead_profile, row, vision_backends
+from bench.flops import proportions
+from bench.peer import peer_load, start_peer, stop_peer
+from bench.scenarios import (
+    Baseline,
+    ask_many_once,
+    kserve_load,
+    openai_streams,
+    overhead_profile,
+    profile_delta,
+    row,
+    stage_profile,
+    vision_backends,
+)
 
-ALL = ("baseline", "served", "streaming", "multi_question", "mixed", "triton", "vision")
+ALL = ("baseline", "peer", "served", "streaming", "multi_question", "mixed", "triton", "vision")
 QUESTIONS = [
     "what is in the picture?",
     "what colour is the block?",
@@ -74,8 +86,9 @@ def _environment(checkpoint: Path) -> dict:
     }
 
 
-def _start_serve(checkpoint: Path, max_batch: int):
-    """Ray + Serve on 127.0.0.1 with the graph twice: continuous (/c) and static (/s) LLM scheduling."""
+def _start_serve(checkpoint: Path, static: bool):
+    """Ray + Serve on 127.0.0.1 with the default configuration (what `blip2-serve run --model` serves) at /c, and
+    where `static`, the same with static LLM scheduling at /s."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
@@ -84,16 +97,15 @@ def _start_serve(checkpoint: Path, max_batch: int):
     from serve.config import AppConfig
 
     port = _free_port()
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    # Logical CPUs: room for the second application's replicas (each model stage asks for one by default); the cores
+    # they compute on are the machine's, shared in turns (deployments/cores.py).
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    threads = os.cpu_count() or 1
-    stage = {"num_cpus": 0, "torch_threads": threads, "batch": {"max_batch_size": max_batch, "wait_timeout_s": 0.0}}
-    for name, scheduler in (("c", "continuous"), ("s", "static")):
+    for name, scheduler in (("c", "continuous"), ("s", "static"))[: 2 if static else 1]:
         config = AppConfig.model_validate(
             {
                 "model": {"checkpoint": str(checkpoint), "device": "cpu"},
-                "vision": stage,
-                "llm": {**stage, "scheduler": scheduler},
+                "llm": {"scheduler": scheduler},
                 "app_name": name,
                 "route_prefix": f"/{name}",
             }
@@ -123,59 +135,106 @@ def _start_triton(checkpoint: Path, cache: Path):
     raise RuntimeError("tritonserver did not become ready")
 
 
+def peer_rows(checkpoint: str, sets: dict, max_new_tokens: int, expected: dict, warmup: bytes) -> list[dict]:
+    """The LitServe peer (bench/peer.py) alone on the machine: each concurrency's jobs, as the served rows get."""
+    port = _free_port()
+    process = start_peer(checkpoint, port)
+    rows = []
+    try:
+        for concurrency, jobs in sets.items():
+            latencies, wall, answers = peer_load(
+                f"http://127.0.0.1:{port}", jobs, concurrency, max_new_tokens, warmup=warmup
+            )
+            rows.append(
+                row("peer", "litserve, batched generate", latencies, wall, answers, expected[concurrency], concurrency)
+            )
+    finally:
+        stop_peer(process)
+    return rows
+
+
 def run(
     size: str, llm: str, scenarios: tuple[str, ...], images: int, max_new_tokens: int, out: Path, cache: Path
 ) -> dict:
     from exporters.int8_report import sample_images
 
     checkpoint = _checkpoint(cache, size, llm)
-    pictures = sample_images(images + 1, size=224 if size == "medium" else 96)
-    warmup, pictures = pictures[-1], pictures[:-1]  # the warm-up image is none of the timed ones
-    jobs = [(picture, "") for picture in pictures]
+    # Every timed load gets images the server has not seen (the embedding cache would otherwise answer the vision
+    # stage's part): one set per concurrency, one for streaming, one for the mixed load, one for the five questions.
+    pictures = sample_images(3 * images + 6, size=96 if size == "tiny" else 224)
+    warmup, question_image = pictures[-1], pictures[-2]
+    sets = {c: [(p, "") for p in pictures[i * images : (i + 1) * images]] for i, c in enumerate((1, 16))}
+    streamed = [(p, "") for p in pictures[2 * images : 2 * images + 4]]
+    mixed_jobs = [(p, "") for p in pictures[2 * images + 4 : 3 * images + 4]]
     parameters = {"max_new_tokens": max_new_tokens}
     results: list[dict] = []
     summary: dict = {}
 
     baseline = Baseline(str(checkpoint))
-    latencies, wall, expected = baseline.run(jobs, max_new_tokens)
-    results.append(row("baseline", "model card loop", latencies, wall, expected, expected))
+    latencies, wall, answers = baseline.run(sets[1] + sets[16], max_new_tokens)
+    expected = {1: answers[:images], 16: answers[images:]}
+    results.append(row("baseline", "model card loop", latencies, wall, answers, answers))
     base_rps = results[-1]["throughput_rps"]
     base_p50 = results[-1]["p50_ms"]
 
+    if "peer" in scenarios:
+        results += peer_rows(str(checkpoint), sets, max_new_tokens, expected, warmup)
+
     port = (
-        _start_serve(checkpoint, max_batch=16)
+        _start_serve(checkpoint, static="mixed" in scenarios)
         if set(scenarios) & {"served", "streaming", "multi_question", "mixed"}
         else None
     )
     url = f"127.0.0.1:{port}/c"
     if "served" in scenarios:
-        for concurrency in (1, 4, 16):
+        for concurrency, jobs in sets.items():
+            before = stage_profile("c")
             latencies, wall, answers = kserve_load(url, jobs, concurrency, parameters, warmup=warmup)
-            results.append(row("served", "ray serve, kserve http", latencies, wall, answers, expected, concurrency))
+            profile = profile_delta(before, stage_profile("c"))
+            results.append(
+                row(
+                    "served",
+                    "blip2-serve, kserve http",
+                    latencies,
+                    wall,
+                    answers,
+                    expected[concurrency],
+                    concurrency,
+                    **profile,
+                )
+            )
         served = {r["concurrency"]: r for r in results if r["scenario"] == "served"}
         summary["captioning_throughput_c16_over_baseline"] = round(served[16]["throughput_rps"] / base_rps, 2)
         summary["serving_overhead_c1_p50_ms"] = round(served[1]["p50_ms"] - base_p50, 2)
+        summary["c1_p50_over_baseline"] = round(served[1]["p50_ms"] / base_p50, 3)
+        peer = {r["concurrency"]: r for r in results if r["scenario"] == "peer"}
+        if peer:
+            summary["captioning_throughput_c16_over_peer"] = round(
+                served[16]["throughput_rps"] / peer[16]["throughput_rps"], 2
+            )
+            summary["c1_p50_over_peer"] = round(served[1]["p50_ms"] / peer[1]["p50_ms"], 3)
         summary["overhead_profile"] = overhead_profile(f"http://{url}", "c", warmup)
     if "streaming" in scenarios:
-        latencies, wall, answers, extra = openai_streams(f"http://127.0.0.1:{port}/c", jobs[:4], max_new_tokens)
-        results.append(row("streaming", "openai sse", latencies, wall, answers, expected[:4], **extra))
+        latencies, wall, answers, extra = openai_streams(f"http://127.0.0.1:{port}/c", streamed, max_new_tokens)
+        streamed_expected = [baseline.answer(image, "", max_new_tokens) for image, _ in streamed]
+        results.append(row("streaming", "openai sse", latencies, wall, answers, streamed_expected, **extra))
     if "multi_question" in scenarios:
         prompts = [f"Question: {q} Answer:" for q in QUESTIONS]
-        five = [(pictures[0], p) for p in prompts]
+        five = [(question_image, p) for p in prompts]
         latencies, wall, expected_five = baseline.run(five, max_new_tokens)
         results.append(row("multi_question", "5 baseline calls", latencies, wall, expected_five, expected_five))
         baseline_wall = wall
-        latencies, wall, answers = ask_many_once(url, pictures[0], prompts, parameters)
+        latencies, wall, answers = ask_many_once(url, question_image, prompts, parameters)
         results.append(row("multi_question", "ask_many (one request)", latencies, wall, answers, expected_five))
         summary["five_questions_speedup"] = round(baseline_wall / wall, 2)
     if "mixed" in scenarios:
-        lengths = [4 if i % 2 else 64 for i in range(len(pictures))]
-        mixed_expected = [baseline.answer(p, "", n, n) for p, n in zip(pictures, lengths)]
+        lengths = [4 if i % 2 else 64 for i in range(len(mixed_jobs))]
+        mixed_expected = [baseline.answer(p, "", n, n) for (p, _), n in zip(mixed_jobs, lengths)]
         throughput = {}
         for name, variant in (("c", "continuous"), ("s", "static")):
             latencies, wall, answers = kserve_load(
                 f"127.0.0.1:{port}/{name}",
-                jobs,
+                mixed_jobs,
                 16,
                 parameters,
                 per_job=[{"max_new_tokens": n, "min_new_tokens": n} for n in lengths],
@@ -201,10 +260,18 @@ def run(
     if "triton" in scenarios:
         process, triton_url = _start_triton(checkpoint, cache)
         try:
-            for concurrency in (1, 4, 16):
+            for concurrency, jobs in sets.items():
                 latencies, wall, answers = kserve_load(triton_url, jobs, concurrency, parameters, warmup=warmup)
                 results.append(
-                    row("triton", "tritonserver, kserve http", latencies, wall, answers, expected, concurrency)
+                    row(
+                        "triton",
+                        "tritonserver, kserve http",
+                        latencies,
+                        wall,
+                        answers,
+                        expected[concurrency],
+                        concurrency,
+                    )
                 )
         finally:
             process.terminate()
@@ -228,6 +295,7 @@ def run(
         "max_new_tokens": max_new_tokens,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **_environment(checkpoint),
+        "flops_per_caption": proportions(size, llm, new_tokens=max_new_tokens) if size != "tiny" else None,
         "summary": summary,
         "targets": report.targets(summary, size),
         "results": results,
@@ -238,7 +306,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--size", choices=["tiny", "medium"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "realistic", "medium"], default="tiny")
     parser.add_argument("--llm", choices=["opt", "t5"], default="opt")
     parser.add_argument("--scenarios", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--images", type=int, default=16)

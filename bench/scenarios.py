@@ -247,3 +247,38 @@ def overhead_profile(http_url: str, app_name: str, image: bytes, repeats: int = 
             "handle_round_trip_ms": p50(lambda: llm.ready.remote().result()),
             "vision_cached_embed_ms": p50(lambda: vision.embed.remote(encoded).result()),
         }
+
+
+def stage_profile(app_name: str) -> dict:
+    """What one replica of each model stage has seen so far (batches, decode steps, turns at the cores)."""
+    from ray import serve
+
+    return serve.get_deployment_handle("Ingress", app_name).stats.remote().result()
+
+
+def profile_delta(before: dict, after: dict) -> dict[str, Any]:
+    """Where a load's time went, from two `stage_profile`s: the vision stage's executions and mean batch, the LLM
+    stage's decode steps and mean running batch, and how long each waited for the other's turn at the cores."""
+
+    def images(stats: dict) -> int:
+        return sum(int(size) * count for size, count in stats["histogram"].items())
+
+    def waited(stats: dict) -> float:
+        return stats["cores"]["waited_s"] if stats.get("cores") else 0.0
+
+    vision_runs = after["vision"]["batches"] - before["vision"]["batches"]
+    vision_images = images(after["vision"]) - images(before["vision"])
+    out: dict[str, Any] = {
+        "vision_executions": vision_runs,
+        "vision_mean_batch": round(vision_images / vision_runs, 2) if vision_runs else None,
+        "vision_waited_s": round(waited(after["vision"]) - waited(before["vision"]), 2),
+        "llm_waited_s": round(waited(after["llm"]) - waited(before["llm"]), 2),
+    }
+    engine_before, engine_after = before["llm"].get("engine"), after["llm"].get("engine")
+    if engine_after:
+        steps = engine_after["steps"] - engine_before["steps"]
+        out["llm_steps"] = steps
+        out["llm_mean_running"] = (
+            round((engine_after["stepped"] - engine_before["stepped"]) / steps, 2) if steps else None
+        )
+    return out

@@ -9,6 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
 from deployments.config import BatchConfig
+from deployments.cores import CoreTurns
 
 logger = logging.getLogger(__name__)
 
@@ -50,28 +51,32 @@ class ModelWorker:
     The event loop stays free to accept and queue the next batch's requests while a batch runs.
     """
 
-    def __init__(self, name: str, history: int = 4096):
+    def __init__(self, name: str, history: int = 4096, turns: CoreTurns | None = None):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.batch_sizes: deque[int] = deque(maxlen=history)
+        self.turns = turns  # on a CPU node: each batch waits for its turn at all of the node's cores
 
     async def run(self, fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R]:
         """Record the batch size, then run `fn(items)` on the worker thread."""
         self.batch_sizes.append(len(items))
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, items)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._in_turn, fn, items)
 
     def submit(self, fn: Callable[..., R], *args) -> "Future[R]":
         """Run `fn(*args)` on the model thread, after the batches already queued there."""
-        return self._executor.submit(fn, *args)
+        return self._executor.submit(self._in_turn, fn, *args)
+
+    def _in_turn(self, fn: Callable[..., R], *args) -> R:
+        if self.turns is None:
+            return fn(*args)
+        with self.turns.turn():
+            return fn(*args)
 
     def stats(self) -> dict:
-        """Batch sizes this replica's model saw: the histogram and the largest."""
+        """Batch sizes this replica's model saw: the histogram and the largest; its turns at the cores."""
         sizes: Sequence[int] = list(self.batch_sizes)
-        return {"batches": len(sizes), "max_batch_size_seen": max(sizes, default=0), "histogram": dict(Counter(sizes))}
-
-
-def set_torch_threads(threads: int | None) -> None:
-    """Bound intra-op threads so that replicas sharing a node do not oversubscribe its cores."""
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+        return {
+            "batches": len(sizes),
+            "max_batch_size_seen": max(sizes, default=0),
+            "histogram": dict(Counter(sizes)),
+            "cores": self.turns.stats() if self.turns is not None else None,
+        }

@@ -32,6 +32,7 @@ from transformers import (
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from deployments.cores import CoreTurns
 from deployments.generator import LanguageGenerator, PreparedRequest
 from deployments.text import TextAssembler
 from deployments.types import GenerateResult
@@ -84,8 +85,15 @@ def _select_layers(cache: DynamicCache, rows: torch.Tensor, first_column: int = 
 class ContinuousBatcher:
     """Owns the language model on one thread; `submit` from any thread, results through callbacks."""
 
-    def __init__(self, generator: LanguageGenerator, max_running: int = 16, gather_s: float = 0.0):
+    def __init__(
+        self,
+        generator: LanguageGenerator,
+        max_running: int = 16,
+        gather_s: float = 0.0,
+        turns: CoreTurns | None = None,
+    ):
         self.generator = generator
+        self.turns = turns  # on a CPU node: each iteration (jobs, prefill, one step) waits for its turn at the cores
         self.max_running = max_running
         # When idle, wait this long after the first arrival so that requests sent together are prefilled together
         # (a busy engine admits between steps without waiting). 0 by default: measured, 3 ms here cost 3 ms of
@@ -97,6 +105,7 @@ class ContinuousBatcher:
         self._wake = threading.Event()
         self._running: list[Sequence] = []
         self.steps = 0  # decode steps taken (all running sequences advance one token per step)
+        self.stepped = 0  # sequences advanced, summed over steps: stepped / steps is the mean decode batch
         self.max_running_seen = 0
         self.step_log: deque[tuple[int, float]] = deque(maxlen=65536)  # (running, seconds) per step, for metrics
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
@@ -125,26 +134,34 @@ class ContinuousBatcher:
                 self._wake.wait()
                 self._wake.clear()
                 time.sleep(self.gather_s)
-            while not self._exclusive.empty():
-                fn, args, future = self._exclusive.get()
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as exc:  # the caller gets it; the engine goes on
-                    future.set_exception(exc)
-            waiting = []
-            while len(self._running) + len(waiting) < self.max_running and not self._incoming.empty():
-                waiting.append(self._incoming.get())
-            if waiting:
-                self._admit(waiting)
-            if self._running:
-                try:
-                    self._step()
-                except Exception as exc:  # a failed step fails the sequences in it, not the engine
-                    logger.exception("decode step failed")
-                    for sequence in self._running:
-                        sequence.on_done(exc)
-                    self._running = []
-                    self._reset_batch()
+            if self.turns is None:
+                self._iterate()
+            else:
+                with self.turns.turn():
+                    self._iterate()
+
+    def _iterate(self) -> None:
+        """Exclusive jobs, then admit what waits, then one decode step for every running sequence."""
+        while not self._exclusive.empty():
+            fn, args, future = self._exclusive.get()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # the caller gets it; the engine goes on
+                future.set_exception(exc)
+        waiting = []
+        while len(self._running) + len(waiting) < self.max_running and not self._incoming.empty():
+            waiting.append(self._incoming.get())
+        if waiting:
+            self._admit(waiting)
+        if self._running:
+            try:
+                self._step()
+            except Exception as exc:  # a failed step fails the sequences in it, not the engine
+                logger.exception("decode step failed")
+                for sequence in self._running:
+                    sequence.on_done(exc)
+                self._running = []
+                self._reset_batch()
 
     def _reset_batch(self) -> None:
         self._cache = self._cross = self._mask = self._encoder_states = self._encoder_mask = None
@@ -267,6 +284,7 @@ class ContinuousBatcher:
             )
         self._mask = mask
         self.steps += 1
+        self.stepped += len(self._running)
         self.max_running_seen = max(self.max_running_seen, len(self._running))
         self.step_log.append((len(self._running), time.perf_counter() - started))
         self._emit(list(self._running), output.logits[:, -1])

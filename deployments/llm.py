@@ -12,8 +12,9 @@ from typing import AsyncIterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.batching import ModelWorker, configure_batching, set_torch_threads, unwrap
+from deployments.batching import ModelWorker, configure_batching, unwrap
 from deployments.config import BatchConfig, ModelConfig
+from deployments.cores import cpu_turns as cpu_turns_for
 from deployments.engine import ContinuousBatcher, Sequence
 from deployments.generator import LanguageGenerator, PreparedRequest
 from deployments.metrics import MetricsRecorder
@@ -51,11 +52,14 @@ class LLMDeployment:
         torch_threads: int | None = None,
         metrics: DeploymentHandle | None = None,
         scheduler: str = "continuous",
+        cpu_turns: bool = True,
     ):
-        set_torch_threads(torch_threads)
         self._generator = LanguageGenerator(model, max_prompt_tokens)
-        self._engine = ContinuousBatcher(self._generator, batch.max_batch_size) if scheduler == "continuous" else None
-        self._worker = ModelWorker("llm")
+        turns = cpu_turns_for(str(self._generator.device), cpu_turns, torch_threads)
+        self._engine = (
+            ContinuousBatcher(self._generator, batch.max_batch_size, turns=turns) if scheduler == "continuous" else None
+        )
+        self._worker = ModelWorker("llm", turns=turns)
         self._metrics = MetricsRecorder(metrics, "blip2_llm", on_flush=self._record_engine_steps)
         self._streams = {"active": 0, "finished": 0, "cancelled": 0}
         configure_batching(self._generate_batch, batch)
@@ -183,6 +187,7 @@ class LLMDeployment:
         if self._engine is not None:
             engine = {
                 "steps": self._engine.steps,
+                "stepped": self._engine.stepped,
                 "max_running_seen": self._engine.max_running_seen,
                 "running": self._engine.running,
             }

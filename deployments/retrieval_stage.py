@@ -15,9 +15,10 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.batching import ModelWorker, configure_batching, run_isolated, set_torch_threads, unwrap
+from deployments.batching import ModelWorker, configure_batching, run_isolated, unwrap
 from deployments.cache import EmbeddingCache
 from deployments.config import BatchConfig, ModelConfig
+from deployments.cores import cpu_turns as cpu_turns_for
 from deployments.errors import InvalidInput
 from deployments.images import ImageLimits
 from deployments.metrics import MetricsRecorder
@@ -38,11 +39,12 @@ class RetrievalDeployment:
         torch_threads: int | None = None,
         metrics: DeploymentHandle | None = None,
         cache_bytes: int = 0,
+        cpu_turns: bool = True,
     ):
-        set_torch_threads(torch_threads)
         self._model = RetrievalModel.load(model)
+        turns = cpu_turns_for(str(self._model.device), cpu_turns, torch_threads)
         self._preprocess = ImagePreprocessor(None, limits, image_processor=self._model.processor.image_processor)
-        self._worker = ModelWorker("retrieval")
+        self._worker = ModelWorker("retrieval", turns=turns)
         self._metrics = MetricsRecorder(metrics, "blip2_retrieval")
         # The vision stage's cache, for this stage's vision tower: an image embedded, then matched against texts
         # (or indexed again) runs the tower once.

@@ -12,9 +12,10 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.batching import ModelWorker, configure_batching, run_isolated, set_torch_threads, unwrap
+from deployments.batching import ModelWorker, configure_batching, run_isolated, unwrap
 from deployments.cache import EmbeddingCache
 from deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
+from deployments.cores import cpu_turns as cpu_turns_for
 from deployments.images import ImageLimits
 from deployments.metrics import MetricsRecorder
 from deployments.types import EncodedImage, ImageEmbeds
@@ -36,10 +37,11 @@ class VisionDeployment:
         backend: VisionBackendConfig = VisionBackendConfig(),
         cache_bytes: int = 0,
         metrics: DeploymentHandle | None = None,
+        cpu_turns: bool = True,
     ):
-        set_torch_threads(torch_threads)
         self._encoder = VisionEncoder(model, limits, backend)
-        self._worker = ModelWorker("vision")
+        turns = cpu_turns_for(str(self._encoder.backend.device), cpu_turns, torch_threads)
+        self._worker = ModelWorker("vision", turns=turns)
         self._cache = EmbeddingCache(cache_bytes) if cache_bytes else None
         self._metrics = MetricsRecorder(metrics, "blip2_vision")
         configure_batching(self._embed_batch, batch)

@@ -38,6 +38,11 @@ class OnnxVisionBackend:
         graph_input = self.session.get_inputs()[0]
         if graph_input.name != PIXEL_VALUES.name:
             raise ValueError(f"{path}: input {graph_input.name!r}, expected {PIXEL_VALUES.name!r}")
+        self.device = (
+            "cuda"
+            if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(self.session.get_providers())
+            else "cpu"
+        )
         self._input_dtype = np.float16 if graph_input.type == "tensor(float16)" else np.float32
         logger.info("ONNX vision backend %s on %s", path, self.session.get_providers())
 

@@ -137,10 +137,14 @@ def _reinitialise(model, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
-# Shapes. "tiny": a few kilobytes of weights, for tests. "medium": the published widths of
-# Salesforce/blip2-opt-2.7b (ViT-g 1408, Q-Former 768 with 32 queries, OPT-2.7b 2560, vocab 50272) and of
-# Salesforce/blip2-flan-t5-xl (Flan-T5-XL 2048, d_ff 5120, vocab 32128) with 2 layers in each tower instead of
-# 39 / 12 / 32 / 24+24, so that kernels see real shapes on a small machine (benchmarks).
+# Shapes. "tiny": a few kilobytes of weights, for tests. "full": the published shapes of Salesforce/blip2-opt-2.7b
+# (ViT-g 1408 x 39 layers, Q-Former 768 x 12 layers with 32 queries, OPT-2.7b 2560 x 32 layers, vocab 50272) and of
+# Salesforce/blip2-flan-t5-xl (Flan-T5-XL 2048, d_ff 5120, 24 + 24 layers, vocab 32128): for GPUs. The others keep
+# those widths with fewer layers, so that kernels see real shapes on a small machine (benchmarks):
+# "realistic": layer counts chosen so that a 20-token caption's FLOPs split between vision tower, Q-Former and
+#   language model as the published models' do (within 25%; bench/flops.py states the arithmetic): the vision tower
+#   is most of the work, as on the real blip2-opt-2.7b.
+# "medium": 2 layers in every tower: decode dominates (the 50k-vocabulary projection), the decode-heavy workload.
 SIZES = {
     "tiny": {
         "image_size": 32,
@@ -200,6 +204,20 @@ SIZES = {
         },
     },
 }
+
+
+def _with_layers(size: str, vision: int, qformer: int, opt: int, t5: tuple[int, int]) -> dict:
+    """`size`'s shapes with other layer counts (t5: encoder, decoder)."""
+    shape = {key: dict(value) if isinstance(value, dict) else value for key, value in SIZES[size].items()}
+    shape["vision"]["num_hidden_layers"] = vision
+    shape["qformer"]["num_hidden_layers"] = qformer
+    shape["opt"]["num_hidden_layers"] = opt
+    shape["t5"]["num_layers"], shape["t5"]["num_decoder_layers"] = t5
+    return shape
+
+
+SIZES["full"] = _with_layers("medium", vision=39, qformer=12, opt=32, t5=(24, 24))
+SIZES["realistic"] = _with_layers("medium", vision=6, qformer=1, opt=4, t5=(3, 3))
 
 
 def make_tiny_checkpoint(

@@ -46,6 +46,7 @@ def build_app(config: AppConfig) -> Application:
         config.vision_backend,
         config.embedding_cache.max_bytes,
         metrics,
+        cpu_turns=config.cpu_turns,
     )
     llm = LLMDeployment.options(**config.llm.deployment_options(_gpus_for(config.llm, config))).bind(
         config.model,
@@ -54,6 +55,7 @@ def build_app(config: AppConfig) -> Application:
         config.llm.torch_threads,
         metrics,
         config.llm.scheduler,
+        cpu_turns=config.cpu_turns,
     )
     retrieval = None
     if config.retrieval is not None:
@@ -68,6 +70,7 @@ def build_app(config: AppConfig) -> Application:
             stage.torch_threads,
             metrics,
             config.embedding_cache.max_bytes,
+            cpu_turns=config.cpu_turns,
         )
     ingress_gpus = 0.0 if config.ingress.num_gpus == "auto" else float(config.ingress.num_gpus)
     ingress = Ingress.options(**config.ingress.deployment_options(ingress_gpus))

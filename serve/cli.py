@@ -262,7 +262,12 @@ def parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--llm", choices=["opt", "t5", "itm"], default="opt", help="itm: a retrieval checkpoint")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--size", choices=["tiny", "medium"], default="tiny", help="medium: real widths, 2 layers each")
+    tiny.add_argument(
+        "--size",
+        choices=["tiny", "realistic", "medium"],
+        default="tiny",
+        help="realistic: published widths, layers in the published FLOPs split; medium: published widths, 2 layers",
+    )
     tiny.set_defaults(func=make_tiny)
 
     export = commands.add_parser("export", help="export ONNX graphs or a Triton model repository")

@@ -80,6 +80,9 @@ class LLMStageConfig(StageConfig):
     between steps (beam search runs as whole batches); `static`: whole `@serve.batch` batches through `generate`."""
 
     scheduler: Literal["continuous", "static"] = "continuous"
+    # 16 running sequences: on a CPU a decode step reads every weight whatever the batch, so a fuller step is
+    # almost free; 16 concurrent captions then take ~20 steps, not ~40 (bench/results/realistic-*.md).
+    batch: BatchConfig = BatchConfig(max_batch_size=16)
 
 
 class RetrievalStageConfig(StageConfig):
@@ -152,6 +155,10 @@ class AppConfig(BaseModel):
     embedding_cache: EmbeddingCacheConfig = EmbeddingCacheConfig()
     llm: LLMStageConfig = LLMStageConfig()
     retrieval: RetrievalStageConfig | None = None
+    # CPU stages on one node compute with all of its cores and take turns at them (deployments/cores.py): the stage
+    # with work gets the whole machine. false: each stage computes whenever it likes on its torch_threads (default:
+    # Ray's num_cpus) threads.
+    cpu_turns: bool = True
     app_name: str = "blip2"
     route_prefix: str = "/"
 

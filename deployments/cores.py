@@ -1,0 +1,94 @@
+"""Sharing one node's CPU cores between the model stages on it: each forward pass takes all the cores, in turns.
+
+On a CPU node the vision, LLM and retrieval stages are separate processes and every one of them is compute-bound.
+Giving each a slice of the cores (Ray's num_cpus) leaves cores idle whenever one stage has no work, and a lone
+request runs on half the machine; giving each all the cores oversubscribes them whenever two compute at once, and
+OpenMP threads spinning against each other are slower still (both measured on 2 cores in bench/). So each stage
+computes with every core of the node, and a node-local lock makes the stages take turns: a vision batch, then an
+LLM decode step, then the next vision batch. The stage with work gets the whole machine; none waits on an idle one.
+
+The lock is two `flock`ed files in the machine's temp directory, so every process on the machine shares it (Ray
+nodes started on one machine share its cores too), and the kernel drops a lock whose process died. A stage waiting
+for its turn holds the gate, so the one that just finished cannot take the cores again before it: with two stages
+busy they alternate.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DIRECTORY = Path(tempfile.gettempdir()) / "blip2-serve-cores"
+
+
+def node_cores() -> int:
+    """Cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (a Kubernetes CPU limit)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+class CoreTurns:
+    """A node-wide lock around model work. `with turns.turn(): forward()`; threads of one process queue too."""
+
+    def __init__(self, directory: Path = DEFAULT_DIRECTORY):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory
+        self._gate = os.open(directory / "gate.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        self._cores = os.open(directory / "cores.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        self._local = threading.Lock()  # flock is per open file: threads of this process must queue here first
+        self.turns = 0
+        self.waited_s = 0.0  # time spent waiting for other stages to finish their turn
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        """Hold all of the node's cores for the duration of the block."""
+        asked = time.perf_counter()
+        with self._local:
+            fcntl.flock(self._gate, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self._cores, fcntl.LOCK_EX)
+            finally:
+                fcntl.flock(self._gate, fcntl.LOCK_UN)
+            self.turns += 1
+            self.waited_s += time.perf_counter() - asked
+            try:
+                yield
+            finally:
+                fcntl.flock(self._cores, fcntl.LOCK_UN)
+
+    def stats(self) -> dict:
+        return {"turns": self.turns, "waited_s": round(self.waited_s, 3)}
+
+
+def cpu_turns(device: str, enabled: bool, torch_threads: int | None) -> CoreTurns | None:
+    """Set this process's torch threads for a model stage on `device`, and return its turns at the cores.
+
+    On CPU with `enabled`: every core of the node (or `torch_threads`), in turns with the other stages. Otherwise
+    `torch_threads` where given (else Ray's num_cpus, through OMP_NUM_THREADS) and no turns; on a GPU no turns.
+    """
+    import torch
+
+    on_cpu = str(device).startswith("cpu")
+    if on_cpu and enabled:
+        torch.set_num_threads(torch_threads or node_cores())
+        logger.info("computing on %d threads, in turns with the node's other stages", torch.get_num_threads())
+        return CoreTurns()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    return None
