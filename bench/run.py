@@ -93,9 +93,10 @@ def _start_serve(checkpoint: Path, static: bool):
     import ray
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import build_app, prepare_local_ray
     from serve.config import AppConfig
 
+    prepare_local_ray()  # as `blip2-serve run` starts its Ray
     port = _free_port()
     # Logical CPUs: room for the second application's replicas (each model stage asks for one by default); the cores
     # they compute on are the machine's, shared in turns (deployments/cores.py).

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Sequence, TypeVar
+from typing import Awaitable, Callable, Generic, Sequence, TypeVar
 
 from deployments.config import BatchConfig
 from deployments.cores import CoreTurns
@@ -17,10 +18,64 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def configure_batching(batch_method, config: BatchConfig) -> None:
-    """Apply `config` to a `@serve.batch` method bound to a replica."""
-    batch_method.set_max_batch_size(config.max_batch_size)
-    batch_method.set_batch_wait_timeout_s(config.wait_timeout_s)
+class DynamicBatcher(Generic[T, R]):
+    """Triton's dynamic batching in a replica: `await batcher(item)`; whenever the model is free, everything waiting
+    (up to max_batch_size) runs as one batch of `run`, which returns one result or exception per item.
+
+    Not Ray's `@serve.batch`: that forms the next batch as soon as the previous one starts, from whatever has arrived
+    by then, and holds it until the model is free; requests that arrive a few milliseconds apart then run one by
+    one behind each other (measured: 16 concurrent captions in 14 vision executions). Here a batch is formed when
+    the model can take it, so the requests that arrived while it was busy run together.
+    """
+
+    def __init__(self, run: Callable[[list[T]], Awaitable[list[R | BaseException]]], config: BatchConfig):
+        self._run = run
+        self.max_batch_size = config.max_batch_size
+        self.wait_timeout_s = config.wait_timeout_s  # after an idle model's first arrival, wait this long for more
+        self._waiting: deque[tuple[T, asyncio.Future]] = deque()
+        self._full = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def __call__(self, item: T) -> R:
+        """The result for `item`, or its error raised here (one bad item fails alone)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._waiting.append((item, future))
+        if len(self._waiting) >= self.max_batch_size:
+            self._full.set()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain())
+        return await future  # a caller that goes away cancels its future: its item is dropped if not begun
+
+    async def _drain(self) -> None:
+        idle = True
+        while self._waiting:
+            if idle and self.wait_timeout_s and len(self._waiting) < self.max_batch_size:
+                self._full.clear()
+                try:
+                    await asyncio.wait_for(self._full.wait(), self.wait_timeout_s)
+                except asyncio.TimeoutError:
+                    pass
+            idle = False
+            batch = []
+            while self._waiting and len(batch) < self.max_batch_size:
+                item, future = self._waiting.popleft()
+                if not future.done():
+                    batch.append((item, future))
+            if not batch:
+                continue
+            try:
+                results = await self._run([item for item, _ in batch])
+            except Exception as exc:  # `run` isolates items itself; this is a bug, reported to every caller
+                logger.exception("batch failed")
+                results = [exc] * len(batch)
+            for (_, future), result in zip(batch, results):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
 
 def run_isolated(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R | BaseException]:
@@ -38,13 +93,6 @@ def run_isolated(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R | B
     return results
 
 
-def unwrap(result: R | BaseException) -> R:
-    """Raise a per-item error returned by a batch method in the caller's request, or return the result."""
-    if isinstance(result, BaseException):
-        raise result
-    return result
-
-
 class ModelWorker:
     """One thread that owns the model: batches run one at a time, off the replica's event loop.
 
@@ -55,6 +103,7 @@ class ModelWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.batch_sizes: deque[int] = deque(maxlen=history)
         self.turns = turns  # on a CPU node: each batch waits for its turn at all of the node's cores
+        self.busy_s = 0.0  # time spent running batches, turns excluded
 
     async def run(self, fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R]:
         """Record the batch size, then run `fn(items)` on the worker thread."""
@@ -67,9 +116,16 @@ class ModelWorker:
 
     def _in_turn(self, fn: Callable[..., R], *args) -> R:
         if self.turns is None:
-            return fn(*args)
+            return self._timed(fn, *args)
         with self.turns.turn():
+            return self._timed(fn, *args)
+
+    def _timed(self, fn: Callable[..., R], *args) -> R:
+        started = time.perf_counter()
+        try:
             return fn(*args)
+        finally:
+            self.busy_s += time.perf_counter() - started
 
     def stats(self) -> dict:
         """Batch sizes this replica's model saw: the histogram and the largest; its turns at the cores."""
@@ -78,5 +134,6 @@ class ModelWorker:
             "batches": len(sizes),
             "max_batch_size_seen": max(sizes, default=0),
             "histogram": dict(Counter(sizes)),
+            "busy_s": round(self.busy_s, 3),
             "cores": self.turns.stats() if self.turns is not None else None,
         }

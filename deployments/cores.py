@@ -31,11 +31,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_DIRECTORY = Path(tempfile.gettempdir()) / "blip2-serve-cores"
 
 
-def node_cores() -> int:
+def node_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """Cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (a Kubernetes CPU limit)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota, period = cpu_max.read_text().split()
         if quota != "max":
             cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
     except (OSError, ValueError):
@@ -74,6 +74,45 @@ class CoreTurns:
 
     def stats(self) -> dict:
         return {"turns": self.turns, "waited_s": round(self.waited_s, 3)}
+
+
+class BusySignal:
+    """Node-wide: whether some stage of one kind ("vision") has work queued or running on this node.
+
+    A busy replica holds a shared `flock` on `<kind>-busy.lock` (released by the kernel if it dies); `is_busy` asks
+    for an exclusive one without waiting. The LLM stage reads it to leave the cores to the vision stage while its
+    decode batch has room (deployments/engine.py).
+    """
+
+    def __init__(self, kind: str, directory: Path = DEFAULT_DIRECTORY):
+        directory.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(directory / f"{kind}-busy.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Mark this replica busy for the duration of the block (nested and concurrent blocks count)."""
+        with self._lock:
+            if self._count == 0:
+                fcntl.flock(self._fd, fcntl.LOCK_SH)
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._count -= 1
+                if self._count == 0:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def is_busy(self) -> bool:
+        """Whether any replica of this kind on the node (another process) is busy now."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return False
 
 
 def cpu_turns(device: str, enabled: bool, torch_threads: int | None) -> CoreTurns | None:

@@ -9,10 +9,10 @@ import asyncio
 import logging
 from typing import AsyncIterator, Awaitable, TypeVar
 
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from deployments.errors import Blip2ServeError, Unavailable, status_of
-from deployments.types import GenerateChunk, GenerateRequest, GenerateResult, GenerationLimits, ImageEmbeds
+from deployments.types import GenerateChunk, GenerateRequest, GenerateResult, GenerationLimits
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,16 +46,18 @@ class Blip2Pipeline:
         self._llm = llm
         self._limits = limits or GenerationLimits()
 
-    async def _embed(self, request: GenerateRequest) -> ImageEmbeds:
+    def _embed(self, request: GenerateRequest) -> DeploymentResponse:
+        """The vision stage's ImageEmbeds for the request's image, as a response to hand to the LLM stage: Ray
+        passes the embeddings from the vision replica to the LLM replica directly, and sends the LLM call as soon
+        as they exist, without a round trip through this process (a vision error fails the LLM call with it)."""
         if request.image is None:
             raise ValueError("GenerateRequest without an image reached the pipeline")
         self._limits.check(request.params)
-        return await _retriable(self._vision.embed.remote(request.image))
+        return self._vision.embed.remote(request.image)
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         """Run one request through both stages; the stages batch it with concurrent requests."""
-        embeds = await self._embed(request)
-        return await _retriable(self._llm.generate.remote(request.without_image(), embeds))
+        return await _retriable(self._llm.generate.remote(request.without_image(), self._embed(request)))
 
     async def generate_all(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         """Run requests concurrently (so they share batches). Each distinct image goes through the vision stage
@@ -68,7 +70,7 @@ class Blip2Pipeline:
             by_image.setdefault(request.image.digest, []).append(index)
 
         async def one_image(indices: list[int]) -> list[GenerateResult]:
-            embeds = await self._embed(requests[indices[0]])
+            embeds = self._embed(requests[indices[0]])
             if len(indices) == 1:
                 return [await _retriable(self._llm.generate.remote(requests[indices[0]].without_image(), embeds))]
             many = [requests[i].without_image() for i in indices]
@@ -86,8 +88,7 @@ class Blip2Pipeline:
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Run one request, yielding text as the LLM stage produces it; closing this generator stops it there."""
-        embeds = await self._embed(request)
-        chunks = self._llm.options(stream=True).generate_stream.remote(request.without_image(), embeds)
+        chunks = self._llm.options(stream=True).generate_stream.remote(request.without_image(), self._embed(request))
         try:
             async for chunk in chunks:
                 yield chunk

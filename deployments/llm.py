@@ -12,8 +12,9 @@ from typing import AsyncIterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.batching import ModelWorker, configure_batching, unwrap
+from deployments.batching import DynamicBatcher, ModelWorker
 from deployments.config import BatchConfig, ModelConfig
+from deployments.cores import BusySignal
 from deployments.cores import cpu_turns as cpu_turns_for
 from deployments.engine import ContinuousBatcher, Sequence
 from deployments.generator import LanguageGenerator, PreparedRequest
@@ -41,7 +42,7 @@ class LLMDeployment:
 
     scheduler "continuous" (default): greedy and sampled requests join a running decode batch between steps
     (deployments/engine.py); beam searches run as whole `generate` batches between steps. "static": every request
-    goes through `@serve.batch` and `generate`, a batch running until its longest member ends.
+    goes through the dynamic batcher and `generate`, a batch running until its longest member ends.
     """
 
     def __init__(
@@ -56,13 +57,16 @@ class LLMDeployment:
     ):
         self._generator = LanguageGenerator(model, max_prompt_tokens)
         turns = cpu_turns_for(str(self._generator.device), cpu_turns, torch_threads)
+        vision = BusySignal("vision") if turns is not None else None  # the stage that feeds this one, on this node
         self._engine = (
-            ContinuousBatcher(self._generator, batch.max_batch_size, turns=turns) if scheduler == "continuous" else None
+            ContinuousBatcher(self._generator, batch.max_batch_size, turns=turns, upstream=vision)
+            if scheduler == "continuous"
+            else None
         )
         self._worker = ModelWorker("llm", turns=turns)
         self._metrics = MetricsRecorder(metrics, "blip2_llm", on_flush=self._record_engine_steps)
         self._streams = {"active": 0, "finished": 0, "cancelled": 0}
-        configure_batching(self._generate_batch, batch)
+        self._batcher = DynamicBatcher(self._generate_batch, batch)
         logger.info(
             "LLM stage ready on %s (%s), %s scheduler", self._generator.device, self._generator.dtype, scheduler
         )
@@ -74,7 +78,7 @@ class LLMDeployment:
             if self._engine is not None and request.params.num_beams == 1:
                 result = await self._in_engine(prepared)
             else:
-                result = unwrap(await self._generate_batch((prepared, time.perf_counter())))
+                result = await self._batcher((prepared, time.perf_counter()))
             self._metrics.add("blip2_generated_tokens", len(result.token_ids))
             return result
 
@@ -116,7 +120,6 @@ class LLMDeployment:
             running, seconds = self._engine.step_log.popleft()
             self._metrics.execution(running, 0.0, seconds)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _generate_batch(self, items: list[tuple[PreparedRequest, float]]) -> list:
         started = time.perf_counter()
         batch = [prepared for prepared, _ in items]
@@ -188,6 +191,8 @@ class LLMDeployment:
             engine = {
                 "steps": self._engine.steps,
                 "stepped": self._engine.stepped,
+                "busy_s": round(self._engine.busy_s, 3),
+                "deferred_s": round(self._engine.deferred_s, 3),
                 "max_running_seen": self._engine.max_running_seen,
                 "running": self._engine.running,
             }

@@ -15,7 +15,7 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.batching import ModelWorker, configure_batching, run_isolated, unwrap
+from deployments.batching import DynamicBatcher, ModelWorker, run_isolated
 from deployments.cache import EmbeddingCache
 from deployments.config import BatchConfig, ModelConfig
 from deployments.cores import cpu_turns as cpu_turns_for
@@ -49,8 +49,10 @@ class RetrievalDeployment:
         # The vision stage's cache, for this stage's vision tower: an image embedded, then matched against texts
         # (or indexed again) runs the tower once.
         self._cache = EmbeddingCache(cache_bytes) if cache_bytes else None
-        for method in (self._vision_batch, self._image_batch, self._text_batch, self._match_batch):
-            configure_batching(method, batch)
+        self._vision_batcher = DynamicBatcher(self._vision_batch, batch)
+        self._image_batcher = DynamicBatcher(self._image_batch, batch)
+        self._text_batcher = DynamicBatcher(self._text_batch, batch)
+        self._match_batcher = DynamicBatcher(self._match_batch, batch)
         logger.info("retrieval stage ready (%d-dimensional embeddings)", self._model.dimension)
 
     async def _features(self, image: EncodedImage) -> torch.Tensor:
@@ -61,7 +63,7 @@ class RetrievalDeployment:
             self._metrics.add("blip2_embedding_cache_hits" if cached is not None else "blip2_embedding_cache_misses")
         if cached is not None:
             return cached
-        features = unwrap(await self._vision_batch(pixels))
+        features = await self._vision_batcher(pixels)
         if self._cache is not None:
             self._cache.put(key, features)
         return features
@@ -75,37 +77,33 @@ class RetrievalDeployment:
     # ---- one row each; a bad row fails before it joins a batch
     async def embed_image(self, image: EncodedImage) -> np.ndarray:
         with self._metrics.request():
-            return unwrap(await self._image_batch(await self._features(image)))
+            return await self._image_batcher(await self._features(image))
 
     async def embed_text(self, text: str) -> np.ndarray:
         with self._metrics.request():
             if not isinstance(text, str) or not text.strip():
                 raise InvalidInput("TEXT must be non-empty text")
-            return unwrap(await self._text_batch(text))
+            return await self._text_batcher(text)
 
     async def match(self, image: EncodedImage, text: str) -> tuple[float, float]:
         with self._metrics.request():
             if not isinstance(text, str) or not text.strip():
                 raise InvalidInput("TEXT must be non-empty text")
-            return unwrap(await self._match_batch((await self._features(image), text)))
+            return await self._match_batcher((await self._features(image), text))
 
     # ---- batches
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _vision_batch(self, items: list[torch.Tensor]) -> list:
         model = self._model
         return await self._run(
             lambda batch: list(model.vision_features(torch.stack(batch).to(model.device, model.dtype))), items
         )
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _image_batch(self, items: list[torch.Tensor]) -> list:
         return await self._run(lambda batch: list(self._model.embed_images(None, torch.stack(batch))), items)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _text_batch(self, items: list[str]) -> list:
         return await self._run(lambda batch: list(self._model.embed_texts(batch)), items)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _match_batch(self, items: list[tuple[torch.Tensor, str]]) -> list:
         def scores(batch):
             itm, itc = self._model.match(None, [t for _, t in batch], vision=torch.stack([f for f, _ in batch]))

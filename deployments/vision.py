@@ -6,15 +6,17 @@ import asyncio
 import logging
 import os
 import time
+from contextlib import nullcontext
 from functools import partial
 
 import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.batching import ModelWorker, configure_batching, run_isolated, unwrap
+from deployments.batching import DynamicBatcher, ModelWorker, run_isolated
 from deployments.cache import EmbeddingCache
 from deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
+from deployments.cores import BusySignal
 from deployments.cores import cpu_turns as cpu_turns_for
 from deployments.images import ImageLimits
 from deployments.metrics import MetricsRecorder
@@ -42,15 +44,16 @@ class VisionDeployment:
         self._encoder = VisionEncoder(model, limits, backend)
         turns = cpu_turns_for(str(self._encoder.backend.device), cpu_turns, torch_threads)
         self._worker = ModelWorker("vision", turns=turns)
+        self._busy = BusySignal("vision") if turns is not None else None  # the LLM stage on this node reads it
         self._cache = EmbeddingCache(cache_bytes) if cache_bytes else None
         self._metrics = MetricsRecorder(metrics, "blip2_vision")
-        configure_batching(self._embed_batch, batch)
+        self._batcher = DynamicBatcher(self._embed_batch, batch)
         logger.info("vision stage ready (%s backend)", self._encoder.backend.name)
 
     async def embed(self, image: EncodedImage) -> ImageEmbeds:
         """ImageEmbeds for one image; a bad image fails here, before it can join a batch. An image seen before
         (same decoded pixels) comes from the cache without running the model."""
-        with self._metrics.request():
+        with self._metrics.request(), self._busy.busy() if self._busy is not None else nullcontext():
             pixel_values, key = await asyncio.to_thread(self._encoder.preprocess.with_key, image)
             cached = self._cache.get(key) if self._cache is not None else None
             if self._cache is not None:
@@ -59,12 +62,11 @@ class VisionDeployment:
                 )
             if cached is not None:
                 return ImageEmbeds(cached, image.digest)
-            embeds = unwrap(await self._embed_batch((pixel_values, time.perf_counter())))
+            embeds = await self._batcher((pixel_values, time.perf_counter()))
             if self._cache is not None:
                 self._cache.put(key, embeds)
             return ImageEmbeds(embeds, image.digest)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _embed_batch(self, items: list[tuple[torch.Tensor, float]]) -> list:
         started = time.perf_counter()
         results = await self._worker.run(partial(run_isolated, self._encoder.encode), [p for p, _ in items])

@@ -7,6 +7,7 @@ config file (KubeRay RayService, `serve deploy`): Ray validates the arguments in
 from __future__ import annotations
 
 import logging
+import os
 
 from ray.serve import Application
 
@@ -75,6 +76,19 @@ def build_app(config: AppConfig) -> Application:
     ingress_gpus = 0.0 if config.ingress.num_gpus == "auto" else float(config.ingress.num_gpus)
     ingress = Ingress.options(**config.ingress.deployment_options(ingress_gpus))
     return ingress.bind(vision, llm, config, metrics, retrieval)
+
+
+# The embedded (single-node) Ray's serving machinery wakes less often than Ray's defaults (a 10 Hz controller loop,
+# metrics exported every 100 ms by every replica): on a small node each wake-up is taken from the model stages'
+# cores. Measured on 2 cores, 16 concurrent captions on the realistic checkpoint: 0.80 -> 0.90 requests/s. Autoscaling
+# decisions are made over seconds anyway; a deployment's start is seen up to a second later.
+LOCAL_RAY_ENVIRONMENT = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+
+
+def prepare_local_ray() -> None:
+    """Before `ray.init()` starts an embedded Ray: its processes inherit LOCAL_RAY_ENVIRONMENT (what is set wins)."""
+    for key, value in LOCAL_RAY_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
 
 
 def serve_options(config: AppConfig) -> dict:

@@ -120,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from serve.app import prepare_local_ray
+
     config, document = _config_from_args(args)
 
     def interrupt(*_: Any) -> None:
@@ -129,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     # a signal while starting (the proxy answers ready before serve.run returns) stops as cleanly as one later
     try:
+        if address == "local":
+            prepare_local_ray()
         ray.init(address=address, num_cpus=args.num_cpus if address == "local" else None, include_dashboard=False)
         # ray.init installs its own SIGTERM handlers (sys.exit, then a crash dump and abort): ours goes back on top
         signal.signal(signal.SIGTERM, interrupt)

@@ -77,7 +77,7 @@ class StageConfig(BaseModel):
 
 class LLMStageConfig(StageConfig):
     """The LLM stage: a StageConfig and its scheduler. `continuous`: requests join and leave the running decode batch
-    between steps (beam search runs as whole batches); `static`: whole `@serve.batch` batches through `generate`."""
+    between steps (beam search runs as whole batches); `static`: whole dynamic batches through `generate`."""
 
     scheduler: Literal["continuous", "static"] = "continuous"
     # 16 running sequences: on a CPU a decode step reads every weight whatever the batch, so a fuller step is
@@ -150,7 +150,8 @@ class AppConfig(BaseModel):
     model: ModelConfig
     server: ServerConfig = ServerConfig()
     ingress: StageConfig = Field(default_factory=_ingress_default)
-    vision: StageConfig = StageConfig()
+    # 16 images a batch, as the LLM stage's 16 sequences: what arrived while the tower was busy runs together
+    vision: StageConfig = StageConfig(batch=BatchConfig(max_batch_size=16))
     vision_backend: VisionBackendConfig = VisionBackendConfig()
     embedding_cache: EmbeddingCacheConfig = EmbeddingCacheConfig()
     llm: LLMStageConfig = LLMStageConfig()

@@ -15,6 +15,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from deployments.cache import EmbeddingCache
+from deployments.metrics import FLUSH_S
 from tests.helpers import image_bytes
 
 SERIES = re.compile(r'^(\w+)\{model="(\w+)"\} (\S+)$')
@@ -26,10 +27,10 @@ def scrape(app) -> dict[tuple[str, str], float]:
 
 
 def settled_scrape(app) -> dict[tuple[str, str], float]:
-    """A scrape after earlier tests' last pushes have landed (two scrapes 0.5 s apart agree)."""
+    """A scrape after earlier tests' last pushes have landed (two scrapes a push interval apart agree)."""
     previous = scrape(app)
-    for _ in range(40):
-        time.sleep(0.5)
+    for _ in range(20):
+        time.sleep(FLUSH_S + 0.2)
         current = scrape(app)
         if current == previous:
             return current
@@ -38,13 +39,13 @@ def settled_scrape(app) -> dict[tuple[str, str], float]:
 
 
 def deltas_when_settled(app, before: dict, expected: dict, timeout_s: float = 15.0) -> dict:
-    """Scrape until the expected series reach their values (replicas push every 0.2 s), then once more."""
+    """Scrape until the expected series reach their values (replicas push every FLUSH_S), then once more."""
     deadline = time.monotonic() + timeout_s
     while True:
         now = scrape(app)
         delta = {key: now.get(key, 0.0) - before.get(key, 0.0) for key in set(now) | set(before)}
         if all(delta.get(k, 0.0) >= v for k, v in expected.items()) or time.monotonic() > deadline:
-            time.sleep(0.5)
+            time.sleep(FLUSH_S + 0.2)
             now = scrape(app)
             return {key: now.get(key, 0.0) - before.get(key, 0.0) for key in set(now) | set(before)}
         time.sleep(0.2)

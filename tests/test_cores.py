@@ -1,0 +1,109 @@
+"""Turns at the node's cores (deployments/cores.py): separate processes never compute at once, busy ones alternate,
+and a stage on CPU computes with every core."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deployments.cores import BusySignal, CoreTurns, cpu_turns, node_cores
+
+
+def _worker(directory: str, name: str, turns: int, hold_s: float, log: str) -> None:
+    """Take `turns` turns of `hold_s` each, writing `name start end` per turn."""
+    lock = CoreTurns(Path(directory))
+    with open(log, "a") as out:
+        for _ in range(turns):
+            with lock.turn():
+                start = time.monotonic()
+                time.sleep(hold_s)
+                out.write(f"{name} {start} {time.monotonic()}\n")
+                out.flush()
+
+
+def test_processes_take_turns_without_overlap_and_alternate(tmp_path):
+    log = tmp_path / "turns.log"
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_worker, args=(str(tmp_path), name, 6, 0.05, str(log))) for name in ("vision", "llm")
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    turns = sorted((float(start), float(end), name) for name, start, end in (line.split() for line in log.open()))
+    assert len(turns) == 12
+    for (_, end, _), (start, _, _) in zip(turns, turns[1:]):
+        assert start >= end, "two processes held the cores at once"
+    # Once both are waiting, neither takes two turns in a row while the other waits (the gate hands over).
+    both_busy = [name for _, _, name in turns][2:-2]
+    assert all(a != b for a, b in zip(both_busy, both_busy[1:])), [name for _, _, name in turns]
+
+
+def test_threads_of_one_process_queue_too(tmp_path):
+    import threading
+
+    lock, inside, overlaps = CoreTurns(tmp_path), [], []
+
+    def work():
+        for _ in range(5):
+            with lock.turn():
+                inside.append(1)
+                overlaps.append(len(inside))
+                time.sleep(0.005)
+                inside.pop()
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert max(overlaps) == 1 and lock.stats()["turns"] == 15
+
+
+def test_node_cores_follows_a_cgroup_quota(tmp_path):
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")
+    assert node_cores(quota) == node_cores(tmp_path / "absent")
+    quota.write_text("50000 100000\n")  # half a core: still one thread
+    assert node_cores(quota) == 1
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_cpu_stage_takes_every_core_in_turns(restore_threads):
+    torch.set_num_threads(1)
+    assert isinstance(cpu_turns("cpu", True, None), CoreTurns)
+    assert torch.get_num_threads() == node_cores()
+    assert cpu_turns("cpu", False, 1) is None and torch.get_num_threads() == 1
+    assert cpu_turns("cuda:0", True, None) is None  # a GPU stage computes on its GPU, no turns
+
+
+def _hold_busy(directory: str, seconds: float, started) -> None:
+    signal = BusySignal("vision", Path(directory))
+    with signal.busy():
+        started.set()
+        time.sleep(seconds)
+
+
+def test_busy_signal_is_seen_from_another_process_and_ends_with_it(tmp_path):
+    reader = BusySignal("vision", tmp_path)
+    assert not reader.is_busy()
+    context = multiprocessing.get_context("spawn")
+    started = context.Event()
+    holder = context.Process(target=_hold_busy, args=(str(tmp_path), 0.5, started))
+    holder.start()
+    assert started.wait(30)
+    assert reader.is_busy()
+    holder.join(30)
+    assert not reader.is_busy()
