@@ -188,9 +188,10 @@ def run(
     )
     url = f"127.0.0.1:{port}/c"
     if "served" in scenarios:
+        kserve_load(url, [(warmup, "")], 1, parameters)  # warm-up, outside the profiles
         for concurrency, jobs in sets.items():
             before = stage_profile("c")
-            latencies, wall, answers = kserve_load(url, jobs, concurrency, parameters, warmup=warmup)
+            latencies, wall, answers = kserve_load(url, jobs, concurrency, parameters)
             profile = profile_delta(before, stage_profile("c"))
             results.append(
                 row(

@@ -26,7 +26,7 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
             "--max-new-tokens",
             "6",
             "--scenarios",
-            "baseline,served,multi_question",
+            "baseline,peer,served,multi_question",
             "--out",
             str(out),
             "--cache",
@@ -43,16 +43,24 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
     scenarios = [(r["scenario"], r["concurrency"]) for r in document["results"]]
     assert scenarios == [
         ("baseline", 1),
+        ("peer", 1),
+        ("peer", 16),
         ("served", 1),
-        ("served", 4),
         ("served", 16),
         ("multi_question", 1),
         ("multi_question", 1),
     ]
     assert all(r["valid"] for r in document["results"]), document["results"]
     assert document["commit"] and document["versions"]["torch"] and "wide x" in document["checkpoint"]["llm"]
-    assert {"captioning_throughput_c16_over_baseline", "serving_overhead_c1_p50_ms", "five_questions_speedup"} <= set(
-        document["summary"]
-    )
+    summary = {
+        "captioning_throughput_c16_over_baseline",
+        "captioning_throughput_c16_over_peer",
+        "c1_p50_over_baseline",
+        "serving_overhead_c1_p50_ms",
+        "five_questions_speedup",
+    }
+    assert summary <= set(document["summary"])
+    served = [r for r in document["results"] if r["scenario"] == "served"]
+    assert all(r["vision_executions"] >= 1 and r["llm_steps"] >= 1 for r in served)  # the profile behind each row
     assert (out / "tiny-opt.md").read_text().startswith("# bench: tiny opt")
     assert (out / "tiny-opt.png").stat().st_size > 10_000
