@@ -271,12 +271,14 @@ def profile_delta(before: dict, after: dict) -> dict[str, Any]:
     out: dict[str, Any] = {
         "vision_executions": vision_runs,
         "vision_mean_batch": round(vision_images / vision_runs, 2) if vision_runs else None,
+        "vision_busy_s": round(after["vision"]["busy_s"] - before["vision"]["busy_s"], 2),
         "vision_waited_s": round(waited(after["vision"]) - waited(before["vision"]), 2),
         "llm_waited_s": round(waited(after["llm"]) - waited(before["llm"]), 2),
     }
     engine_before, engine_after = before["llm"].get("engine"), after["llm"].get("engine")
     if engine_after:
         steps = engine_after["steps"] - engine_before["steps"]
+        out["llm_busy_s"] = round(engine_after["busy_s"] - engine_before["busy_s"], 2)
         out["llm_steps"] = steps
         out["llm_mean_running"] = (
             round((engine_after["stepped"] - engine_before["stepped"]) / steps, 2) if steps else None

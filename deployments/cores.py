@@ -16,6 +16,7 @@ busy they alternate.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import math
 import os
@@ -77,16 +78,17 @@ class CoreTurns:
 
 
 class BusySignal:
-    """Node-wide: whether some stage of one kind ("vision") has work queued or running on this node.
+    """Node-wide: whether some replica of one stage ("vision" of one application) has work on this node.
 
-    A busy replica holds a shared `flock` on `<kind>-busy.lock` (released by the kernel if it dies); `is_busy` asks
-    for an exclusive one without waiting. The LLM stage reads it to leave the cores to the vision stage while its
-    decode batch has room (deployments/engine.py).
+    A busy replica holds a shared `flock` on a file named after `name` (released by the kernel if it dies);
+    `is_busy` asks for an exclusive one without waiting. The LLM stage reads its own application's vision signal
+    to leave the cores to it while its decode batch has room (deployments/engine.py).
     """
 
-    def __init__(self, kind: str, directory: Path = DEFAULT_DIRECTORY):
+    def __init__(self, name: str, directory: Path = DEFAULT_DIRECTORY):
         directory.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(directory / f"{kind}-busy.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]  # any application name makes a file name
+        self._fd = os.open(directory / f"busy-{digest}.lock", os.O_RDWR | os.O_CREAT, 0o666)
         self._count = 0
         self._lock = threading.Lock()
 
@@ -113,6 +115,13 @@ class BusySignal:
             return True
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         return False
+
+
+def vision_signal() -> BusySignal:
+    """The busy signal of this Serve application's vision stage (called in its vision and LLM replicas)."""
+    from ray import serve
+
+    return BusySignal(f"vision:{serve.get_replica_context().app_name}")
 
 
 def cpu_turns(device: str, enabled: bool, torch_threads: int | None) -> CoreTurns | None:

@@ -14,8 +14,8 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.batching import DynamicBatcher, ModelWorker
 from deployments.config import BatchConfig, ModelConfig
-from deployments.cores import BusySignal
 from deployments.cores import cpu_turns as cpu_turns_for
+from deployments.cores import vision_signal
 from deployments.engine import ContinuousBatcher, Sequence
 from deployments.generator import LanguageGenerator, PreparedRequest
 from deployments.metrics import MetricsRecorder
@@ -57,7 +57,7 @@ class LLMDeployment:
     ):
         self._generator = LanguageGenerator(model, max_prompt_tokens)
         turns = cpu_turns_for(str(self._generator.device), cpu_turns, torch_threads)
-        vision = BusySignal("vision") if turns is not None else None  # the stage that feeds this one, on this node
+        vision = vision_signal() if turns is not None else None  # the stage that feeds this one, on this node
         self._engine = (
             ContinuousBatcher(self._generator, batch.max_batch_size, turns=turns, upstream=vision)
             if scheduler == "continuous"

@@ -16,8 +16,8 @@ from ray.serve.handle import DeploymentHandle
 from deployments.batching import DynamicBatcher, ModelWorker, run_isolated
 from deployments.cache import EmbeddingCache
 from deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
-from deployments.cores import BusySignal
 from deployments.cores import cpu_turns as cpu_turns_for
+from deployments.cores import vision_signal
 from deployments.images import ImageLimits
 from deployments.metrics import MetricsRecorder
 from deployments.types import EncodedImage, ImageEmbeds
@@ -44,7 +44,7 @@ class VisionDeployment:
         self._encoder = VisionEncoder(model, limits, backend)
         turns = cpu_turns_for(str(self._encoder.backend.device), cpu_turns, torch_threads)
         self._worker = ModelWorker("vision", turns=turns)
-        self._busy = BusySignal("vision") if turns is not None else None  # the LLM stage on this node reads it
+        self._busy = vision_signal() if turns is not None else None  # this application's LLM stage reads it
         self._cache = EmbeddingCache(cache_bytes) if cache_bytes else None
         self._metrics = MetricsRecorder(metrics, "blip2_vision")
         self._batcher = DynamicBatcher(self._embed_batch, batch)
