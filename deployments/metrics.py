@@ -118,7 +118,15 @@ def _le(bound: float | str) -> str:
     return ',le="' + (bound if isinstance(bound, str) else f"{bound:g}") + '"'
 
 
-@serve.deployment(name="Metrics", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+# No access log: its calls are the replicas' own pushes and reports (one a second each), not traffic; logged, an idle
+# server printed a line a second.
+@serve.deployment(
+    name="Metrics",
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=1000,
+    logging_config={"enable_access_log": False},
+)
 class MetricsDeployment:
     """Aggregates every replica's observations; `render` is the Prometheus text the ingress serves at /metrics."""
 
