@@ -80,8 +80,8 @@ class LLMStageConfig(StageConfig):
     between steps (beam search runs as whole batches); `static`: whole dynamic batches through `generate`."""
 
     scheduler: Literal["continuous", "static"] = "continuous"
-    # 16 running sequences: on a CPU a decode step reads every weight whatever the batch, so a fuller step is
-    # almost free; 16 concurrent captions then take ~20 steps, not ~40 (bench/results/realistic-*.md).
+    # 16 running sequences: a decode step reads every weight whatever the batch, so one step over 16 sequences costs
+    # far less than 16 over one; 16 concurrent captions then take ~20 steps, not ~40 (bench/results/realistic-*.md).
     batch: BatchConfig = BatchConfig(max_batch_size=16)
 
 
