@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Awaitable, Callable, Generic, Sequence, TypeVar
 
 from deployments.config import BatchConfig
-from deployments.cores import CoreTurns
+from deployments.cores import CoreTurns, turn_of
 
 logger = logging.getLogger(__name__)
 
@@ -115,17 +115,12 @@ class ModelWorker:
         return self._executor.submit(self._in_turn, fn, *args)
 
     def _in_turn(self, fn: Callable[..., R], *args) -> R:
-        if self.turns is None:
-            return self._timed(fn, *args)
-        with self.turns.turn():
-            return self._timed(fn, *args)
-
-    def _timed(self, fn: Callable[..., R], *args) -> R:
-        started = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.busy_s += time.perf_counter() - started
+        with turn_of(self.turns):
+            started = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.busy_s += time.perf_counter() - started
 
     def stats(self) -> dict:
         """Batch sizes this replica's model saw: the histogram and the largest; its turns at the cores."""

@@ -23,7 +23,7 @@ import os
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -49,7 +49,6 @@ class CoreTurns:
 
     def __init__(self, directory: Path = DEFAULT_DIRECTORY):
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory
         self._gate = os.open(directory / "gate.lock", os.O_RDWR | os.O_CREAT, 0o666)
         self._cores = os.open(directory / "cores.lock", os.O_RDWR | os.O_CREAT, 0o666)
         self._local = threading.Lock()  # flock is per open file: threads of this process must queue here first
@@ -75,6 +74,11 @@ class CoreTurns:
 
     def stats(self) -> dict:
         return {"turns": self.turns, "waited_s": round(self.waited_s, 3)}
+
+
+def turn_of(turns: CoreTurns | None) -> AbstractContextManager:
+    """`turns.turn()`, or nothing where the stage takes no turns (a GPU stage, or `cpu_turns: false`)."""
+    return nullcontext() if turns is None else turns.turn()
 
 
 class BusySignal:

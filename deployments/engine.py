@@ -32,7 +32,7 @@ from transformers import (
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from deployments.cores import BusySignal, CoreTurns
+from deployments.cores import BusySignal, CoreTurns, turn_of
 from deployments.generator import LanguageGenerator, PreparedRequest
 from deployments.text import TextAssembler
 from deployments.types import GenerateResult
@@ -151,11 +151,8 @@ class ContinuousBatcher:
             if self._defer():
                 time.sleep(DEFER_POLL_S)
                 continue
-            if self.turns is None:
+            with turn_of(self.turns):
                 self._timed_iteration()
-            else:
-                with self.turns.turn():
-                    self._timed_iteration()
 
     def _defer(self) -> bool:
         """Whether to leave the cores to the vision stage for now (see `upstream`)."""
