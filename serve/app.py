@@ -39,7 +39,8 @@ def build_app(config: AppConfig) -> Application:
     """The BLIP-2 graph: Ingress holding handles to VisionDeployment and LLMDeployment; all three push their
     metrics to one MetricsDeployment, which the ingress renders at /metrics."""
     metrics = MetricsDeployment.bind()
-    vision = VisionDeployment.options(**config.vision.deployment_options(_gpus_for(config.vision, config))).bind(
+    env = config.model_stage_env()
+    vision = VisionDeployment.options(**config.vision.deployment_options(_gpus_for(config.vision, config), env)).bind(
         config.model,
         config.vision.batch,
         config.server.image_limits(),
@@ -49,7 +50,7 @@ def build_app(config: AppConfig) -> Application:
         metrics,
         cpu_turns=config.cpu_turns,
     )
-    llm = LLMDeployment.options(**config.llm.deployment_options(_gpus_for(config.llm, config))).bind(
+    llm = LLMDeployment.options(**config.llm.deployment_options(_gpus_for(config.llm, config), env)).bind(
         config.model,
         config.llm.batch,
         config.server.max_prompt_tokens,
@@ -64,7 +65,7 @@ def build_app(config: AppConfig) -> Application:
 
         stage = config.retrieval
         gpus = _gpus_for(stage, config.model_copy(update={"model": stage.model}))
-        retrieval = RetrievalDeployment.options(**stage.deployment_options(gpus)).bind(
+        retrieval = RetrievalDeployment.options(**stage.deployment_options(gpus, env)).bind(
             stage.model,
             stage.batch,
             config.server.image_limits(),

@@ -52,8 +52,8 @@ class StageConfig(BaseModel):
     torch_threads: int | None = Field(None, ge=1)
     batch: BatchConfig = BatchConfig()
 
-    def deployment_options(self, num_gpus: float) -> dict[str, Any]:
-        """Keyword arguments for `Deployment.options()`."""
+    def deployment_options(self, num_gpus: float, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options()`; `env_vars` go to the replicas' processes (runtime_env)."""
         options: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests or 2 * self.batch.max_batch_size,
             "max_queued_requests": self.max_queued_requests,
@@ -61,6 +61,8 @@ class StageConfig(BaseModel):
         }
         if self.resources:
             options["ray_actor_options"]["resources"] = dict(self.resources)
+        if env_vars:
+            options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(env_vars)}
         if self.autoscaling is not None:
             options["autoscaling_config"] = self.autoscaling.model_dump()
         else:
@@ -162,6 +164,12 @@ class AppConfig(BaseModel):
     cpu_turns: bool = True
     app_name: str = "blip2"
     route_prefix: str = "/"
+
+    def model_stage_env(self) -> dict[str, str] | None:
+        """Environment variables of the model stages' processes: those of stages that take turns at the cores."""
+        from deployments.cores import TURN_ENVIRONMENT
+
+        return dict(TURN_ENVIRONMENT) if self.cpu_turns else None
 
     @staticmethod
     def read_document(path: str | Path) -> Any:

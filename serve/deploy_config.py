@@ -26,8 +26,8 @@ def stage_gpus(stage: StageConfig, config: AppConfig) -> float | None:
     return 1.0 if config.model.device == "cuda" else 0.0
 
 
-def _deployment(name: str, stage: StageConfig, gpus: float | None) -> dict[str, Any]:
-    options = stage.deployment_options(gpus or 0.0)
+def _deployment(name: str, stage: StageConfig, gpus: float | None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    options = stage.deployment_options(gpus or 0.0, env)
     if gpus is None:  # Ray replaces the builder's ray_actor_options wholesale with the file's: leave them out
         del options["ray_actor_options"]
     return {"name": name, **options}
@@ -43,13 +43,15 @@ def serve_config(config: AppConfig) -> dict[str, Any]:
         "args": config.model_dump(mode="json"),
         "deployments": [
             _deployment("Ingress", config.ingress, ingress_gpus),
-            _deployment("Vision", config.vision, stage_gpus(config.vision, config)),
-            _deployment("LLM", config.llm, stage_gpus(config.llm, config)),
+            _deployment("Vision", config.vision, stage_gpus(config.vision, config), config.model_stage_env()),
+            _deployment("LLM", config.llm, stage_gpus(config.llm, config), config.model_stage_env()),
         ],
     }
     if config.retrieval is not None:
         retrieval_gpus = stage_gpus(config.retrieval, config.model_copy(update={"model": config.retrieval.model}))
-        application["deployments"].append(_deployment("Retrieval", config.retrieval, retrieval_gpus))
+        application["deployments"].append(
+            _deployment("Retrieval", config.retrieval, retrieval_gpus, config.model_stage_env())
+        )
     document: dict[str, Any] = {
         "proxy_location": "EveryNode",
         "http_options": {"host": config.server.host, "port": config.server.http_port},

@@ -107,3 +107,28 @@ def test_busy_signal_is_seen_from_another_process_and_ends_with_it(tmp_path):
     assert reader.is_busy()
     holder.join(30)
     assert not reader.is_busy()
+
+
+def test_stages_that_take_turns_run_with_passive_openmp():
+    """OMP_WAIT_POLICY reaches the model stages' processes through their runtime_env (Serve file included), only
+    where they take turns, and never the ingress's."""
+    from serve.config import AppConfig
+    from serve.deploy_config import serve_config
+
+    config = AppConfig.model_validate({"model": {"checkpoint": "x", "device": "cpu"}})
+    assert config.model_stage_env() == {"OMP_WAIT_POLICY": "PASSIVE"}
+    deployments = {d["name"]: d for d in serve_config(config)["applications"][0]["deployments"]}
+    for name in ("Vision", "LLM"):
+        assert deployments[name]["ray_actor_options"]["runtime_env"] == {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+    assert "runtime_env" not in deployments["Ingress"]["ray_actor_options"]
+    free = AppConfig.model_validate({"model": {"checkpoint": "x", "device": "cpu"}, "cpu_turns": False})
+    assert free.model_stage_env() is None
+    assert all("runtime_env" not in d["ray_actor_options"] for d in serve_config(free)["applications"][0]["deployments"])
+
+
+def test_served_model_stages_have_passive_openmp(apps):
+    app = apps["t5"]
+    for stage in ("Vision", "LLM"):
+        pid = app.deployment(stage).stats.remote().result(timeout_s=60)["pid"]
+        environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"OMP_WAIT_POLICY=PASSIVE" in environment, stage
