@@ -131,12 +131,52 @@ def load_blip2_config(config: ModelConfig):
     return _from_pretrained(AutoConfig, config)
 
 
+class PackedLinear(nn.Module):
+    """`nn.Linear` on CPU with its weight packed once into oneDNN's blocked layout (`weight` is that tensor).
+
+    PyTorch's CPU linear calls a GEMM that repacks the weight on every call; at the few rows of a decode step that
+    repacking costs more than the product (measured on 2 cores, 2560 -> 10240: 1 row 6.0 -> 4.6 ms, 16 rows
+    20.4 -> 5.6 ms; a vision batch of 8 x 257 rows 652 -> 529 ms). Results differ from PyTorch's by rounding only
+    (about 1e-6 relative), as a different batch size already makes them differ.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.device) -> nn.Module:
+    """Every plain `nn.Linear` of a CPU model in fp32/bf16 as a PackedLinear, where `cpu_linear` is "onednn".
+
+    Quantized layers (subclasses of nn.Linear) stay as they are; a weight shared with an embedding (OPT's output
+    projection) gets its own packed copy, so the model holds that matrix twice (0.5 GB for OPT-2.7B in fp32).
+    """
+    if device.type != "cpu" or config.cpu_linear != "onednn" or not torch.backends.mkldnn.is_available():
+        return model
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16):
+                setattr(parent, name, PackedLinear(child))
+                replaced += 1
+    logger.info("%d linear layers packed for oneDNN", replaced)
+    return model
+
+
 def load_vision(config: ModelConfig) -> tuple[Blip2VisionConnector, torch.device, torch.dtype]:
-    """The vision half on its device, in eval mode."""
+    """The vision half on its device, in eval mode, its linear layers packed on CPU (pack_linear_layers)."""
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
     model = _from_pretrained(Blip2VisionConnector, config, dtype=dtype)
-    return model.to(device).eval(), device, dtype
+    return pack_linear_layers(model.to(device).eval(), config, device), device, dtype
 
 
 def _quantization_config(config: ModelConfig, dtype: torch.dtype):
@@ -155,7 +195,8 @@ def _quantization_config(config: ModelConfig, dtype: torch.dtype):
 
 
 def load_language_model(config: ModelConfig) -> tuple[Blip2LanguageModel, torch.device, torch.dtype]:
-    """The LLM half on its device, in eval mode, quantized by bitsandbytes when configured."""
+    """The LLM half on its device, in eval mode, quantized by bitsandbytes when configured, its linear layers packed
+    on CPU (pack_linear_layers)."""
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
     quantization = _quantization_config(config, dtype)
@@ -165,4 +206,4 @@ def load_language_model(config: ModelConfig) -> tuple[Blip2LanguageModel, torch.
     model = _from_pretrained(Blip2LanguageModel, config, dtype=dtype, **kwargs)
     if quantization is None:
         model = model.to(device)
-    return model.eval(), device, dtype
+    return pack_linear_layers(model.eval(), config, device), device, dtype

@@ -85,7 +85,9 @@ def export_vision_onnx(checkpoint: str, out: str | Path, opset: int = 17, fp16: 
     import onnxruntime as ort
 
     dtype_name = "fp16" if fp16 else "fp32"
-    model, _, dtype = load_vision(ModelConfig(checkpoint=checkpoint, dtype=dtype_name, device="cpu"))
+    # PyTorch's own linear layers: the graph is traced from them (packed oneDNN weights do not export)
+    settings = ModelConfig(checkpoint=checkpoint, dtype=dtype_name, device="cpu", cpu_linear="torch")
+    model, _, dtype = load_vision(settings)
     config = model.config
     image_size = config.vision_config.image_size
     out = Path(out)

@@ -56,3 +56,25 @@ def test_processor_without_num_query_tokens_is_refused(checkpoints, tmp_path):
     config_file.write_text(json.dumps(config))
     with pytest.raises(RuntimeError, match="num_query_tokens"):
         load_processor(ModelConfig(checkpoint=str(copy)))
+
+
+def test_cpu_linear_layers_are_packed_for_onednn_unless_asked_not_to(checkpoints):
+    """cpu_linear "onednn" (default): every plain Linear of both halves becomes a PackedLinear whose output equals
+    nn.Linear's to rounding; "torch" leaves PyTorch's own layers."""
+    import torch
+    from torch import nn
+
+    from deployments.config import ModelConfig
+    from deployments.loading import PackedLinear, load_language_model, load_vision
+
+    for load in (load_vision, load_language_model):
+        packed, _, _ = load(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu"))
+        plain, _, _ = load(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", cpu_linear="torch"))
+        kinds = {type(m) for m in packed.modules()}
+        assert PackedLinear in kinds and nn.Linear not in kinds
+        assert PackedLinear not in {type(m) for m in plain.modules()}
+    linear = nn.Linear(24, 40)
+    packed_layer = PackedLinear(linear)
+    x = torch.randn(3, 5, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed_layer(x), linear(x), rtol=1e-5, atol=1e-5)

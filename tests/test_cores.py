@@ -123,7 +123,8 @@ def test_stages_that_take_turns_run_with_passive_openmp():
     assert "runtime_env" not in deployments["Ingress"]["ray_actor_options"]
     free = AppConfig.model_validate({"model": {"checkpoint": "x", "device": "cpu"}, "cpu_turns": False})
     assert free.model_stage_env() is None
-    assert all("runtime_env" not in d["ray_actor_options"] for d in serve_config(free)["applications"][0]["deployments"])
+    written = serve_config(free)["applications"][0]["deployments"]
+    assert all("runtime_env" not in d["ray_actor_options"] for d in written)
 
 
 def test_served_model_stages_have_passive_openmp(apps):

@@ -61,6 +61,32 @@ def test_joining_and_leaving_keeps_greedy_tokens(parts):
     assert engine.max_running_seen > 1
 
 
+def test_prompts_about_one_image_share_its_prefix_and_keep_greedy_tokens(parts):
+    """ask_many: prompts that share one ImageEmbeds tensor start together; OPT runs the image's query tokens once
+    (a prefix cache copied to each row) and every answer equals that prompt alone through generate."""
+    generator, embeds = parts
+    prompts = ["", "Question: what is it? Answer:", "Question: what colour is the block on the left? Answer:", "a"]
+    shared = [
+        generator.prepare(GenerateRequest(f"q{i}", None, p, GenerationParams(max_new_tokens=9)), embeds[1])
+        for i, p in enumerate(prompts)
+    ]
+    other = generator.prepare(GenerateRequest("o", None, "b", GenerationParams(max_new_tokens=9)), embeds[2])
+    batch = [*shared[:2], other, *shared[2:]]  # two images in one admission: rows map to their own prefix
+    alone = [generator.run([p])[0].token_ids for p in batch]
+    engine = ContinuousBatcher(generator, max_running=8)
+    if generator.decoder_only:
+        cache = engine._shared_image_prefix(generator.embed_inputs(generator.collate(batch)[0], batch), batch)
+        assert cache is not None and cache.layers[0].keys.shape[0] == len(batch)
+        assert cache.layers[0].keys.shape[2] == generator.num_query_tokens
+    gate = threading.Event()
+    held = engine.run_exclusive(gate.wait, 60)  # the engine waits here, so that all five start in one prefill
+    futures = [_submit(engine, item) for item in batch]
+    gate.set()
+    held.result(timeout=60)
+    assert [f.result(timeout=120).token_ids for f in futures] == alone
+    assert engine.steps == max(len(f.result().token_ids) for f in futures) - 1  # one admission, then steps
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(parts):
     generator, embeds = parts
     params = GenerationParams(max_new_tokens=10, do_sample=True, seed=5, temperature=0.8, top_k=40)
