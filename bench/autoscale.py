@@ -39,11 +39,10 @@ def run(size: str, llm: str, clients: int, load_s: float, idle_s: float, tokens:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import httpx
     import ray
+    from blip2_serve.exporters.int8_report import sample_images
+    from blip2_serve.serve.app import build_app
+    from blip2_serve.serve.config import AppConfig
     from ray import serve
-
-    from exporters.int8_report import sample_images
-    from serve.app import build_app
-    from serve.config import AppConfig
 
     checkpoint = _checkpoint(Path(__file__).parent / ".cache", size, llm)
     environment = _environment(checkpoint)

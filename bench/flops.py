@@ -16,7 +16,7 @@ softmax left out (a few percent). A caption with greedy decoding:
 
 from __future__ import annotations
 
-from exporters.tiny import SIZES
+from blip2_serve.exporters.tiny import SIZES
 
 PROPORTION_TOLERANCE = 0.25  # the bound: each part's share of the LLM's work within 25% of the real model's
 

@@ -22,7 +22,7 @@ TEXTS = [f"a photo of {w} number {i}" for i, w in enumerate(["a dog", "a cat", "
 
 
 def _checkpoint(cache: Path, size: str = "tiny") -> Path:
-    from exporters.tiny import make_tiny_itm_checkpoint
+    from blip2_serve.exporters.tiny import make_tiny_itm_checkpoint
 
     path = cache / f"{size}-itm"
     if not (path / "model.safetensors").exists():
@@ -63,11 +63,10 @@ def served(checkpoint: Path, images: list[bytes], texts: list[str], concurrency:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     import tritonclient.http as httpclient
+    from blip2_serve.exporters.tiny import make_tiny_checkpoint
+    from blip2_serve.serve.app import build_app
+    from blip2_serve.serve.config import AppConfig
     from ray import serve
-
-    from exporters.tiny import make_tiny_checkpoint
-    from serve.app import build_app
-    from serve.config import AppConfig
 
     captioner = Path(__file__).parent / ".cache" / "tiny-opt"
     if not (captioner / "model.safetensors").exists():
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--out", help="default: bench/results/retrieval-<size>")
     args = parser.parse_args(argv)
-    from exporters.int8_report import sample_images
+    from blip2_serve.exporters.int8_report import sample_images
 
     checkpoint = _checkpoint(Path(__file__).parent / ".cache", args.size)
     args.out = args.out or str(Path(__file__).parent / "results" / f"retrieval-{args.size}")

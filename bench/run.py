@@ -48,7 +48,7 @@ def _free_port() -> int:
 
 
 def _checkpoint(cache: Path, size: str, llm: str) -> Path:
-    from exporters.tiny import make_tiny_checkpoint
+    from blip2_serve.exporters.tiny import make_tiny_checkpoint
 
     path = cache / f"{size}-{llm}"
     if not (path / "model.safetensors").exists():
@@ -91,10 +91,9 @@ def _start_serve(checkpoint: Path, static: bool):
     where `static`, the same with static LLM scheduling at /s."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
+    from blip2_serve.serve.app import build_app, prepare_local_ray
+    from blip2_serve.serve.config import AppConfig
     from ray import serve
-
-    from serve.app import build_app, prepare_local_ray
-    from serve.config import AppConfig
 
     prepare_local_ray()  # as `blip2-serve run` starts its Ray
     port = _free_port()
@@ -116,8 +115,8 @@ def _start_serve(checkpoint: Path, static: bool):
 
 
 def _start_triton(checkpoint: Path, cache: Path):
-    from exporters.triton_repo import write_triton_repo
-    from exporters.tritonserver import TritonPorts, start_tritonserver
+    from blip2_serve.exporters.triton_repo import write_triton_repo
+    from blip2_serve.exporters.tritonserver import TritonPorts, start_tritonserver
 
     repo = write_triton_repo(str(checkpoint), cache / f"repo-{checkpoint.name}", max_batch=16, device="cpu")
     ports = TritonPorts(_free_port(), _free_port(), _free_port())
@@ -157,7 +156,7 @@ def peer_rows(checkpoint: str, sets: dict, max_new_tokens: int, expected: dict, 
 def run(
     size: str, llm: str, scenarios: tuple[str, ...], images: int, max_new_tokens: int, out: Path, cache: Path
 ) -> dict:
-    from exporters.int8_report import sample_images
+    from blip2_serve.exporters.int8_report import sample_images
 
     checkpoint = _checkpoint(cache, size, llm)
     # Every timed load gets images the server has not seen (the embedding cache would otherwise answer the vision
@@ -279,8 +278,8 @@ def run(
             process.terminate()
             process.wait(timeout=60)
     if "vision" in scenarios:
-        from exporters.int8_report import write_int8_report
-        from exporters.onnx_export import export_vision_onnx, quantize_int8
+        from blip2_serve.exporters.int8_report import write_int8_report
+        from blip2_serve.exporters.onnx_export import export_vision_onnx, quantize_int8
 
         onnx_dir = cache / f"onnx-{checkpoint.name}"
         if not (onnx_dir / "vision_int8.onnx").exists():

@@ -10,7 +10,7 @@ import statistics
 import time
 from typing import Any
 
-from clients.transports import bytes_inputs
+from blip2_serve.clients.transports import bytes_inputs
 
 
 def row(
@@ -181,11 +181,10 @@ def openai_streams(base_url: str, jobs: list[tuple[bytes, str]], max_tokens: int
 def vision_backends(checkpoint: str, onnx_dir, images: list[bytes], batch_sizes=(1, 4, 8), repeats: int = 3):
     """Images/s of the vision stage alone: torch, ONNX Runtime fp32 and int8, by batch size."""
     import torch
-
-    from deployments.config import ModelConfig
-    from deployments.images import check_image
-    from deployments.vision_encoder import ImagePreprocessor, TorchVisionBackend
-    from deployments.vision_onnx import OnnxVisionBackend
+    from blip2_serve.deployments.config import ModelConfig
+    from blip2_serve.deployments.images import check_image
+    from blip2_serve.deployments.vision_encoder import ImagePreprocessor, TorchVisionBackend
+    from blip2_serve.deployments.vision_onnx import OnnxVisionBackend
 
     model = ModelConfig(checkpoint=checkpoint, device="cpu", dtype="fp32")
     preprocess = ImagePreprocessor(model)
@@ -225,9 +224,8 @@ def overhead_profile(http_url: str, app_name: str, image: bytes, repeats: int = 
     """Where served latency goes when the model is idle: p50 ms of each hop, measured with no model work
     (HTTP proxy -> ingress and back; a DeploymentHandle round trip; the vision stage answering from its cache)."""
     import httpx
+    from blip2_serve.deployments.images import check_image
     from ray import serve
-
-    from deployments.images import check_image
 
     def p50(call) -> float:
         call()

@@ -38,13 +38,12 @@ def run(minutes: float, clients: int, out: Path, llm: str = "t5") -> dict:
     import httpx
     import ray
     import tritonclient.grpc as grpcclient
+    from blip2_serve.clients.transports import bytes_inputs
+    from blip2_serve.exporters.int8_report import sample_images
+    from blip2_serve.serve.app import build_app
+    from blip2_serve.serve.config import AppConfig
+    from blip2_serve.serve.grpc import SERVICER_FUNCTION
     from ray import serve
-
-    from clients.transports import bytes_inputs
-    from exporters.int8_report import sample_images
-    from serve.app import build_app
-    from serve.config import AppConfig
-    from serve.grpc import SERVICER_FUNCTION
 
     checkpoint = _checkpoint(Path(__file__).parent / ".cache", "tiny", llm)
     environment = _environment(checkpoint)

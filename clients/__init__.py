@@ -1,9 +1,9 @@
 """The light client side of blip2-serve: the SDK and the model contract. Imports no torch, no ray, no server code.
 
-from clients import Blip2Client, AsyncBlip2Client
+from blip2_serve.clients import Blip2Client, AsyncBlip2Client
 """
 
-from clients.errors import (
+from blip2_serve.clients.errors import (
     Blip2Error,
     ConnectionFailedError,
     InvalidRequestError,
@@ -11,7 +11,7 @@ from clients.errors import (
     ServerError,
     ServiceUnavailableError,
 )
-from clients.sdk import AsyncBlip2Client, Blip2Client
+from blip2_serve.clients.sdk import AsyncBlip2Client, Blip2Client
 
 __all__ = [
     "AsyncBlip2Client",

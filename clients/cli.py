@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from clients.errors import Blip2Error, ConnectionFailedError, ServiceUnavailableError
+from blip2_serve.clients.errors import Blip2Error, ConnectionFailedError, ServiceUnavailableError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -68,9 +68,8 @@ def _done_and_repair(out: Path) -> set[str]:
 
 
 async def _caption_files(args: argparse.Namespace) -> int:
+    from blip2_serve.clients.sdk import AsyncBlip2Client
     from tqdm import tqdm
-
-    from clients.sdk import AsyncBlip2Client
 
     files = image_files(args.images)
     out = Path(args.out) if args.out else None
@@ -114,7 +113,7 @@ def caption(args: argparse.Namespace) -> int:
 
 
 def ask(args: argparse.Namespace) -> int:
-    from clients.sdk import Blip2Client
+    from blip2_serve.clients.sdk import Blip2Client
 
     with Blip2Client(args.url, args.protocol, api_key=_api_key(args)) as client:
         answers = client.ask_many(args.image, args.questions, **_generation(args))
@@ -125,8 +124,8 @@ def ask(args: argparse.Namespace) -> int:
 
 def chat(args: argparse.Namespace) -> int:
     """An interactive conversation about one image; answers stream as they are generated."""
-    from clients.contract import dialogue_prompt
-    from clients.sdk import Blip2Client
+    from blip2_serve.clients.contract import dialogue_prompt
+    from blip2_serve.clients.sdk import Blip2Client
 
     image = Path(args.image).read_bytes()
     turns: list[tuple[str, str]] = []
@@ -151,10 +150,9 @@ def chat(args: argparse.Namespace) -> int:
 
 
 async def _index_files(args: argparse.Namespace) -> int:
+    from blip2_serve.clients.image_index import ImageIndex
+    from blip2_serve.clients.sdk import AsyncBlip2Client
     from tqdm import tqdm
-
-    from clients.image_index import ImageIndex
-    from clients.sdk import AsyncBlip2Client
 
     files = image_files([args.dir])
     async with AsyncBlip2Client(args.url, args.protocol, api_key=_api_key(args)) as client:
@@ -185,8 +183,8 @@ def index_folder(args: argparse.Namespace) -> int:
 
 
 def search(args: argparse.Namespace) -> int:
-    from clients.image_index import ImageIndex
-    from clients.sdk import Blip2Client
+    from blip2_serve.clients.image_index import ImageIndex
+    from blip2_serve.clients.sdk import Blip2Client
 
     index = ImageIndex(args.index)
     with Blip2Client(args.url, args.protocol, api_key=_api_key(args)) as client:
@@ -197,7 +195,7 @@ def search(args: argparse.Namespace) -> int:
 
 
 def match(args: argparse.Namespace) -> int:
-    from clients.sdk import Blip2Client
+    from blip2_serve.clients.sdk import Blip2Client
 
     with Blip2Client(args.url, args.protocol, api_key=_api_key(args)) as client:
         scores = client.match(args.image, args.text)

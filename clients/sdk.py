@@ -1,6 +1,6 @@
 """The Python SDK: AsyncBlip2Client, and Blip2Client (the same calls, blocking).
 
-    from clients import Blip2Client
+    from blip2_serve.clients import Blip2Client
     with Blip2Client("127.0.0.1:8000") as client:          # or ("127.0.0.1:8001", protocol="grpc")
         print(client.caption("cat.jpg"))
         print(client.ask("cat.jpg", "how many cats are there?"))
@@ -21,11 +21,10 @@ import threading
 from typing import AsyncIterator, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
-
-from clients.contract import EMBED_IMAGE_MODEL, EMBED_TEXT_MODEL, ITM_MODEL, MODEL_NAME, question_prompt
-from clients.errors import ServiceUnavailableError
-from clients.images import ImageLike, image_bytes
-from clients.transports import make_transport
+from blip2_serve.clients.contract import EMBED_IMAGE_MODEL, EMBED_TEXT_MODEL, ITM_MODEL, MODEL_NAME, question_prompt
+from blip2_serve.clients.errors import ServiceUnavailableError
+from blip2_serve.clients.images import ImageLike, image_bytes
+from blip2_serve.clients.transports import make_transport
 
 T = TypeVar("T")
 

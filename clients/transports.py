@@ -9,9 +9,8 @@ import json
 from typing import Any, AsyncIterator, Protocol
 
 import numpy as np
-
-from clients.contract import IMAGE, PROMPT, TEXT
-from clients.errors import Blip2Error, ConnectionFailedError, error_for
+from blip2_serve.clients.contract import IMAGE, PROMPT, TEXT
+from blip2_serve.clients.errors import Blip2Error, ConnectionFailedError, error_for
 
 # Generation parameters that also exist in OpenAI's chat API, and their names there.
 _OPENAI_NAMES = {
@@ -225,7 +224,7 @@ class GrpcTransport(_TritonTransport):
 
     async def chat(self, image: bytes, turns: list[str], parameters: dict) -> str:
         """BLIP-2's dialogue prompt, built here as the server builds it for the OpenAI route."""
-        from clients.contract import dialogue_prompt
+        from blip2_serve.clients.contract import dialogue_prompt
 
         answered = list(zip(turns[:-1:2], turns[1:-1:2]))
         return (await self.infer([image], [dialogue_prompt(answered, turns[-1])], parameters))[0]

@@ -9,8 +9,8 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Awaitable, Callable, Generic, Sequence, TypeVar
 
-from deployments.config import BatchConfig
-from deployments.cores import CoreTurns, turn_of
+from blip2_serve.deployments.config import BatchConfig
+from blip2_serve.deployments.cores import CoreTurns, turn_of
 
 logger = logging.getLogger(__name__)
 

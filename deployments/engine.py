@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from blip2_serve.deployments.cores import BusySignal, CoreTurns, turn_of
+from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest
+from blip2_serve.deployments.text import TextAssembler
+from blip2_serve.deployments.types import GenerateResult
 from transformers import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -31,11 +35,6 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
-
-from deployments.cores import BusySignal, CoreTurns, turn_of
-from deployments.generator import LanguageGenerator, PreparedRequest
-from deployments.text import TextAssembler
-from deployments.types import GenerateResult
 
 logger = logging.getLogger(__name__)
 

@@ -15,15 +15,14 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from blip2_serve.deployments.batching import run_isolated
+from blip2_serve.deployments.config import ModelConfig
+from blip2_serve.deployments.errors import InvalidInput
+from blip2_serve.deployments.loading import load_language_model, load_processor
+from blip2_serve.deployments.text import final_text
+from blip2_serve.deployments.types import GenerateRequest, GenerateResult
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
-
-from deployments.batching import run_isolated
-from deployments.config import ModelConfig
-from deployments.errors import InvalidInput
-from deployments.loading import load_language_model, load_processor
-from deployments.text import final_text
-from deployments.types import GenerateRequest, GenerateResult
 
 logger = logging.getLogger(__name__)
 

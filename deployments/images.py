@@ -10,10 +10,9 @@ import io
 import warnings
 from dataclasses import dataclass
 
+from blip2_serve.deployments.errors import InvalidInput
+from blip2_serve.deployments.types import EncodedImage
 from PIL import Image, UnidentifiedImageError
-
-from deployments.errors import InvalidInput
-from deployments.types import EncodedImage
 
 # Formats PIL may try; others (EPS, PSD, ...) are never parsed.
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")

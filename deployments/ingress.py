@@ -9,10 +9,9 @@ import asyncio
 import logging
 from typing import AsyncIterator, Awaitable, TypeVar
 
+from blip2_serve.deployments.errors import Blip2ServeError, Unavailable, status_of
+from blip2_serve.deployments.types import GenerateChunk, GenerateRequest, GenerateResult, GenerationLimits
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
-
-from deployments.errors import Blip2ServeError, Unavailable, status_of
-from deployments.types import GenerateChunk, GenerateRequest, GenerateResult, GenerationLimits
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -9,18 +9,17 @@ import threading
 import time
 from typing import AsyncIterator
 
+from blip2_serve.deployments.batching import DynamicBatcher, ModelWorker
+from blip2_serve.deployments.config import BatchConfig, ModelConfig
+from blip2_serve.deployments.cores import cpu_turns as cpu_turns_for
+from blip2_serve.deployments.cores import vision_signal
+from blip2_serve.deployments.engine import ContinuousBatcher, Sequence
+from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest
+from blip2_serve.deployments.metrics import MetricsRecorder
+from blip2_serve.deployments.text import TextAssembler
+from blip2_serve.deployments.types import GenerateChunk, GenerateRequest, GenerateResult, ImageEmbeds
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-
-from deployments.batching import DynamicBatcher, ModelWorker
-from deployments.config import BatchConfig, ModelConfig
-from deployments.cores import cpu_turns as cpu_turns_for
-from deployments.cores import vision_signal
-from deployments.engine import ContinuousBatcher, Sequence
-from deployments.generator import LanguageGenerator, PreparedRequest
-from deployments.metrics import MetricsRecorder
-from deployments.text import TextAssembler
-from deployments.types import GenerateChunk, GenerateRequest, GenerateResult, ImageEmbeds
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from blip2_serve.deployments.config import ModelConfig
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoProcessor, Blip2Processor
 from transformers.models.blip_2.modeling_blip_2 import (
@@ -18,8 +19,6 @@ from transformers.models.blip_2.modeling_blip_2 import (
     Blip2QFormerModel,
     Blip2VisionModel,
 )
-
-from deployments.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 

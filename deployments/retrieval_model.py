@@ -25,10 +25,9 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from deployments.config import ModelConfig
-from deployments.errors import InvalidInput
-from deployments.loading import _from_pretrained, resolve_device, resolve_dtype
+from blip2_serve.deployments.config import ModelConfig
+from blip2_serve.deployments.errors import InvalidInput
+from blip2_serve.deployments.loading import _from_pretrained, resolve_device, resolve_dtype
 
 
 @dataclass

@@ -12,19 +12,18 @@ from functools import partial
 
 import numpy as np
 import torch
+from blip2_serve.deployments.batching import DynamicBatcher, ModelWorker, run_isolated
+from blip2_serve.deployments.cache import EmbeddingCache
+from blip2_serve.deployments.config import BatchConfig, ModelConfig
+from blip2_serve.deployments.cores import cpu_turns as cpu_turns_for
+from blip2_serve.deployments.errors import InvalidInput
+from blip2_serve.deployments.images import ImageLimits
+from blip2_serve.deployments.metrics import MetricsRecorder
+from blip2_serve.deployments.retrieval_model import RetrievalModel
+from blip2_serve.deployments.types import EncodedImage
+from blip2_serve.deployments.vision_encoder import ImagePreprocessor
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-
-from deployments.batching import DynamicBatcher, ModelWorker, run_isolated
-from deployments.cache import EmbeddingCache
-from deployments.config import BatchConfig, ModelConfig
-from deployments.cores import cpu_turns as cpu_turns_for
-from deployments.errors import InvalidInput
-from deployments.images import ImageLimits
-from deployments.metrics import MetricsRecorder
-from deployments.retrieval_model import RetrievalModel
-from deployments.types import EncodedImage
-from deployments.vision_encoder import ImagePreprocessor
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
-from clients.contract import GENERATION_PARAMETERS, MAX_STOP, PARAMETERS_BY_NAME, ParamSpec
-from deployments.errors import InvalidInput
+from blip2_serve.clients.contract import GENERATION_PARAMETERS, MAX_STOP, PARAMETERS_BY_NAME, ParamSpec
+from blip2_serve.deployments.errors import InvalidInput
 
 if TYPE_CHECKING:  # torch stays out of the edge's import path
     import torch

@@ -10,18 +10,17 @@ from contextlib import nullcontext
 from functools import partial
 
 import torch
+from blip2_serve.deployments.batching import DynamicBatcher, ModelWorker, run_isolated
+from blip2_serve.deployments.cache import EmbeddingCache
+from blip2_serve.deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
+from blip2_serve.deployments.cores import cpu_turns as cpu_turns_for
+from blip2_serve.deployments.cores import vision_signal
+from blip2_serve.deployments.images import ImageLimits
+from blip2_serve.deployments.metrics import MetricsRecorder
+from blip2_serve.deployments.types import EncodedImage, ImageEmbeds
+from blip2_serve.deployments.vision_encoder import VisionEncoder
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-
-from deployments.batching import DynamicBatcher, ModelWorker, run_isolated
-from deployments.cache import EmbeddingCache
-from deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
-from deployments.cores import cpu_turns as cpu_turns_for
-from deployments.cores import vision_signal
-from deployments.images import ImageLimits
-from deployments.metrics import MetricsRecorder
-from deployments.types import EncodedImage, ImageEmbeds
-from deployments.vision_encoder import VisionEncoder
 
 logger = logging.getLogger(__name__)
 

@@ -12,11 +12,10 @@ import logging
 from typing import Protocol
 
 import torch
-
-from deployments.config import ModelConfig, VisionBackendConfig
-from deployments.images import ImageLimits, decode_image
-from deployments.loading import load_processor, load_vision
-from deployments.types import EncodedImage
+from blip2_serve.deployments.config import ModelConfig, VisionBackendConfig
+from blip2_serve.deployments.images import ImageLimits, decode_image
+from blip2_serve.deployments.loading import load_processor, load_vision
+from blip2_serve.deployments.types import EncodedImage
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class TorchVisionBackend:
 
 def make_vision_backend(config: ModelConfig, backend: VisionBackendConfig) -> VisionBackend:
     if backend.backend == "onnxruntime":
-        from deployments.vision_onnx import OnnxVisionBackend
+        from blip2_serve.deployments.vision_onnx import OnnxVisionBackend
 
         return OnnxVisionBackend(backend.onnx_path, backend.onnx_providers)
     return TorchVisionBackend(config)

@@ -6,8 +6,7 @@ import logging
 
 import numpy as np
 import torch
-
-from clients.contract import IMAGE_EMBEDS, PIXEL_VALUES
+from blip2_serve.clients.contract import IMAGE_EMBEDS, PIXEL_VALUES
 
 logger = logging.getLogger(__name__)
 

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from deployments.config import ModelConfig
-from deployments.generator import LanguageGenerator
-from deployments.images import check_image
-from deployments.types import GenerateRequest, GenerationParams
-from deployments.vision_encoder import ImagePreprocessor
-from deployments.vision_onnx import OnnxVisionBackend
-from exporters.onnx_export import GRAPH, INT8_GRAPH
+from blip2_serve.deployments.config import ModelConfig
+from blip2_serve.deployments.generator import LanguageGenerator
+from blip2_serve.deployments.images import check_image
+from blip2_serve.deployments.types import GenerateRequest, GenerationParams
+from blip2_serve.deployments.vision_encoder import ImagePreprocessor
+from blip2_serve.deployments.vision_onnx import OnnxVisionBackend
+from blip2_serve.exporters.onnx_export import GRAPH, INT8_GRAPH
 
 REPORT = "int8_report.json"
 PROMPTS = ("", "Question: what is in the picture? Answer:")

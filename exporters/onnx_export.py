@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from clients.contract import IMAGE_EMBEDS, PIXEL_VALUES
-from deployments.config import ModelConfig
-from deployments.loading import load_vision
+from blip2_serve.clients.contract import IMAGE_EMBEDS, PIXEL_VALUES
+from blip2_serve.deployments.config import ModelConfig
+from blip2_serve.deployments.loading import load_vision
 
 logger = logging.getLogger(__name__)
 

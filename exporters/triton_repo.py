@@ -15,16 +15,15 @@ import shutil
 import sys
 from pathlib import Path
 
+from blip2_serve.clients.contract import IMAGE, IMAGE_EMBEDS, PIXEL_VALUES, PROMPT, TEXT, TensorSpec
+from blip2_serve.deployments.config import ModelConfig
 from google.protobuf import text_format
-
-from clients.contract import IMAGE, IMAGE_EMBEDS, PIXEL_VALUES, PROMPT, TEXT, TensorSpec
-from deployments.config import ModelConfig
 
 VISION, LLM, PUBLIC = "blip2_vision", "blip2_llm", "blip2"
 MODULES = {
-    VISION: "exporters.triton_models.vision",
-    LLM: "exporters.triton_models.llm",
-    PUBLIC: "exporters.triton_models.blip2",
+    VISION: "blip2_serve.exporters.triton_models.vision",
+    LLM: "blip2_serve.exporters.triton_models.llm",
+    PUBLIC: "blip2_serve.exporters.triton_models.blip2",
 }
 
 
@@ -87,9 +86,8 @@ def write_triton_repo(
     queue_delay_us: int = 10_000,
 ) -> Path:
     """Write the repository; returns its path. `vision="onnxruntime"` exports the ONNX graph into it."""
+    from blip2_serve.exporters.triton_settings import SETTINGS_PARAMETER, TritonSettings
     from transformers import AutoConfig
-
-    from exporters.triton_settings import SETTINGS_PARAMETER, TritonSettings
 
     if vision not in ("python", "onnxruntime"):
         raise ValueError(f"vision must be 'python' or 'onnxruntime', not {vision!r}")
@@ -139,7 +137,7 @@ def write_triton_repo(
                 f"from {MODULES[name]} import TritonPythonModel  # noqa: F401\n"
             )
     if vision == "onnxruntime":
-        from exporters.onnx_export import GRAPH, export_vision_onnx
+        from blip2_serve.exporters.onnx_export import GRAPH, export_vision_onnx
 
         scratch = out / ".onnx-export"
         export_vision_onnx(model.checkpoint, scratch)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
+from blip2_serve.deployments.config import ModelConfig
+from blip2_serve.deployments.images import ImageLimits
+from blip2_serve.deployments.types import GenerationParams
 from pydantic import BaseModel, ConfigDict
-
-from deployments.config import ModelConfig
-from deployments.images import ImageLimits
-from deployments.types import GenerationParams
 
 SETTINGS_PARAMETER = "blip2_settings"  # the config.pbtxt parameter holding TritonSettings as JSON
 

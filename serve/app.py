@@ -1,6 +1,6 @@
 """`build_app(config)`: the typed config becomes a bound Ray Serve application (ingress -> vision, LLM).
 
-`app_builder` is the same thing for `serve run serve.app:app_builder model.checkpoint=...` and for a Serve
+`app_builder` is the same thing for `serve run blip2_serve.serve.app:app_builder model.checkpoint=...` and for a Serve
 config file (KubeRay RayService, `serve deploy`): Ray validates the arguments into AppConfig.
 """
 
@@ -9,13 +9,12 @@ from __future__ import annotations
 import logging
 import os
 
+from blip2_serve.deployments.llm import LLMDeployment
+from blip2_serve.deployments.metrics import MetricsDeployment
+from blip2_serve.deployments.vision import VisionDeployment
+from blip2_serve.serve.config import AppConfig, StageConfig
+from blip2_serve.serve.ingress import Ingress
 from ray.serve import Application
-
-from deployments.llm import LLMDeployment
-from deployments.metrics import MetricsDeployment
-from deployments.vision import VisionDeployment
-from serve.config import AppConfig, StageConfig
-from serve.ingress import Ingress
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ def build_app(config: AppConfig) -> Application:
     )
     retrieval = None
     if config.retrieval is not None:
-        from deployments.retrieval_stage import RetrievalDeployment
+        from blip2_serve.deployments.retrieval_stage import RetrievalDeployment
 
         stage = config.retrieval
         gpus = _gpus_for(stage, config.model_copy(update={"model": stage.model}))
@@ -96,14 +95,15 @@ def serve_options(config: AppConfig) -> dict:
     """Keyword arguments for `serve.start`: the HTTP proxy, and the gRPC proxy unless turned off."""
     options: dict = {"http_options": {"host": config.server.host, "port": config.server.http_port}}
     if config.server.grpc_port is not None:
-        from serve.grpc import SERVICER_FUNCTION
+        from blip2_serve.serve.grpc import SERVICER_FUNCTION
 
         options["grpc_options"] = {"port": config.server.grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
     return options
 
 
 def _nested(args: dict) -> dict:
-    """`serve run serve.app:app_builder model.checkpoint=DIR` passes {"model.checkpoint": "DIR"}: nest dotted keys."""
+    """`serve run blip2_serve.serve.app:app_builder model.checkpoint=DIR` passes {"model.checkpoint": "DIR"}: nest
+    dotted keys."""
     out: dict = {}
     for key, value in args.items():
         *parents, leaf = key.split(".")

@@ -9,12 +9,11 @@ import logging
 import zlib
 from typing import AsyncIterator, TypeVar
 
+from blip2_serve.deployments.errors import Blip2ServeError, InvalidInput, PayloadTooLarge, status_of
+from blip2_serve.serve.auth import is_public_path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-
-from deployments.errors import Blip2ServeError, InvalidInput, PayloadTooLarge, status_of
-from serve.auth import is_public_path
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ logger = logging.getLogger("blip2_serve")
 
 def _config_from_args(args: argparse.Namespace):
     """The AppConfig the flags and --config file describe, and the Ray Serve config document when the file is one."""
-    from serve.config import AppConfig
-    from serve.deploy_config import app_config_of, is_serve_config, with_app_config
+    from blip2_serve.serve.config import AppConfig
+    from blip2_serve.serve.deploy_config import app_config_of, is_serve_config, with_app_config
 
     document = None
     if getattr(args, "config", None):
@@ -59,9 +59,8 @@ def _config_from_args(args: argparse.Namespace):
 
 def _deploy(config, document) -> None:
     """Deploy and wait until running: a Serve config document the way `serve run FILE` does, else build_app."""
+    from blip2_serve.serve.app import build_app, serve_options
     from ray import serve
-
-    from serve.app import build_app, serve_options
 
     if document is None:
         serve.start(**serve_options(config))
@@ -118,9 +117,8 @@ def _drain(config) -> None:
 def run(args: argparse.Namespace) -> int:
     """Start Ray (local unless --address), deploy the graph, serve until SIGINT/SIGTERM (in-flight requests finish)."""
     import ray
+    from blip2_serve.serve.app import prepare_local_ray
     from ray import serve
-
-    from serve.app import prepare_local_ray
 
     config, document = _config_from_args(args)
 
@@ -167,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
 
 def make_tiny(args: argparse.Namespace) -> int:
     """Write a small random checkpoint; its captions are gibberish."""
-    from exporters.tiny import make_tiny_checkpoint, make_tiny_itm_checkpoint
+    from blip2_serve.exporters.tiny import make_tiny_checkpoint, make_tiny_itm_checkpoint
 
     if args.llm == "itm":
         path = make_tiny_itm_checkpoint(args.dir, seed=args.seed)
@@ -179,12 +177,12 @@ def make_tiny(args: argparse.Namespace) -> int:
 
 def export_onnx(args: argparse.Namespace) -> int:
     """Export the vision stage to ONNX, verified against torch; optionally int8 with its measured report."""
-    from exporters.onnx_export import export_vision_onnx, quantize_int8
+    from blip2_serve.exporters.onnx_export import export_vision_onnx, quantize_int8
 
     report = export_vision_onnx(args.model, args.out, opset=args.opset, fp16=args.fp16)
     print(f"wrote {report.graph} ({report.dtype}, opset {report.opset}, tolerance {report.tolerance:.3g})")
     if args.int8:
-        from exporters.int8_report import write_int8_report
+        from blip2_serve.exporters.int8_report import write_int8_report
 
         graph = quantize_int8(args.out)
         measured = write_int8_report(args.model, args.out)
@@ -197,7 +195,7 @@ def export_onnx(args: argparse.Namespace) -> int:
 
 def export_triton_repo(args: argparse.Namespace) -> int:
     """Write a Triton model repository of the graph."""
-    from exporters.triton_repo import write_triton_repo
+    from blip2_serve.exporters.triton_repo import write_triton_repo
 
     repo = write_triton_repo(
         args.model,
@@ -215,7 +213,7 @@ def export_triton_repo(args: argparse.Namespace) -> int:
 
 def triton(args: argparse.Namespace) -> int:
     """Run the real tritonserver (from nvidia-pytriton) on 127.0.0.1 with a repository."""
-    from exporters.tritonserver import TritonPorts, run_tritonserver
+    from blip2_serve.exporters.tritonserver import TritonPorts, run_tritonserver
 
     return run_tritonserver(args.repo, TritonPorts(args.http_port, args.grpc_port, args.metrics_port))
 
@@ -224,8 +222,7 @@ def print_config(args: argparse.Namespace) -> int:
     """A Ray Serve config file for `serve run`, `serve deploy`, KubeRay's serveConfigV2 and `blip2-serve run --config`:
     every AppConfig default under the application's args, each deployment's options in its `deployments:` section."""
     import yaml
-
-    from serve.deploy_config import serve_config
+    from blip2_serve.serve.deploy_config import serve_config
 
     if not args.model and not args.config:
         args.model = "Salesforce/blip2-opt-2.7b"
@@ -301,7 +298,7 @@ def parser() -> argparse.ArgumentParser:
     serve_triton.add_argument("--metrics-port", type=int, default=8002)
     serve_triton.set_defaults(func=triton)
 
-    from clients.cli import register
+    from blip2_serve.clients.cli import register
 
     register(commands)
 
@@ -320,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     server_side = args.command in ("run", "make-tiny", "export", "triton")
     level = logging.INFO if server_side else logging.WARNING  # client commands print only their results
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from clients.errors import Blip2Error
+    from blip2_serve.clients.errors import Blip2Error
 
     try:
         return args.func(args)

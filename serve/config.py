@@ -9,12 +9,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from blip2_serve.clients.contract import MODEL_NAME
+from blip2_serve.deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
+from blip2_serve.deployments.images import ImageLimits
+from blip2_serve.deployments.types import GenerationLimits, GenerationParams
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from clients.contract import MODEL_NAME
-from deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
-from deployments.images import ImageLimits
-from deployments.types import GenerationLimits, GenerationParams
 
 
 class AutoscalingConfig(BaseModel):
@@ -167,7 +166,7 @@ class AppConfig(BaseModel):
 
     def model_stage_env(self) -> dict[str, str] | None:
         """Environment variables of the model stages' processes: those of stages that take turns at the cores."""
-        from deployments.cores import TURN_ENVIRONMENT
+        from blip2_serve.deployments.cores import TURN_ENVIRONMENT
 
         return dict(TURN_ENVIRONMENT) if self.cpu_turns else None
 
@@ -184,7 +183,7 @@ class AppConfig(BaseModel):
     @classmethod
     def from_file(cls, path: str | Path) -> AppConfig:
         """Read an AppConfig, or the blip2 application's AppConfig from a Ray Serve config file."""
-        from serve.deploy_config import app_config_of, is_serve_config
+        from blip2_serve.serve.deploy_config import app_config_of, is_serve_config
 
         document = cls.read_document(path)
         return app_config_of(document) if is_serve_config(document) else cls.model_validate(document)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable, Mapping, TypeVar
 
-from deployments.errors import DeadlineExceeded, InvalidInput
+from blip2_serve.deployments.errors import DeadlineExceeded, InvalidInput
 
 T = TypeVar("T")
 

@@ -1,19 +1,19 @@
 """A Ray Serve config file (what `serve run`, `serve deploy` and KubeRay's `serveConfigV2` read) of an AppConfig.
 
-The application's `args` are the whole AppConfig (validated by `serve.app:app_builder`); its `deployments:` section
-states each deployment's replicas or autoscaling, actor resources and queue bounds, as Ray Serve operators edit them.
-Ray applies that section over what the builder set, so it wins where the two differ. `blip2-serve run --config` reads
-the same file through the same path (`deploy_apps`), so all three commands deploy the same thing.
+The application's `args` are the whole AppConfig (validated by `blip2_serve.serve.app:app_builder`); its `deployments:`
+section states each deployment's replicas or autoscaling, actor resources and queue bounds, as Ray Serve operators edit
+them. Ray applies that section over what the builder set, so it wins where the two differ. `blip2-serve run --config`
+reads the same file through the same path (`deploy_apps`), so all three commands deploy the same thing.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from serve.config import AppConfig, StageConfig
+from blip2_serve.serve.config import AppConfig, StageConfig
 
-IMPORT_PATH = "serve.app:app_builder"
-SERVICER_FUNCTIONS = ["serve.grpc_protos.add_servicer"]
+IMPORT_PATH = "blip2_serve.serve.app:app_builder"
+SERVICER_FUNCTIONS = ["blip2_serve.serve.grpc_protos.add_servicer"]
 
 
 def stage_gpus(stage: StageConfig, config: AppConfig) -> float | None:

@@ -15,22 +15,21 @@ from typing import Any, AsyncIterator
 
 import grpc
 import numpy as np
+from blip2_serve.clients.contract import IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, TEXT
+from blip2_serve.deployments.errors import InvalidInput, Unauthenticated, Unavailable, status_of
+from blip2_serve.deployments.types import GenerateResult
+from blip2_serve.serve import kserve, metadata, retrieval
+from blip2_serve.serve.asgi import primed
+from blip2_serve.serve.auth import PUBLIC_GRPC_METHODS
+from blip2_serve.serve.deadline import deadline_s, within
+from blip2_serve.serve.grpc_protos import model_config_pb2
+from blip2_serve.serve.grpc_protos import service_pb2 as pb
 from google.protobuf import json_format
-
-from clients.contract import IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, TEXT
-from deployments.errors import InvalidInput, Unauthenticated, Unavailable, status_of
-from deployments.types import GenerateResult
-from serve import kserve, metadata, retrieval
-from serve.asgi import primed
-from serve.auth import PUBLIC_GRPC_METHODS
-from serve.deadline import deadline_s, within
-from serve.grpc_protos import model_config_pb2
-from serve.grpc_protos import service_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
 # Ray Serve's gRPC proxy calls this to register the service (serve.start(grpc_options=...)).
-SERVICER_FUNCTION = "serve.grpc_protos.add_servicer"
+SERVICER_FUNCTION = "blip2_serve.serve.grpc_protos.add_servicer"
 
 
 def _parameter(value: pb.InferParameter) -> Any:

@@ -7,14 +7,13 @@
 import json
 from typing import Any
 
+from blip2_serve.clients.contract import MODEL_VERSION, TEXT
+from blip2_serve.deployments.errors import InvalidInput, Unavailable, status_of
+from blip2_serve.serve import kserve, metadata, retrieval
+from blip2_serve.serve.asgi import current_ingress, primed, read_body
+from blip2_serve.serve.deadline import deadline_s, within
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-
-from clients.contract import MODEL_VERSION, TEXT
-from deployments.errors import InvalidInput, Unavailable, status_of
-from serve import kserve, metadata, retrieval
-from serve.asgi import current_ingress, primed, read_body
-from serve.deadline import deadline_s, within
 
 router = APIRouter()
 Ingress = Any  # serve/ingress.Ingress; not imported here, it imports this module

@@ -10,19 +10,18 @@ import logging
 from contextlib import contextmanager
 from typing import Iterator
 
+from blip2_serve.clients.contract import MODEL_VERSION, RETRIEVAL_MODELS
+from blip2_serve.deployments.errors import ModelNotFound, Unavailable
+from blip2_serve.deployments.ingress import Blip2Pipeline
+from blip2_serve.deployments.metrics import EDGE_REPORT_S, MetricsRecorder
+from blip2_serve.deployments.types import GenerateRequest, GenerateResult
+from blip2_serve.serve import http, openai
+from blip2_serve.serve.asgi import app
+from blip2_serve.serve.auth import ApiKey
+from blip2_serve.serve.config import AppConfig
+from blip2_serve.serve.grpc import TritonGrpcMethods
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-
-from clients.contract import MODEL_VERSION, RETRIEVAL_MODELS
-from deployments.errors import ModelNotFound, Unavailable
-from deployments.ingress import Blip2Pipeline
-from deployments.metrics import EDGE_REPORT_S, MetricsRecorder
-from deployments.types import GenerateRequest, GenerateResult
-from serve import http, openai
-from serve.asgi import app
-from serve.auth import ApiKey
-from serve.config import AppConfig
-from serve.grpc import TritonGrpcMethods
 
 logger = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from clients.contract import INPUTS, MODEL_VERSION, OUTPUTS, SERVER_NAME, TensorSpec
-from serve import __version__
-from serve.config import AppConfig
+from blip2_serve.clients.contract import INPUTS, MODEL_VERSION, OUTPUTS, SERVER_NAME, TensorSpec
+from blip2_serve.serve import __version__
+from blip2_serve.serve.config import AppConfig
 
 EXTENSIONS = ("binary_tensor_data", "parameters", "model_configuration")
 

@@ -9,12 +9,11 @@ closed and the LLM stage stops generating.
 import json
 from typing import Any
 
+from blip2_serve.serve import openai_codec as codec
+from blip2_serve.serve.asgi import current_ingress, primed, read_body
+from blip2_serve.serve.deadline import deadline_s, within
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-
-from serve import openai_codec as codec
-from serve.asgi import current_ingress, primed, read_body
-from serve.deadline import deadline_s, within
 
 router = APIRouter()
 Ingress = Any  # serve/ingress.Ingress; not imported here, it imports this module
@@ -57,9 +56,8 @@ async def embeddings(request: Request, ingress: Ingress = Depends(current_ingres
     import base64
 
     import numpy as np
-
-    from clients.contract import EMBED_TEXT_MODEL
-    from deployments.errors import InvalidInput, ModelNotFound
+    from blip2_serve.clients.contract import EMBED_TEXT_MODEL
+    from blip2_serve.deployments.errors import InvalidInput, ModelNotFound
 
     raw = await read_body(request, ingress.server.max_request_bytes)
     try:

@@ -14,12 +14,11 @@ import uuid
 from typing import Any, AsyncIterator, Literal
 
 import httpx
+from blip2_serve.clients.contract import dialogue_prompt
+from blip2_serve.deployments.errors import InvalidInput, ModelNotFound
+from blip2_serve.deployments.images import ImageLimits, check_image
+from blip2_serve.deployments.types import EncodedImage, GenerateChunk, GenerateRequest, GenerateResult, GenerationParams
 from pydantic import BaseModel, ConfigDict, ValidationError
-
-from clients.contract import dialogue_prompt
-from deployments.errors import InvalidInput, ModelNotFound
-from deployments.images import ImageLimits, check_image
-from deployments.types import EncodedImage, GenerateChunk, GenerateRequest, GenerateResult, GenerationParams
 
 # Fields this server does not implement; sending them with a non-default value is a 400, not silently ignored.
 _UNSUPPORTED = {

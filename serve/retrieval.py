@@ -10,8 +10,7 @@ import asyncio
 from typing import Any
 
 import numpy as np
-
-from clients.contract import (
+from blip2_serve.clients.contract import (
     EMBED_IMAGE_MODEL,
     EMBED_TEXT_MODEL,
     EMBEDDING,
@@ -24,9 +23,9 @@ from clients.contract import (
     SERVER_NAME,
     TEXT_IN,
 )
-from deployments.errors import InvalidInput
-from deployments.images import check_image
-from serve import kserve
+from blip2_serve.deployments.errors import InvalidInput
+from blip2_serve.deployments.images import check_image
+from blip2_serve.serve import kserve
 
 
 def names(model: str) -> tuple[frozenset[str], frozenset[str]]:

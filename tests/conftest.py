@@ -36,7 +36,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Tiny random BLIP-2 checkpoints written with save_pretrained: {"opt": dir, "t5": dir}."""
-    from exporters.tiny import make_tiny_checkpoint
+    from blip2_serve.exporters.tiny import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {llm: make_tiny_checkpoint(root / llm, llm) for llm in ("opt", "t5")}
@@ -102,9 +102,8 @@ class ServePorts:
 def serve_ports() -> ServePorts:
     """Ray (local, loopback) and Serve's HTTP proxy on 127.0.0.1, once per session."""
     import ray
+    from blip2_serve.serve.grpc import SERVICER_FUNCTION
     from ray import serve
-
-    from serve.grpc import SERVICER_FUNCTION
 
     port, grpc_port = free_port(), free_port()
     ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
@@ -120,10 +119,9 @@ def serve_ports() -> ServePorts:
 @pytest.fixture(scope="session")
 def apps(serve_ports, checkpoints) -> dict[str, ServedApp]:
     """Both graphs, deployed through build_app from an AppConfig, at /opt and /t5."""
+    from blip2_serve.serve.app import build_app
+    from blip2_serve.serve.config import AppConfig
     from ray import serve
-
-    from serve.app import build_app
-    from serve.config import AppConfig
 
     served = {}
     for llm, path in checkpoints.items():
@@ -172,10 +170,9 @@ def image_server() -> str:
 def tight_app(serve_ports, checkpoints, image_server) -> ServedApp:
     """The OPT graph with one-request queues (overload is easy to reach), one allow-listed image host and the
     static (whole-batch) LLM scheduler."""
+    from blip2_serve.serve.app import build_app
+    from blip2_serve.serve.config import AppConfig
     from ray import serve
-
-    from serve.app import build_app
-    from serve.config import AppConfig
 
     tight = {**TEST_STAGE, "batch": {"max_batch_size": 1}, "max_ongoing_requests": 1, "max_queued_requests": 1}
     config = AppConfig.model_validate(
@@ -195,10 +192,9 @@ def tight_app(serve_ports, checkpoints, image_server) -> ServedApp:
 def deploy_graph(serve_ports: ServePorts, checkpoint, llm: str, name: str, **sections) -> ServedApp:
     """One more graph on the shared Serve instance at /name: the test stage and server settings, with `sections`
     of the AppConfig (server, retrieval, ...) on top."""
+    from blip2_serve.serve.app import build_app
+    from blip2_serve.serve.config import AppConfig
     from ray import serve
-
-    from serve.app import build_app
-    from serve.config import AppConfig
 
     document = {
         "model": {"checkpoint": str(checkpoint)},
@@ -230,7 +226,7 @@ def app(request, apps) -> ServedApp:
 @pytest.fixture(scope="session")
 def itm_checkpoint(tmp_path_factory):
     """A tiny BLIP-2 image-text retrieval checkpoint (blip2-itm-vit-g's shape)."""
-    from exporters.tiny import make_tiny_itm_checkpoint
+    from blip2_serve.exporters.tiny import make_tiny_itm_checkpoint
 
     return make_tiny_itm_checkpoint(tmp_path_factory.mktemp("itm") / "itm")
 

@@ -7,9 +7,9 @@ import asyncio
 
 import httpx
 import pytest
+from blip2_serve.clients.transports import bytes_inputs
+from blip2_serve.serve.auth import ApiKey, is_public_path
 
-from clients.transports import bytes_inputs
-from serve.auth import ApiKey, is_public_path
 from tests.conftest import API_KEY
 from tests.helpers import image_bytes
 
@@ -134,8 +134,8 @@ def test_sdk_and_cli_send_the_key(secured_app, protocol, tmp_path):
     import sys
     from pathlib import Path
 
-    from clients import Blip2Client
-    from clients.errors import AuthenticationError
+    from blip2_serve.clients import Blip2Client
+    from blip2_serve.clients.errors import AuthenticationError
 
     url = secured_app.url if protocol == "http" else secured_app.grpc_url
     headers = secured_app.grpc_headers if protocol == "grpc" else None

@@ -8,9 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import tritonclient.http.aio as aioclient
+from blip2_serve.deployments.images import check_image
+from blip2_serve.deployments.types import GenerateRequest, GenerationParams
 
-from deployments.images import check_image
-from deployments.types import GenerateRequest, GenerationParams
 from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.serve

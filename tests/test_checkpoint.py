@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from blip2_serve.deployments.config import ModelConfig
+from blip2_serve.deployments.loading import Blip2LanguageModel, Blip2VisionConnector, load_processor
 
-from deployments.config import ModelConfig
-from deployments.loading import Blip2LanguageModel, Blip2VisionConnector, load_processor
 from tests.helpers import image_bytes
 
 
@@ -62,10 +62,9 @@ def test_cpu_linear_layers_are_packed_for_onednn_unless_asked_not_to(checkpoints
     """cpu_linear "onednn" (default): every plain Linear of both halves becomes a PackedLinear whose output equals
     nn.Linear's to rounding; "torch" leaves PyTorch's own layers."""
     import torch
+    from blip2_serve.deployments.config import ModelConfig
+    from blip2_serve.deployments.loading import PackedLinear, load_language_model, load_vision
     from torch import nn
-
-    from deployments.config import ModelConfig
-    from deployments.loading import PackedLinear, load_language_model, load_vision
 
     for load in (load_vision, load_language_model):
         packed, _, _ = load(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu"))

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from blip2_serve.clients import Blip2Client
 
-from clients import Blip2Client
 from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.serve

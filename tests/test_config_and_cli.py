@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from blip2_serve.serve.config import AppConfig, StageConfig
 from pydantic import ValidationError
 
-from serve.config import AppConfig, StageConfig
 from tests.conftest import free_port
 from tests.helpers import image_bytes
 
@@ -35,7 +35,7 @@ def test_stage_options_and_validation():
 
 
 def test_model_stages_take_gpus_only_where_there_are_gpus():
-    from serve.app import _gpus_for
+    from blip2_serve.serve.app import _gpus_for
 
     config = AppConfig.model_validate({"model": {"checkpoint": "x"}})
     assert _gpus_for(config.vision, config) == 0.0  # this machine has no GPU
@@ -63,7 +63,7 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def test_config_command_round_trips(tmp_path):
-    from serve.deploy_config import app_config_of
+    from blip2_serve.serve.deploy_config import app_config_of
 
     result = _cli("config", "--model", "Salesforce/blip2-flan-t5-xl", check=True)
     config = app_config_of(yaml.safe_load(result.stdout))
@@ -133,7 +133,7 @@ def test_make_tiny_then_run_serves_stock_tritonclient(tmp_path):
         text = client.infer("blip2", [image], parameters={"max_new_tokens": 5}).as_numpy("TEXT")[0, 0]
         assert isinstance(text, bytes) and text
         # the same server on gRPC (one application: no routing metadata needed) and the OpenAI route
-        from clients import Blip2Client
+        from blip2_serve.clients import Blip2Client
 
         with Blip2Client(f"127.0.0.1:{grpc_port}", protocol="grpc") as over_grpc:
             assert over_grpc.caption(image_bytes(5), max_new_tokens=5) == text.decode()
@@ -179,9 +179,8 @@ def _wait_and_caption(port: int, server: _Server) -> str:
 
 def test_serve_config_file_runs_under_serve_run_and_blip2_serve_run(tmp_path, checkpoints):
     """`blip2-serve config` writes a Ray Serve config; Ray's own `serve run` and `blip2-serve run --config` serve it."""
+    from blip2_serve.serve.deploy_config import app_config_of
     from ray.serve.schema import ServeDeploySchema
-
-    from serve.deploy_config import app_config_of
 
     port = free_port()
     path = tmp_path / "serve.yaml"
@@ -190,7 +189,7 @@ def test_serve_config_file_runs_under_serve_run_and_blip2_serve_run(tmp_path, ch
     document = yaml.safe_load(path.read_text())
     schema = ServeDeploySchema.model_validate(document)  # Ray's own schema of `serve deploy` / serveConfigV2
     (application,) = schema.applications
-    assert application.import_path == "serve.app:app_builder" and schema.http_options.port == port
+    assert application.import_path == "blip2_serve.serve.app:app_builder" and schema.http_options.port == port
     deployments = {d["name"]: d for d in document["applications"][0]["deployments"]}
     assert deployments["LLM"]["autoscaling_config"]["max_replicas"] == 2
     assert deployments["LLM"]["max_queued_requests"] == 1024 and "ray_actor_options" not in deployments["LLM"]
@@ -213,8 +212,9 @@ def test_serve_config_file_runs_under_serve_run_and_blip2_serve_run(tmp_path, ch
 
 
 def test_app_builder_takes_serve_run_key_value_arguments():
-    """`serve run serve.app:app_builder model.checkpoint=DIR llm.batch.max_batch_size=4` reaches AppConfig nested."""
-    from serve.app import _nested
+    """`serve run blip2_serve.serve.app:app_builder model.checkpoint=DIR llm.batch.max_batch_size=4` reaches
+    AppConfig nested."""
+    from blip2_serve.serve.app import _nested
 
     config = AppConfig.model_validate(_nested({"model.checkpoint": "x", "llm.batch.max_batch_size": "4"}))
     assert config.model.checkpoint == "x" and config.llm.batch.max_batch_size == 4

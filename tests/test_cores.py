@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from deployments.cores import BusySignal, CoreTurns, cpu_turns, node_cores
+from blip2_serve.deployments.cores import BusySignal, CoreTurns, cpu_turns, node_cores
 
 
 def _worker(directory: str, name: str, turns: int, hold_s: float, log: str) -> None:
@@ -112,8 +111,8 @@ def test_busy_signal_is_seen_from_another_process_and_ends_with_it(tmp_path):
 def test_stages_that_take_turns_run_with_passive_openmp():
     """OMP_WAIT_POLICY reaches the model stages' processes through their runtime_env (Serve file included), only
     where they take turns, and never the ingress's."""
-    from serve.config import AppConfig
-    from serve.deploy_config import serve_config
+    from blip2_serve.serve.config import AppConfig
+    from blip2_serve.serve.deploy_config import serve_config
 
     config = AppConfig.model_validate({"model": {"checkpoint": "x", "device": "cpu"}})
     assert config.model_stage_env() == {"OMP_WAIT_POLICY": "PASSIVE"}

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from deployments.batching import DynamicBatcher
-from deployments.config import BatchConfig
+from blip2_serve.deployments.batching import DynamicBatcher
+from blip2_serve.deployments.config import BatchConfig
 
 
 class Model:

@@ -7,13 +7,13 @@ import time
 from concurrent.futures import Future
 
 import pytest
+from blip2_serve.deployments.config import ModelConfig
+from blip2_serve.deployments.engine import ContinuousBatcher, Sequence
+from blip2_serve.deployments.generator import LanguageGenerator
+from blip2_serve.deployments.images import check_image
+from blip2_serve.deployments.types import GenerateRequest, GenerationParams
+from blip2_serve.deployments.vision_encoder import VisionEncoder
 
-from deployments.config import ModelConfig
-from deployments.engine import ContinuousBatcher, Sequence
-from deployments.generator import LanguageGenerator
-from deployments.images import check_image
-from deployments.types import GenerateRequest, GenerationParams
-from deployments.vision_encoder import VisionEncoder
 from tests.helpers import image_bytes
 
 

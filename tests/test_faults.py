@@ -12,8 +12,8 @@ import time
 
 import httpx
 import pytest
+from blip2_serve.clients.transports import bytes_inputs
 
-from clients.transports import bytes_inputs
 from tests.conftest import ServedApp, deploy_graph
 from tests.helpers import image_bytes
 
@@ -78,7 +78,7 @@ def _llm_pid(app: ServedApp) -> int:
 
 
 def test_killing_the_llm_replica_under_load_loses_nothing(faulty_app):
-    from clients import Blip2Client
+    from blip2_serve.clients import Blip2Client
 
     url = f"{faulty_app.http}/v2/models/blip2/infer"
     outcomes: list[tuple[float, float, int, str | None]] = []  # (sent, answered, status, retry-after)

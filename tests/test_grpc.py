@@ -11,9 +11,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
+from blip2_serve.clients.transports import bytes_inputs
 from tritonclient.utils import InferenceServerException
 
-from clients.transports import bytes_inputs
 from tests.helpers import image_bytes, truncated_png
 
 pytestmark = pytest.mark.serve

@@ -82,9 +82,8 @@ def test_pod_templates_match_the_kubernetes_schemas():
 
 
 def test_serve_config_is_rays_and_ours():
+    from blip2_serve.serve.deploy_config import IMPORT_PATH, app_config_of
     from ray.serve.schema import ServeDeploySchema
-
-    from serve.deploy_config import IMPORT_PATH, app_config_of
 
     serve_config = yaml.safe_load(_manifest()["spec"]["serveConfigV2"])
     schema = ServeDeploySchema.model_validate(serve_config)
@@ -130,7 +129,8 @@ def test_dockerfiles_install_the_package(name):
     text = (K8S / name).read_text()
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     copied = {line.split()[1] for line in lines if line.startswith("COPY ")}
-    assert {"serve", "deployments", "exporters", "clients", "pyproject.toml"} <= copied
+    assert {"blip2_serve", "serve", "deployments", "exporters", "clients", "pyproject.toml"} <= copied
+    assert "bench" not in copied and "tests" not in copied  # the image holds the package, not the checkout
     installs = [line for line in lines if line.startswith("RUN pip install")]
     torch_first = next(i for i, line in enumerate(installs) if "torch==2.13.0" in line)
     package = next(i for i, line in enumerate(installs) if "'.[server" in line)

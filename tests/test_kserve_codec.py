@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from blip2_serve.deployments.errors import InvalidInput
+from blip2_serve.deployments.images import ImageLimits
+from blip2_serve.deployments.types import GenerateResult, GenerationParams
+from blip2_serve.serve import kserve
 
-from deployments.errors import InvalidInput
-from deployments.images import ImageLimits
-from deployments.types import GenerateResult, GenerationParams
-from serve import kserve
 from tests.helpers import image_bytes
 
 

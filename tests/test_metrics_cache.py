@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as httpclient
+from blip2_serve.deployments.cache import EmbeddingCache
+from blip2_serve.deployments.metrics import FLUSH_S
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from deployments.cache import EmbeddingCache
-from deployments.metrics import FLUSH_S
 from tests.helpers import image_bytes
 
 SERIES = re.compile(r'^(\w+)\{model="(\w+)"\} (\S+)$')

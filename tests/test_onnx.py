@@ -13,15 +13,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from blip2_serve.deployments.config import ModelConfig, VisionBackendConfig
+from blip2_serve.deployments.generator import LanguageGenerator
+from blip2_serve.deployments.images import check_image
+from blip2_serve.deployments.types import GenerateRequest, GenerationParams
+from blip2_serve.deployments.vision_encoder import VisionEncoder
+from blip2_serve.exporters import onnx_export
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from deployments.config import ModelConfig, VisionBackendConfig
-from deployments.generator import LanguageGenerator
-from deployments.images import check_image
-from deployments.types import GenerateRequest, GenerationParams
-from deployments.vision_encoder import VisionEncoder
-from exporters import onnx_export
 from tests.helpers import image_bytes
 
 BLIP2_SERVE = str(Path(sys.executable).parent / "blip2-serve")
@@ -139,10 +139,10 @@ def test_triton_repo_with_the_onnxruntime_vision(checkpoints, tmp_path):
 @pytest.mark.serve
 def test_ray_serve_vision_stage_on_onnxruntime(serve_ports, apps, checkpoints, exported):
     """The same graph with `vision_backend: onnxruntime` answers as the torch one does."""
+    from blip2_serve.serve.app import build_app
+    from blip2_serve.serve.config import AppConfig
     from ray import serve
 
-    from serve.app import build_app
-    from serve.config import AppConfig
     from tests.conftest import TEST_STAGE
 
     config = AppConfig.model_validate(

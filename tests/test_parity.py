@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from blip2_serve.deployments.types import GenerateRequest, GenerationParams
 
-from deployments.types import GenerateRequest, GenerationParams
 from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.serve
@@ -34,7 +34,7 @@ def test_tokens_match_transformers_generate(app, references, case, decoding):
     settings = {"max_new_tokens": MAX_NEW_TOKENS, **DECODING[decoding]}
     expected = references[app.llm].generate(images, prompts, **settings)
 
-    from deployments.images import check_image
+    from blip2_serve.deployments.images import check_image
 
     params = GenerationParams.from_mapping(settings)
     requests = [

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from blip2_serve.deployments.config import ModelConfig
+from blip2_serve.deployments.generator import LanguageGenerator
+from blip2_serve.deployments.images import check_image
+from blip2_serve.deployments.types import GenerateRequest, GenerationParams
+from blip2_serve.deployments.vision_encoder import VisionEncoder
 
-from deployments.config import ModelConfig
-from deployments.generator import LanguageGenerator
-from deployments.images import check_image
-from deployments.types import GenerateRequest, GenerationParams
-from deployments.vision_encoder import VisionEncoder
 from tests.helpers import image_bytes
 
 

@@ -15,8 +15,8 @@ TEXTS = ["a dog on a beach", "a red block", "two cats", "the sea at night", "a g
 
 @pytest.fixture(scope="module")
 def retrieval(itm_checkpoint):
-    from deployments.config import ModelConfig
-    from deployments.retrieval_model import RetrievalModel
+    from blip2_serve.deployments.config import ModelConfig
+    from blip2_serve.deployments.retrieval_model import RetrievalModel
 
     return RetrievalModel.load(ModelConfig(checkpoint=str(itm_checkpoint)))
 
@@ -66,7 +66,7 @@ def test_embeddings_and_scores_equal_transformers(itm_checkpoint, retrieval, bat
 
 
 def test_different_inputs_differ_and_bad_text_is_refused(retrieval):
-    from deployments.errors import InvalidInput
+    from blip2_serve.deployments.errors import InvalidInput
 
     images = retrieval.embed_images(retrieval.pixel_values(_images(3)))
     texts = retrieval.embed_texts(TEXTS[:3])
@@ -210,8 +210,8 @@ def test_index_search_and_match_from_the_cli(retrieval_app, tmp_path):
     import sys
     from pathlib import Path
 
-    from clients import Blip2Client
-    from clients.image_index import ImageIndex
+    from blip2_serve.clients import Blip2Client
+    from blip2_serve.clients.image_index import ImageIndex
 
     folder = tmp_path / "images"
     folder.mkdir()

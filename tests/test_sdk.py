@@ -10,9 +10,15 @@ import sys
 
 import numpy as np
 import pytest
+from blip2_serve.clients import (
+    AsyncBlip2Client,
+    Blip2Client,
+    ConnectionFailedError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
 from PIL import Image
 
-from clients import AsyncBlip2Client, Blip2Client, ConnectionFailedError, InvalidRequestError, ModelNotFoundError
 from tests.helpers import image_bytes, truncated_png
 
 pytestmark = pytest.mark.serve
@@ -113,11 +119,12 @@ def test_sdk_imports_no_server_stack_even_after_a_call(apps):
     app = apps["opt"]
     code = (
         "import sys\n"
-        "from clients import Blip2Client\n"
+        "from blip2_serve import Blip2Client\n"
         f"client = Blip2Client({app.url!r})\n"
         f"assert isinstance(client.caption({image_bytes(1)!r}, max_new_tokens=2), str)\n"
         "client.close()\n"
-        "heavy = [m for m in ('torch', 'ray', 'fastapi', 'transformers', 'serve', 'deployments') if m in sys.modules]\n"
+        "server = ('torch', 'ray', 'fastapi', 'transformers', 'blip2_serve.serve', 'blip2_serve.deployments')\n"
+        "heavy = [m for m in server if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from deployments.text import TextAssembler, final_text
+from blip2_serve.deployments.text import TextAssembler, final_text
 
 
 class CharTokenizer:

@@ -14,11 +14,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
+from blip2_serve.clients.transports import bytes_inputs
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
-from clients.transports import bytes_inputs
 from tests.conftest import free_port
 from tests.helpers import image_bytes
 

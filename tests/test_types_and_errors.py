@@ -5,10 +5,9 @@ from __future__ import annotations
 import pickle
 
 import pytest
-
-from deployments import errors
-from deployments.errors import Blip2ServeError, InvalidInput, status_of
-from deployments.types import GenerationParams
+from blip2_serve.deployments import errors
+from blip2_serve.deployments.errors import Blip2ServeError, InvalidInput, status_of
+from blip2_serve.deployments.types import GenerationParams
 
 ERROR_TABLE = {
     errors.Blip2ServeError: (500, "INTERNAL"),

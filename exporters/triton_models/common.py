@@ -9,10 +9,9 @@ import json
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
-
-from clients.contract import TRANSPORT_PARAMETERS
-from deployments.errors import status_of
-from exporters.triton_settings import TritonSettings  # noqa: F401  (the models import it from here)
+from blip2_serve.clients.contract import TRANSPORT_PARAMETERS
+from blip2_serve.deployments.errors import status_of
+from blip2_serve.exporters.triton_settings import TritonSettings  # noqa: F401  (the models import it from here)
 
 
 def request_parameters(request) -> dict[str, Any]:

@@ -13,13 +13,12 @@ import threading
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
-
-from clients.contract import IMAGE_EMBEDS, PROMPT, TEXT
-from deployments.errors import InvalidInput
-from deployments.generator import LanguageGenerator, PreparedRequest
-from deployments.text import TextAssembler
-from deployments.types import GenerateRequest, GenerationParams
-from exporters.triton_models.common import TritonSettings, error_response, request_parameters
+from blip2_serve.clients.contract import IMAGE_EMBEDS, PROMPT, TEXT
+from blip2_serve.deployments.errors import InvalidInput
+from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest
+from blip2_serve.deployments.text import TextAssembler
+from blip2_serve.deployments.types import GenerateRequest, GenerationParams
+from blip2_serve.exporters.triton_models.common import TritonSettings, error_response, request_parameters
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
-
-from clients.contract import IMAGE_EMBEDS, PIXEL_VALUES
-from deployments.vision_encoder import TorchVisionBackend
-from exporters.triton_models.common import TritonSettings, error_response
+from blip2_serve.clients.contract import IMAGE_EMBEDS, PIXEL_VALUES
+from blip2_serve.deployments.vision_encoder import TorchVisionBackend
+from blip2_serve.exporters.triton_models.common import TritonSettings, error_response
 
 
 class TritonPythonModel:

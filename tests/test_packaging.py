@@ -1,0 +1,58 @@
+"""One import namespace: the wheel holds `blip2_serve` only, and its SDK import stays light outside the checkout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_wheel_holds_only_blip2_serve_and_the_sdk_import_is_light(tmp_path):
+    dist = tmp_path / "dist"
+    build = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(dist),
+        str(ROOT),
+    ]
+    subprocess.run(build, check=True, capture_output=True, timeout=300)
+    wheel = next(dist.glob("blip2_serve-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {"blip2_serve", wheel.name.split("-py")[0] + ".dist-info"}
+    for module in ("__init__.py", "serve/app.py", "deployments/engine.py", "exporters/triton_models/llm.py"):
+        assert f"blip2_serve/{module}" in names
+    assert "blip2_serve/clients/sdk.py" in names
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "blip2-serve = blip2_serve.serve.cli:main" in entry_points
+
+    site = tmp_path / "site"
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)]
+    subprocess.run(install, check=True, capture_output=True, timeout=300)
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(site)!r})\n"
+        "import blip2_serve\n"
+        "from blip2_serve import AsyncBlip2Client, Blip2Client\n"
+        f"assert blip2_serve.__file__.startswith({str(site)!r}), blip2_serve.__file__\n"
+        "heavy = [m for m in ('torch', 'ray', 'fastapi', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "for old in ('serve', 'deployments', 'exporters', 'clients', 'bench'):\n"
+        "    try:\n"
+        "        __import__(old)\n"
+        "    except ImportError:\n"
+        "        continue\n"
+        "    raise AssertionError(f'{old} is importable')\n"
+        "import blip2_serve.serve.config\n"
+        f"assert blip2_serve.serve.config.__file__.startswith({str(site)!r})\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
