@@ -152,13 +152,21 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def packs_linear_layers(config: ModelConfig, blip2_config, device: torch.device) -> bool:
+    """Whether a CPU model's linear layers become PackedLinear: `cpu_linear` "onednn", or "auto" with an OPT (decoder-
+    only) language model, both halves alike (the vision stage's rounding reaches the language model too)."""
+    if device.type != "cpu" or config.cpu_linear == "torch" or not torch.backends.mkldnn.is_available():
+        return False
+    return config.cpu_linear == "onednn" or bool(getattr(blip2_config, "use_decoder_only_language_model", False))
+
+
 def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.device) -> nn.Module:
-    """Every plain `nn.Linear` of a CPU model in fp32/bf16 as a PackedLinear, where `cpu_linear` is "onednn".
+    """Every plain `nn.Linear` of a CPU model in fp32/bf16 as a PackedLinear, where packs_linear_layers says so.
 
     Quantized layers (subclasses of nn.Linear) stay as they are; a weight shared with an embedding (OPT's output
     projection) gets its own packed copy, so the model holds that matrix twice (0.5 GB for OPT-2.7B in fp32).
     """
-    if device.type != "cpu" or config.cpu_linear != "onednn" or not torch.backends.mkldnn.is_available():
+    if not packs_linear_layers(config, model.config, device):
         return model
     replaced = 0
     for parent in list(model.modules()):

@@ -58,20 +58,22 @@ def test_processor_without_num_query_tokens_is_refused(checkpoints, tmp_path):
         load_processor(ModelConfig(checkpoint=str(copy)))
 
 
-def test_cpu_linear_layers_are_packed_for_onednn_unless_asked_not_to(checkpoints):
-    """cpu_linear "onednn" (default): every plain Linear of both halves becomes a PackedLinear whose output equals
-    nn.Linear's to rounding; "torch" leaves PyTorch's own layers."""
+def test_cpu_linear_layers_are_packed_for_onednn_where_the_answers_stay_equal(checkpoints):
+    """cpu_linear "auto" (default): every plain Linear of both halves of an OPT checkpoint becomes a PackedLinear,
+    whose output equals nn.Linear's to rounding; a T5 checkpoint keeps PyTorch's layers (its greedy answers moved
+    with the rounding), unless "onednn" is asked; "torch" never packs."""
     import torch
     from blip2_serve.deployments.config import ModelConfig
     from blip2_serve.deployments.loading import PackedLinear, load_language_model, load_vision
     from torch import nn
 
-    for load in (load_vision, load_language_model):
-        packed, _, _ = load(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu"))
-        plain, _, _ = load(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", cpu_linear="torch"))
-        kinds = {type(m) for m in packed.modules()}
-        assert PackedLinear in kinds and nn.Linear not in kinds
-        assert PackedLinear not in {type(m) for m in plain.modules()}
+    def kinds(llm: str, cpu_linear: str) -> set[type]:
+        settings = ModelConfig(checkpoint=str(checkpoints[llm]), device="cpu", cpu_linear=cpu_linear)
+        return {type(m) for load in (load_vision, load_language_model) for m in load(settings)[0].modules()}
+
+    assert PackedLinear in kinds("opt", "auto") and nn.Linear not in kinds("opt", "auto")
+    assert PackedLinear not in kinds("t5", "auto") and PackedLinear in kinds("t5", "onednn")
+    assert PackedLinear not in kinds("opt", "torch")
     linear = nn.Linear(24, 40)
     packed_layer = PackedLinear(linear)
     x = torch.randn(3, 5, 24)
