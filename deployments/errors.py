@@ -63,6 +63,13 @@ class DeadlineExceeded(Blip2ServeError):
     grpc_code = "DEADLINE_EXCEEDED"
 
 
+class Unimplemented(Blip2ServeError):
+    """A standard KServe v2 / Triton call this server does not offer (shared memory, model loading, tracing)."""
+
+    http_status = 400
+    grpc_code = "UNIMPLEMENTED"
+
+
 def status_of(exc: BaseException) -> tuple[int, str, str]:
     """(HTTP status, gRPC code name, client-facing message) for any exception raised while serving.
 

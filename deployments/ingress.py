@@ -99,14 +99,9 @@ class Blip2Pipeline:
         finally:
             chunks.cancel()  # a no-op once finished; stops the LLM stage when our caller went away
 
-    async def ready(self, timeout_s: float = 5.0) -> bool:
-        """True when both stages answer within `timeout_s`."""
-        try:
-            checks = (self._vision.ready.remote(), self._llm.ready.remote())
-            return all(await asyncio.wait_for(asyncio.gather(*checks), timeout_s))
-        except Exception as exc:  # any failure to answer means not ready
-            logger.info("not ready: %s", exc)
-            return False
+    def ready_checks(self) -> dict[str, DeploymentResponse]:
+        """A readiness call to each stage, by name (the ingress awaits them with a deadline)."""
+        return {"vision": self._vision.ready.remote(), "llm": self._llm.ready.remote()}
 
     async def stats(self) -> dict:
         """Batch sizes seen by one replica of each stage."""

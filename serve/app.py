@@ -38,8 +38,11 @@ def build_app(config: AppConfig) -> Application:
     """The BLIP-2 graph: Ingress holding handles to VisionDeployment and LLMDeployment; all three push their
     metrics to one MetricsDeployment, which the ingress renders at /metrics."""
     metrics = MetricsDeployment.bind()
-    env = config.model_stage_env()
-    vision = VisionDeployment.options(**config.vision.deployment_options(_gpus_for(config.vision, config), env)).bind(
+
+    def options(stage: StageConfig, gpus: float) -> dict:
+        return stage.deployment_options(gpus, config.model_stage_env(), config.cpu_turns)
+
+    vision = VisionDeployment.options(**options(config.vision, _gpus_for(config.vision, config))).bind(
         config.model,
         config.vision.batch,
         config.server.image_limits(),
@@ -49,7 +52,7 @@ def build_app(config: AppConfig) -> Application:
         metrics,
         cpu_turns=config.cpu_turns,
     )
-    llm = LLMDeployment.options(**config.llm.deployment_options(_gpus_for(config.llm, config), env)).bind(
+    llm = LLMDeployment.options(**options(config.llm, _gpus_for(config.llm, config))).bind(
         config.model,
         config.llm.batch,
         config.server.max_prompt_tokens,
@@ -64,7 +67,7 @@ def build_app(config: AppConfig) -> Application:
 
         stage = config.retrieval
         gpus = _gpus_for(stage, config.model_copy(update={"model": stage.model}))
-        retrieval = RetrievalDeployment.options(**stage.deployment_options(gpus, env)).bind(
+        retrieval = RetrievalDeployment.options(**options(stage, gpus)).bind(
             stage.model,
             stage.batch,
             config.server.image_limits(),
@@ -74,7 +77,7 @@ def build_app(config: AppConfig) -> Application:
             cpu_turns=config.cpu_turns,
         )
     ingress_gpus = 0.0 if config.ingress.num_gpus == "auto" else float(config.ingress.num_gpus)
-    ingress = Ingress.options(**config.ingress.deployment_options(ingress_gpus))
+    ingress = Ingress.options(**config.ingress.deployment_options(ingress_gpus, cpu_turns=config.cpu_turns))
     return ingress.bind(vision, llm, config, metrics, retrieval)
 
 

@@ -14,6 +14,7 @@ from blip2_serve.serve.auth import is_public_path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,20 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     return error_response(request, 400, f"invalid request: {problems}")
 
 
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """Starlette's own errors (no such route, wrong method) in the route's protocol's shape, which tritonclient and
+    openai decode, instead of FastAPI's {"detail": ...}."""
+    if exc.status_code == 404:
+        message = f"no such route: {request.method} {_route_path(request.scope)}"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {_route_path(request.scope)}"
+    else:
+        message = str(exc.detail)
+    return error_response(request, exc.status_code, message)
+
+
 app.add_exception_handler(Blip2ServeError, _on_error)
+app.add_exception_handler(StarletteHTTPException, _on_http_error)
 app.add_exception_handler(RequestValidationError, _on_validation_error)
 app.add_exception_handler(Exception, _on_error)
 

@@ -117,6 +117,7 @@ def _drain(config) -> None:
 def run(args: argparse.Namespace) -> int:
     """Start Ray (local unless --address), deploy the graph, serve until SIGINT/SIGTERM (in-flight requests finish)."""
     import ray
+    from blip2_serve.serve import placement
     from blip2_serve.serve.app import prepare_local_ray
     from ray import serve
 
@@ -134,6 +135,12 @@ def run(args: argparse.Namespace) -> int:
         ray.init(address=address, num_cpus=args.num_cpus if address == "local" else None, include_dashboard=False)
         # ray.init installs its own SIGTERM handlers (sys.exit, then a crash dump and abort): ours goes back on top
         signal.signal(signal.SIGTERM, interrupt)
+        problems = [] if args.wait_for_resources else placement.check(config)
+        if problems:
+            for problem in problems:
+                print(f"blip2-serve: {problem}", file=sys.stderr, flush=True)
+            ray.shutdown()
+            return 2
         _deploy(config, document)
         url = f"http://{config.server.host}:{config.server.http_port}{config.route_prefix.rstrip('/')}"
         grpc = f", gRPC on port {config.server.grpc_port}" if config.server.grpc_port is not None else ""
@@ -257,6 +264,12 @@ def parser() -> argparse.ArgumentParser:
     _server_flags(run_cmd)
     run_cmd.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     run_cmd.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    run_cmd.add_argument(
+        "--wait-for-resources",
+        action="store_true",
+        help="deploy even where the cluster has no room for every stage now (it adds nodes on demand); "
+        "by default a config that cannot be placed exits at once, naming the stage",
+    )
     run_cmd.set_defaults(func=run)
 
     tiny = commands.add_parser("make-tiny", help="write a small random BLIP-2 checkpoint (no hub needed)")

@@ -45,18 +45,34 @@ class StageConfig(BaseModel):
     autoscaling: AutoscalingConfig | None = None
     max_ongoing_requests: int | None = Field(None, ge=1)  # default: 2 x max_batch_size
     max_queued_requests: int = Field(1024, ge=-1)  # beyond this a caller gets 503; -1: unbounded
-    num_cpus: float = Field(1.0, ge=0)
+    # auto: 1 for a replica with a GPU; on CPU, where the stages take turns at all of the node's cores (cpu_turns),
+    # half a logical CPU each, so that vision + LLM + retrieval fit on 2 cores (their compute is shared in turns
+    # whatever Ray counts); 1 otherwise
+    num_cpus: float | Literal["auto"] = "auto"
     num_gpus: float | Literal["auto"] = "auto"  # auto: 1 where the cluster has GPUs and the model may use one
     resources: dict[str, float] = {}  # Ray custom resources, to place the stage on labelled nodes (multi-node, KubeRay)
     torch_threads: int | None = Field(None, ge=1)
     batch: BatchConfig = BatchConfig()
 
-    def deployment_options(self, num_gpus: float, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+    def cpus_for(self, num_gpus: float, cpu_turns: bool = True) -> float:
+        """Logical CPUs per replica (see num_cpus) for a replica with `num_gpus` GPUs."""
+        if self.num_cpus != "auto":
+            return float(self.num_cpus)
+        return 0.5 if num_gpus == 0 and cpu_turns else 1.0
+
+    @property
+    def initial_replicas(self) -> int:
+        """Replicas at start: num_replicas, or the autoscaling minimum (at least one)."""
+        return self.num_replicas if self.autoscaling is None else max(1, self.autoscaling.min_replicas)
+
+    def deployment_options(
+        self, num_gpus: float, env_vars: dict[str, str] | None = None, cpu_turns: bool = True
+    ) -> dict[str, Any]:
         """Keyword arguments for `Deployment.options()`; `env_vars` go to the replicas' processes (runtime_env)."""
         options: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests or 2 * self.batch.max_batch_size,
             "max_queued_requests": self.max_queued_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": num_gpus},
+            "ray_actor_options": {"num_cpus": self.cpus_for(num_gpus, cpu_turns), "num_gpus": num_gpus},
         }
         if self.resources:
             options["ray_actor_options"]["resources"] = dict(self.resources)

@@ -26,8 +26,9 @@ def stage_gpus(stage: StageConfig, config: AppConfig) -> float | None:
     return 1.0 if config.model.device == "cuda" else 0.0
 
 
-def _deployment(name: str, stage: StageConfig, gpus: float | None, env: dict[str, str] | None = None) -> dict[str, Any]:
-    options = stage.deployment_options(gpus or 0.0, env)
+def _deployment(name: str, stage: StageConfig, gpus: float | None, config: AppConfig, model_stage: bool = True) -> dict:
+    env = config.model_stage_env() if model_stage else None
+    options = stage.deployment_options(gpus or 0.0, env, config.cpu_turns)
     if gpus is None:  # Ray replaces the builder's ray_actor_options wholesale with the file's: leave them out
         del options["ray_actor_options"]
     return {"name": name, **options}
@@ -42,16 +43,14 @@ def serve_config(config: AppConfig) -> dict[str, Any]:
         "import_path": IMPORT_PATH,
         "args": config.model_dump(mode="json"),
         "deployments": [
-            _deployment("Ingress", config.ingress, ingress_gpus),
-            _deployment("Vision", config.vision, stage_gpus(config.vision, config), config.model_stage_env()),
-            _deployment("LLM", config.llm, stage_gpus(config.llm, config), config.model_stage_env()),
+            _deployment("Ingress", config.ingress, ingress_gpus, config, model_stage=False),
+            _deployment("Vision", config.vision, stage_gpus(config.vision, config), config),
+            _deployment("LLM", config.llm, stage_gpus(config.llm, config), config),
         ],
     }
     if config.retrieval is not None:
         retrieval_gpus = stage_gpus(config.retrieval, config.model_copy(update={"model": config.retrieval.model}))
-        application["deployments"].append(
-            _deployment("Retrieval", config.retrieval, retrieval_gpus, config.model_stage_env())
-        )
+        application["deployments"].append(_deployment("Retrieval", config.retrieval, retrieval_gpus, config))
     document: dict[str, Any] = {
         "proxy_location": "EveryNode",
         "http_options": {"host": config.server.host, "port": config.server.http_port},

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 import grpc
 import numpy as np
 from blip2_serve.clients.contract import IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, TEXT
-from blip2_serve.deployments.errors import InvalidInput, Unauthenticated, Unavailable, status_of
+from blip2_serve.deployments.errors import InvalidInput, Unauthenticated, Unavailable, Unimplemented, status_of
 from blip2_serve.deployments.types import GenerateResult
 from blip2_serve.serve import kserve, metadata, retrieval
 from blip2_serve.serve.asgi import primed
@@ -27,6 +27,11 @@ from blip2_serve.serve.grpc_protos import service_pb2 as pb
 from google.protobuf import json_format
 
 logger = logging.getLogger(__name__)
+
+UNIMPLEMENTED_MESSAGE = (
+    "blip2-serve does not implement {call}: models are deployed by its config, inputs travel in the request "
+    "(no shared memory), and tracing and logging are set at start"
+)
 
 # Ray Serve's gRPC proxy calls this to register the service (serve.start(grpc_options=...)).
 SERVICER_FUNCTION = "blip2_serve.serve.grpc_protos.add_servicer"
@@ -120,15 +125,14 @@ class TritonGrpcMethods:
 
     @_with_status(pb.ServerReadyResponse)
     async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=not self.draining and await self.pipeline.ready())
+        return pb.ServerReadyResponse(ready=not await self.not_ready())
 
     @_with_status(pb.ModelReadyResponse)
     async def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
-        if self.serves_retrieval(request.name) and request.version in ("", MODEL_VERSION):
-            return pb.ModelReadyResponse(ready=not self.draining and await self.retrieval.ready.remote())
-        if request.name != self.server.model_name or request.version not in ("", MODEL_VERSION):
+        served = request.name == self.server.model_name or self.serves_retrieval(request.name)
+        if not served or request.version not in ("", MODEL_VERSION):
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=not self.draining and await self.pipeline.ready())
+        return pb.ModelReadyResponse(ready=not await self.not_ready(request.name))
 
     @_with_status(pb.ServerMetadataResponse)
     async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
@@ -140,6 +144,55 @@ class TritonGrpcMethods:
         if self.serves_retrieval(request.name):
             return json_format.ParseDict(retrieval.model_metadata(request.name), pb.ModelMetadataResponse())
         return json_format.ParseDict(metadata.model_metadata(self.config), pb.ModelMetadataResponse())
+
+    @_with_status(pb.RepositoryIndexResponse)
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
+        """The models served here and their state (READY, or UNAVAILABLE with the pending stages)."""
+        return json_format.ParseDict({"models": await self.repository_index()}, pb.RepositoryIndexResponse())
+
+    @_with_status(pb.ModelStatisticsResponse)
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
+        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="ModelStatistics"))
+
+    @_with_status(pb.RepositoryModelLoadResponse)
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
+        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="RepositoryModelLoad"))
+
+    @_with_status(pb.RepositoryModelUnloadResponse)
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest) -> pb.RepositoryModelUnloadResponse:
+        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="RepositoryModelUnload"))
+
+    @_with_status(pb.SystemSharedMemoryStatusResponse)
+    async def SystemSharedMemoryStatus(self, request) -> pb.SystemSharedMemoryStatusResponse:
+        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="SystemSharedMemoryStatus"))
+
+    @_with_status(pb.SystemSharedMemoryRegisterResponse)
+    async def SystemSharedMemoryRegister(self, request) -> pb.SystemSharedMemoryRegisterResponse:
+        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="SystemSharedMemoryRegister"))
+
+    @_with_status(pb.SystemSharedMemoryUnregisterResponse)
+    async def SystemSharedMemoryUnregister(self, request) -> pb.SystemSharedMemoryUnregisterResponse:
+        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="SystemSharedMemoryUnregister"))
+
+    @_with_status(pb.CudaSharedMemoryStatusResponse)
+    async def CudaSharedMemoryStatus(self, request) -> pb.CudaSharedMemoryStatusResponse:
+        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="CudaSharedMemoryStatus"))
+
+    @_with_status(pb.CudaSharedMemoryRegisterResponse)
+    async def CudaSharedMemoryRegister(self, request) -> pb.CudaSharedMemoryRegisterResponse:
+        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="CudaSharedMemoryRegister"))
+
+    @_with_status(pb.CudaSharedMemoryUnregisterResponse)
+    async def CudaSharedMemoryUnregister(self, request) -> pb.CudaSharedMemoryUnregisterResponse:
+        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="CudaSharedMemoryUnregister"))
+
+    @_with_status(pb.TraceSettingResponse)
+    async def TraceSetting(self, request: pb.TraceSettingRequest) -> pb.TraceSettingResponse:
+        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="TraceSetting"))
+
+    @_with_status(pb.LogSettingsResponse)
+    async def LogSettings(self, request: pb.LogSettingsRequest) -> pb.LogSettingsResponse:
+        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="LogSettings"))
 
     @_with_status(pb.ModelConfigResponse)
     async def ModelConfig(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:

@@ -31,11 +31,38 @@ async def live(ingress: Ingress = Depends(current_ingress)) -> Response:
 
 @router.get("/v2/health/ready")
 async def ready(ingress: Ingress = Depends(current_ingress)) -> Response:
-    if ingress.draining:
-        raise Unavailable("the server is shutting down")
-    if not await ingress.pipeline.ready():
-        raise Unavailable("model stages are not ready")
+    pending = await ingress.not_ready()
+    if pending:
+        raise Unavailable(_not_ready_message(pending))
     return Response(status_code=200)
+
+
+def _not_ready_message(pending: list[str]) -> str:
+    if pending == ["draining"]:
+        return "the server is shutting down"
+    return f"not ready: no replica of the {', '.join(pending)} stage(s) answers yet"
+
+
+@router.post("/v2/repository/index")
+async def repository_index(ingress: Ingress = Depends(current_ingress)) -> list[dict[str, str]]:
+    """Triton's repository index: every model served here, READY or UNAVAILABLE with the stages it waits for."""
+    return await ingress.repository_index()
+
+
+@router.get("/v2/models/{model_name}/stats")
+@router.get("/v2/models/{model_name}/versions/{version}/stats")
+@router.post("/v2/repository/models/{model_name}/load")
+@router.post("/v2/repository/models/{model_name}/unload")
+@router.get("/v2/systemsharedmemory/status")
+@router.get("/v2/cudasharedmemory/status")
+@router.get("/v2/trace/setting")
+@router.get("/v2/logging")
+async def unimplemented(request: Request, model_name: str = "", version: str = "") -> Response:
+    """Triton extensions this server does not offer: a KServe-shaped 400 that tritonclient decodes."""
+    from blip2_serve.deployments.errors import Unimplemented
+    from blip2_serve.serve.grpc import UNIMPLEMENTED_MESSAGE
+
+    raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call=f"{request.method} {request.url.path}"))
 
 
 @router.get("/v2/models/{model_name}")
@@ -51,11 +78,10 @@ async def model_metadata(model_name: str, version: str = "", ingress: Ingress = 
 @router.get("/v2/models/{model_name}/versions/{version}/ready")
 async def model_ready(model_name: str, version: str = "", ingress: Ingress = Depends(current_ingress)) -> Response:
     ingress.check_model(model_name, version)
-    if ingress.serves_retrieval(model_name):
-        if ingress.draining or not await ingress.retrieval.ready.remote():
-            raise Unavailable("the retrieval stage is not ready")
-        return Response(status_code=200)
-    return await ready(ingress)
+    pending = await ingress.not_ready(model_name)
+    if pending:
+        raise Unavailable(_not_ready_message(pending))
+    return Response(status_code=200)
 
 
 @router.get("/v2/models/{model_name}/config")

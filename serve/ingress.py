@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from blip2_serve.clients.contract import MODEL_VERSION, RETRIEVAL_MODELS
 from blip2_serve.deployments.errors import ModelNotFound, Unavailable
@@ -82,6 +82,41 @@ class Ingress(TritonGrpcMethods):
             yield
         finally:
             self.in_flight -= 1
+
+    async def not_ready(self, model_name: str | None = None, timeout_s: float = 5.0) -> list[str]:
+        """The stages that do not answer ready within `timeout_s`, among those `model_name` needs (the server: all
+        of them); ["draining"] while shutting down. A replica Ray cannot place yet never answers, so a stage still
+        pending keeps the server unready, by name, instead of the check waiting with it."""
+        if self.draining:
+            return ["draining"]
+        checks: dict[str, Any] = {}
+        if model_name is None or not self.serves_retrieval(model_name):
+            checks.update(self.pipeline.ready_checks())
+        if self.retrieval is not None and (model_name is None or self.serves_retrieval(model_name)):
+            checks["retrieval"] = self.retrieval.ready.remote()
+
+        async def answered(response) -> bool:
+            try:
+                return bool(await asyncio.wait_for(response, timeout_s))
+            except Exception:  # a timeout, a dead replica: not ready
+                return False
+
+        outcomes = await asyncio.gather(*(answered(r) for r in checks.values()))
+        pending = [name for name, ok in zip(checks, outcomes) if not ok]
+        if pending:
+            logger.info("not ready: %s", ", ".join(pending))
+        return pending
+
+    async def repository_index(self) -> list[dict[str, str]]:
+        """Triton's repository index: every model served here, READY or UNAVAILABLE with the reason."""
+        names = [self.server.model_name] + (sorted(RETRIEVAL_MODELS) if self.retrieval is not None else [])
+        index = []
+        for name, pending in zip(names, await asyncio.gather(*(self.not_ready(name) for name in names))):
+            entry = {"name": name, "version": MODEL_VERSION, "state": "UNAVAILABLE" if pending else "READY"}
+            if pending:
+                entry["reason"] = f"waiting for: {', '.join(pending)}"
+            index.append(entry)
+        return index
 
     def serves_retrieval(self, model_name: str) -> bool:
         return self.retrieval is not None and model_name in RETRIEVAL_MODELS

@@ -20,6 +20,7 @@ from blip2_serve.clients.contract import IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, 
 from blip2_serve.deployments.errors import InvalidInput
 from blip2_serve.deployments.images import ImageLimits, check_image
 from blip2_serve.deployments.types import GenerateRequest, GenerateResult, GenerationParams
+from blip2_serve.serve import jsonbody
 
 _INPUT_NAMES = {spec.name for spec in INPUTS}
 _OUTPUT_NAMES = {spec.name for spec in OUTPUTS}
@@ -47,13 +48,7 @@ class InferRequest:
 
 
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise InvalidInput(f"{what} must be a JSON object")
-    return value
+    return jsonbody.loads_object(data, what)
 
 
 def _shape(raw: Any, name: str) -> tuple[int, ...]:

@@ -9,6 +9,7 @@ closed and the LLM stage stops generating.
 import json
 from typing import Any
 
+from blip2_serve.serve import jsonbody
 from blip2_serve.serve import openai_codec as codec
 from blip2_serve.serve.asgi import current_ingress, primed, read_body
 from blip2_serve.serve.deadline import deadline_s, within
@@ -60,12 +61,7 @@ async def embeddings(request: Request, ingress: Ingress = Depends(current_ingres
     from blip2_serve.deployments.errors import InvalidInput, ModelNotFound
 
     raw = await read_body(request, ingress.server.max_request_bytes)
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise InvalidInput("the request body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("the request body must be a JSON object")
+    body = jsonbody.loads_object(raw, "the request body")
     model = body.get("model")
     if ingress.retrieval is None or model != EMBED_TEXT_MODEL:
         raise ModelNotFound(f"The model '{model}' does not exist; this server embeds text with '{EMBED_TEXT_MODEL}'")

@@ -219,3 +219,30 @@ def test_one_bad_request_fails_alone_among_concurrent_good_ones(app):
     assert texts == list(expected)
     after = app.deployment("LLM").stats.remote().result(timeout_s=30)["batches"]
     assert after - before < len(good), "the good requests shared batches"
+
+
+PATHOLOGICAL_JSON = {
+    "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+    "nesting past the bound": b'{"inputs": [], "parameters": {"x": ' + b"[" * 40 + b"1" + b"]" * 40 + b"}}",
+    "a 5000-digit integer": b'{"inputs": [], "parameters": {"max_new_tokens": ' + b"9" * 5000 + b"}}",
+    "NaN": b'{"inputs": [], "parameters": {"temperature": NaN}}',
+    "a million tiny values": b'{"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ['
+    + b",".join([b"0"] * 1_000_000)
+    + b"]}]}",
+    "many keys": json.dumps({"inputs": [], "parameters": {f"k{i}": i for i in range(200_000)}}).encode(),
+}
+JSON_ROUTES = ["/v2/models/blip2/infer", "/v2/models/blip2/generate", "/v1/chat/completions", "/v1/embeddings"]
+
+
+@pytest.mark.parametrize("case", PATHOLOGICAL_JSON)
+def test_pathological_json_is_4xx_on_every_json_route(retrieval_app, case):
+    """Valid or nearly valid JSON built to break a parser: every JSON route answers 4xx with a message (never a
+    5xx), and the server answers the next request."""
+    body = PATHOLOGICAL_JSON[case]
+    with httpx.Client(timeout=120) as http:
+        for route in JSON_ROUTES:
+            headers = {"content-type": "application/json"}
+            response = http.post(f"{retrieval_app.http}{route}", content=body, headers=headers)
+            assert 400 <= response.status_code < 500, (route, response.status_code, response.text[:300])
+            assert response.text and "Traceback" not in response.text, route
+    _still_serving(retrieval_app)

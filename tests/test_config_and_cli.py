@@ -123,7 +123,7 @@ def test_make_tiny_then_run_serves_stock_tritonclient(tmp_path):
 
     port, grpc_port = free_port(), free_port()
     command = [BLIP2_SERVE, "run", "--model", str(checkpoint), "--port", str(port), "--grpc-port", str(grpc_port)]
-    server = _Server([*command, "--num-cpus", "4"])
+    server = _Server([*command, "--num-cpus", "2"])  # this machine's cores: the defaults fit
     try:
         server.wait_for("ready at http://127.0.0.1")
         client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
@@ -141,10 +141,76 @@ def test_make_tiny_then_run_serves_stock_tritonclient(tmp_path):
 
         chat = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         assert [m.id for m in chat.models.list().data] == ["blip2"]
+        # idle, the console stays quiet: no line per metrics push, edge report or internal call
+        time.sleep(3)  # the last requests' access lines
+        before = len(server.lines)
+        time.sleep(60)
+        idle_lines = server.lines[before:]
+        assert len(idle_lines) <= 3, "".join(idle_lines)
     finally:
         code = server.stop(signal.SIGINT)
     assert code == 0, server.output
     assert "shutting down" in server.output
+
+
+def test_placement_is_checked_before_serving_on_two_cpus(tmp_path, checkpoints, itm_checkpoint):
+    """On a Ray of 2 CPUs (this machine's): a stage asking for more than exists stops `blip2-serve run` within
+    seconds, naming it and the setting; the README's retrieval config with the defaults fits and every model is
+    ready and answers."""
+    import httpx
+    import tritonclient.http as httpclient
+
+    port = free_port()
+    readme = {
+        "model": {"checkpoint": str(checkpoints["opt"]), "device": "cpu"},
+        "retrieval": {"model": {"checkpoint": str(itm_checkpoint)}, "batch": {"max_batch_size": 16}},
+        "server": {"http_port": port, "grpc_port": None},
+    }
+    too_big = tmp_path / "too-big.yaml"
+    too_big.write_text(yaml.safe_dump({**readme, "vision": {"num_cpus": 3}}))
+    started = time.monotonic()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    command = [BLIP2_SERVE, "run", "--num-cpus", "2", "--config"]
+    refused = subprocess.run([*command, str(too_big)], capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert time.monotonic() - started < 30
+    assert "stage 'vision' cannot be placed" in refused.stderr and "vision.num_cpus" in refused.stderr
+    assert "stage 'llm'" not in refused.stderr  # only the stage that does not fit is named
+
+    # told to wait (a cluster that adds nodes on demand): it serves nothing, and readiness says which stage is pending
+    waiting = _Server([*command, str(too_big), "--wait-for-resources"])
+    try:
+        deadline, answer = time.monotonic() + 120, None
+        while time.monotonic() < deadline:
+            assert waiting.process.poll() is None, waiting.output
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=30)
+                if "vision" in answer.text:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert answer is not None and answer.status_code == 503 and "vision" in answer.text, answer and answer.text
+        assert "llm" not in answer.json()["error"]  # the LLM stage runs: only the pending one is named
+    finally:
+        assert waiting.stop(signal.SIGINT) == 0, waiting.output
+
+    fits = tmp_path / "retrieval.yaml"
+    fits.write_text(yaml.safe_dump(readme))
+    server = _Server([*command, str(fits)])
+    try:
+        server.wait_for("ready at http://127.0.0.1")
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+        for model in ("blip2", "blip2_embed_image", "blip2_embed_text", "blip2_itm"):
+            assert client.is_model_ready(model), model
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "blip2_embed_text", "input": "a cat"}, timeout=120
+        )
+        assert answer.status_code == 200 and answer.json()["data"][0]["embedding"], answer.text
+        assert _wait_and_caption(port, server)
+    finally:
+        code = server.stop(signal.SIGINT)
+    assert code == 0, server.output
 
 
 def test_a_signal_while_starting_stops_cleanly(tmp_path, checkpoints):
@@ -264,3 +330,27 @@ def test_sigterm_lets_in_flight_requests_finish(checkpoints):
     assert at > signalled and response.status_code == 200, (at - signalled, response.text)
     # finished after the signal, not refused
     assert len(response.json()["outputs"][0]["data"][0]) > 0
+
+
+def test_placement_names_the_stage_that_does_not_fit():
+    """Replicas placed biggest first on the nodes' totals: what fits, and a message per stage that does not."""
+    from blip2_serve.serve.placement import Demand, shortfalls
+
+    two_cores = [{"CPU": 2.0, "memory": 1e10}]
+    defaults = [Demand("ingress", 1, 0.0, 0.0), Demand("vision", 1, 0.5, 0.0), Demand("llm", 1, 0.5, 0.0)]
+    assert shortfalls([*defaults, Demand("retrieval", 1, 0.5, 0.0)], two_cores) == []
+    (message,) = shortfalls([*defaults, Demand("retrieval", 3, 1.0, 0.0)], two_cores)
+    assert "stage 'retrieval'" in message and "2 of its 3 replica(s)" in message and "2 CPUs" in message
+    (message,) = shortfalls([Demand("llm", 1, 1.0, 1.0)], two_cores)
+    assert "stage 'llm'" in message and "no node has GPU" in message
+    (message,) = shortfalls([Demand("vision", 2, 1.0, 0.0, {"vision_node": 1.0})], [*two_cores, {"CPU": 8.0}])
+    assert "stage 'vision'" in message and "vision_node" in message
+    spread = [{"CPU": 1.0}, {"CPU": 1.0}]  # one replica per node: fits, as Ray would place them
+    assert shortfalls([Demand("vision", 1, 1.0, 0.0), Demand("llm", 1, 1.0, 0.0)], spread) == []
+
+
+def test_model_stages_ask_for_half_a_cpu_on_cpu_nodes_by_default():
+    config = AppConfig.model_validate({"model": {"checkpoint": "x"}})
+    assert config.vision.cpus_for(0.0, cpu_turns=True) == 0.5 and config.llm.cpus_for(1.0) == 1.0
+    assert config.llm.cpus_for(0.0, cpu_turns=False) == 1.0
+    assert StageConfig(num_cpus=2).cpus_for(0.0) == 2.0

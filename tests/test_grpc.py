@@ -195,3 +195,57 @@ def test_overload_is_unavailable_over_grpc_and_503_over_http(tight_app):
     assert all("error" in r.json() for r in responses if r.status_code == 503)
     client = grpcclient.InferenceServerClient(tight_app.grpc_url)
     assert _texts(client.infer("blip2", bytes_inputs(grpcclient, [image_bytes(3)]), headers=tight_app.grpc_headers))
+
+
+def _no_internals(message: str) -> None:
+    """A client-facing error message: no stack trace, process id, actor id or address."""
+    import re
+
+    assert "Traceback" not in message and "pid=" not in message and "actor" not in message.lower(), message
+    assert not re.search(r"\b\d{1,3}(\.\d{1,3}){3}\b", message), message
+
+
+def test_every_standard_call_answers_with_a_status_tritonclient_decodes(retrieval_app):
+    """The repository index is served; the Triton extensions this server does not offer answer UNIMPLEMENTED (gRPC)
+    or a KServe-shaped 400 (HTTP) with a message and no internals, over stock tritonclient; unknown routes a
+    KServe-shaped 404."""
+    app = retrieval_app
+    clients = {
+        "grpc": grpcclient.InferenceServerClient(app.grpc_url),
+        "http": httpclient.InferenceServerClient(app.url),
+    }
+    for protocol, client in clients.items():
+        kwargs = {"headers": app.grpc_headers} if protocol == "grpc" else {}
+        index = client.get_model_repository_index(**kwargs)
+        models = index.models if protocol == "grpc" else index
+        states = {
+            (m.name if protocol == "grpc" else m["name"]): (m.state if protocol == "grpc" else m["state"])
+            for m in models
+        }
+        assert states == {name: "READY" for name in ("blip2", "blip2_embed_image", "blip2_embed_text", "blip2_itm")}
+        calls = [
+            lambda: client.get_inference_statistics("blip2", **kwargs),
+            lambda: client.load_model("blip2", **kwargs),
+            lambda: client.unload_model("blip2", **kwargs),
+            lambda: client.get_system_shared_memory_status(**kwargs),
+            lambda: client.get_cuda_shared_memory_status(**kwargs),
+            lambda: client.get_trace_settings(**kwargs),
+            lambda: client.get_log_settings(**kwargs),
+        ]
+        if protocol == "grpc":
+            calls += [
+                lambda: client.unregister_system_shared_memory(**kwargs),
+                lambda: client.unregister_cuda_shared_memory(**kwargs),
+            ]
+        for call in calls:
+            with pytest.raises(InferenceServerException) as raised:
+                call()
+            message = raised.value.message()
+            assert "does not implement" in message, (protocol, message)
+            if protocol == "grpc":
+                assert raised.value.status() == "StatusCode.UNIMPLEMENTED", message
+            else:
+                assert raised.value.status() == "400", message
+            _no_internals(message)
+    missing = httpx.get(f"{app.http}/v2/no/such/route", timeout=30)
+    assert missing.status_code == 404 and "no such route" in missing.json()["error"]

@@ -77,3 +77,27 @@ def test_transport_parameters_are_not_generation_parameters():
     infer = kserve.decode_infer_request(body, header_length)
     (request,) = kserve.to_generate_requests(infer, ImageLimits(), 8, GenerationParams(max_new_tokens=9))
     assert request.params == GenerationParams(max_new_tokens=9)
+
+
+def test_json_bodies_are_parsed_with_bounds():
+    from blip2_serve.deployments.errors import InvalidInput
+    from blip2_serve.serve import jsonbody
+
+    assert jsonbody.loads_object(b'{"a": [1, 2.5, {"b": -3e2}], "c": "d"}', "body") == {
+        "a": [1, 2.5, {"b": -300.0}],
+        "c": "d",
+    }
+    nested = b"[" * (jsonbody.MAX_DEPTH - 1) + b"{}" + b"]" * (jsonbody.MAX_DEPTH - 1)
+    assert jsonbody.loads(nested, "body")  # at the bound
+    for bad, words in (
+        (b"[" * jsonbody.MAX_DEPTH + b"{}" + b"]" * jsonbody.MAX_DEPTH, "nests deeper"),
+        (b"[" * 200_000 + b"]" * 200_000, "nests deeper"),
+        (b"1" * 5000, "a number of 5000 characters"),
+        (b'{"t": Infinity}', "not a JSON number"),
+        (b"[1, 2", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[" + b"0," * jsonbody.MAX_ITEMS + b"0]", "more than"),
+        (b"[1]", "must be a JSON object"),
+    ):
+        with pytest.raises(InvalidInput, match=words):
+            jsonbody.loads_object(bad, "body")
