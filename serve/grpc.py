@@ -150,50 +150,6 @@ class TritonGrpcMethods:
         """The models served here and their state (READY, or UNAVAILABLE with the pending stages)."""
         return json_format.ParseDict({"models": await self.repository_index()}, pb.RepositoryIndexResponse())
 
-    @_with_status(pb.ModelStatisticsResponse)
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
-        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="ModelStatistics"))
-
-    @_with_status(pb.RepositoryModelLoadResponse)
-    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
-        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="RepositoryModelLoad"))
-
-    @_with_status(pb.RepositoryModelUnloadResponse)
-    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest) -> pb.RepositoryModelUnloadResponse:
-        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="RepositoryModelUnload"))
-
-    @_with_status(pb.SystemSharedMemoryStatusResponse)
-    async def SystemSharedMemoryStatus(self, request) -> pb.SystemSharedMemoryStatusResponse:
-        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="SystemSharedMemoryStatus"))
-
-    @_with_status(pb.SystemSharedMemoryRegisterResponse)
-    async def SystemSharedMemoryRegister(self, request) -> pb.SystemSharedMemoryRegisterResponse:
-        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="SystemSharedMemoryRegister"))
-
-    @_with_status(pb.SystemSharedMemoryUnregisterResponse)
-    async def SystemSharedMemoryUnregister(self, request) -> pb.SystemSharedMemoryUnregisterResponse:
-        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="SystemSharedMemoryUnregister"))
-
-    @_with_status(pb.CudaSharedMemoryStatusResponse)
-    async def CudaSharedMemoryStatus(self, request) -> pb.CudaSharedMemoryStatusResponse:
-        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="CudaSharedMemoryStatus"))
-
-    @_with_status(pb.CudaSharedMemoryRegisterResponse)
-    async def CudaSharedMemoryRegister(self, request) -> pb.CudaSharedMemoryRegisterResponse:
-        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="CudaSharedMemoryRegister"))
-
-    @_with_status(pb.CudaSharedMemoryUnregisterResponse)
-    async def CudaSharedMemoryUnregister(self, request) -> pb.CudaSharedMemoryUnregisterResponse:
-        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="CudaSharedMemoryUnregister"))
-
-    @_with_status(pb.TraceSettingResponse)
-    async def TraceSetting(self, request: pb.TraceSettingRequest) -> pb.TraceSettingResponse:
-        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="TraceSetting"))
-
-    @_with_status(pb.LogSettingsResponse)
-    async def LogSettings(self, request: pb.LogSettingsRequest) -> pb.LogSettingsResponse:
-        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call="LogSettings"))
-
     @_with_status(pb.ModelConfigResponse)
     async def ModelConfig(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
         self.check_model(request.name, request.version)
@@ -267,3 +223,28 @@ class TritonGrpcMethods:
                 # In-band, as Triton reports stream errors; the code leads the message since there is no field for it.
                 _, code, message = status_of(exc)
                 yield pb.ModelStreamInferResponse(error_message=f"{code}: {message}")
+
+
+def _unimplemented(call: str, empty_response):
+    async def method(self, request):
+        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call=call))
+
+    method.__name__ = method.__qualname__ = call
+    return _with_status(empty_response)(method)
+
+
+# The rest of GRPCInferenceService: answered UNIMPLEMENTED with a message, not by Ray with a stack trace.
+for _call in (
+    "ModelStatistics",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister",
+    "TraceSetting",
+    "LogSettings",
+):
+    setattr(TritonGrpcMethods, _call, _unimplemented(_call, getattr(pb, f"{_call}Response")))
