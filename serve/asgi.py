@@ -50,13 +50,18 @@ def _headers_for(status: int) -> dict[str, str]:
     return {}
 
 
+def openai_error(status: int, message: str, code: str | None = None) -> dict:
+    """OpenAI's error object, as a response body or a stream's error event."""
+    return {
+        "error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"), "param": None, "code": code}
+    }
+
+
 def error_response(request: Request, status: int, message: str, code: str | None = None) -> Response:
     """The error body for the route's protocol."""
     headers = _headers_for(status)
     if _is_openai_route(request):
-        kind = _OPENAI_TYPES.get(status, "server_error")
-        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-        return JSONResponse(body, status, headers=headers)
+        return JSONResponse(openai_error(status, message, code), status, headers=headers)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 

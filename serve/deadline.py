@@ -6,7 +6,7 @@ DEADLINE_EXCEEDED."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Mapping, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Mapping, TypeVar
 
 from blip2_serve.deployments.errors import DeadlineExceeded, InvalidInput
 
@@ -39,3 +39,46 @@ async def within(seconds: float | None, work: Awaitable[T]) -> T:
         return await asyncio.wait_for(work, seconds)
     except TimeoutError:
         raise DeadlineExceeded(f"the request's deadline of {seconds * 1e3:.0f} ms passed") from None
+
+
+class Deadline:
+    """One request's deadline, started when the request arrives; streams check it between items."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self._at = None if seconds is None else asyncio.get_running_loop().time() + seconds
+
+    def remaining(self) -> float | None:
+        if self._at is None:
+            return None
+        left = self._at - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise self.exceeded()
+        return left
+
+    def exceeded(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"the request's deadline of {self.seconds * 1e3:.0f} ms passed")
+
+    async def run(self, work: Awaitable[T]) -> T:
+        """Await `work` within what is left (see `within`)."""
+        try:
+            return await asyncio.wait_for(work, self.remaining())
+        except TimeoutError:
+            raise self.exceeded() from None
+
+    async def stream(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
+        """Yield `items` while time is left; when it runs out, close them (the LLM stage stops the sequence) and raise
+        DeadlineExceeded, which each protocol reports in its stream's own way."""
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(anext(items), self.remaining())
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise self.exceeded() from None
+                yield item
+        finally:
+            close = getattr(items, "aclose", None)
+            if close is not None:
+                await close()

@@ -21,7 +21,7 @@ from blip2_serve.deployments.types import GenerateResult
 from blip2_serve.serve import kserve, metadata, retrieval
 from blip2_serve.serve.asgi import primed
 from blip2_serve.serve.auth import PUBLIC_GRPC_METHODS
-from blip2_serve.serve.deadline import deadline_s, within
+from blip2_serve.serve.deadline import Deadline, deadline_s, within
 from blip2_serve.serve.grpc_protos import model_config_pb2
 from blip2_serve.serve.grpc_protos import service_pb2 as pb
 from google.protobuf import json_format
@@ -213,7 +213,8 @@ class TritonGrpcMethods:
                     infer, generate = self._generate_requests(request)
                     if len(generate) != 1:
                         raise InvalidInput(f"streaming takes one {IMAGE.name} row per request, not {len(generate)}")
-                    stream = await primed(self.pipeline.stream(generate[0]))
+                    deadline = Deadline(deadline_s(infer.parameters))
+                    stream = deadline.stream(await deadline.run(primed(self.pipeline.stream(generate[0]))))
                 async for chunk in stream:
                     final = chunk.finish_reason is not None
                     if chunk.text or final:

@@ -11,7 +11,7 @@ from blip2_serve.clients.contract import MODEL_VERSION, TEXT
 from blip2_serve.deployments.errors import InvalidInput, Unavailable, status_of
 from blip2_serve.serve import kserve, metadata, retrieval
 from blip2_serve.serve.asgi import current_ingress, primed, read_body
-from blip2_serve.serve.deadline import deadline_s, within
+from blip2_serve.serve.deadline import Deadline, deadline_s, within
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -169,7 +169,8 @@ async def generate_stream(
     ingress.check_model(model_name, version)
     with ingress.metrics.request():
         infer, generate_request = await _generate_request(request, ingress)
-        stream = await primed(ingress.pipeline.stream(generate_request))
+        deadline = Deadline(deadline_s(infer.parameters, request.headers))
+        stream = deadline.stream(await deadline.run(primed(ingress.pipeline.stream(generate_request))))
 
     async def events():
         try:

@@ -9,10 +9,11 @@ closed and the LLM stage stops generating.
 import json
 from typing import Any
 
+from blip2_serve.deployments.errors import status_of
 from blip2_serve.serve import jsonbody
 from blip2_serve.serve import openai_codec as codec
-from blip2_serve.serve.asgi import current_ingress, primed, read_body
-from blip2_serve.serve.deadline import deadline_s, within
+from blip2_serve.serve.asgi import current_ingress, openai_error, primed, read_body
+from blip2_serve.serve.deadline import Deadline, deadline_s
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -22,8 +23,12 @@ Ingress = Any  # serve/ingress.Ingress; not imported here, it imports this modul
 
 def _sse(events) -> StreamingResponse:
     async def body():
-        async for event in events:
-            yield f"data: {json.dumps(event)}\n\n"
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+        except Exception as exc:  # after the 200: an error event in OpenAI's shape, then the stream's end
+            status, _, message = status_of(exc)
+            yield f"data: {json.dumps(openai_error(status, message))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
@@ -42,11 +47,12 @@ async def chat_completions(request: Request, ingress: Ingress = Depends(current_
         generate = await codec.to_generate_request(
             chat, server.model_name, server.image_limits(), tuple(server.image_url_allowlist), server.default_params()
         )
+        deadline = Deadline(deadline_s({}, request.headers))
         if not chat.stream:
-            result = await within(deadline_s({}, request.headers), ingress.pipeline.generate(generate))
+            result = await deadline.run(ingress.pipeline.generate(generate))
             return JSONResponse(codec.completion(server.model_name, result))
-        stream = await primed(ingress.pipeline.stream(generate))
-    return _sse(codec.chunks(server.model_name, stream, chat.include_usage))
+        stream = await deadline.run(primed(ingress.pipeline.stream(generate)))
+    return _sse(codec.chunks(server.model_name, deadline.stream(stream), chat.include_usage))
 
 
 @router.post("/v1/embeddings")

@@ -42,6 +42,7 @@ class ChatCompletionRequest(BaseModel):
     messages: list[dict[str, Any]]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    min_tokens: int | None = None  # vLLM's extension: generate at least this many (end-of-sequence held back)
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
@@ -80,6 +81,8 @@ class ChatCompletionRequest(BaseModel):
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if max_tokens is not None:
             values["max_new_tokens"] = max_tokens
+        if self.min_tokens is not None:
+            values["min_new_tokens"] = self.min_tokens
         if self.temperature:
             values.update(do_sample=True, temperature=self.temperature)
             if self.top_p is not None:

@@ -63,6 +63,64 @@ def test_deadline_parameter_and_header(apps):
     assert client.infer("blip2", inputs, parameters={"max_new_tokens": 3}, headers=app.grpc_headers).as_numpy("TEXT")
 
 
+def test_streams_end_at_their_deadline_with_an_error_event(apps):
+    """OpenAI SSE, Triton's generate_stream and the gRPC stream: past the deadline the stream ends with an error
+    in its protocol's shape (OpenAI's error object before [DONE]; Triton's error event; an in-band
+    DEADLINE_EXCEEDED), well before 1000 tokens, and the engine drops the sequence."""
+    import json
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    app = apps["t5"]
+    image = base64.b64encode(image_bytes(4)).decode()
+    header = {"x-request-timeout-ms": "1500"}
+    chat = {
+        "model": "blip2",
+        "stream": True,
+        "max_tokens": 1000,
+        "min_tokens": 1000,
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}]}
+        ],
+    }
+    with httpx.Client(timeout=60) as http:
+        for url, body in (
+            (f"{app.http}/v1/chat/completions", chat),
+            (f"{app.http}/v2/models/blip2/generate_stream", {"IMAGE": image, "parameters": LONG}),
+        ):
+            started = time.monotonic()
+            with http.stream("POST", url, json=body, headers=header) as response:
+                assert response.status_code == 200, response.read()
+                events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+            assert time.monotonic() - started < 10, url
+            errors = [json.loads(e)["error"] for e in events if e != "[DONE]" and "error" in json.loads(e)]
+            assert len(errors) == 1, (url, events[-3:])
+            message = errors[0]["message"] if isinstance(errors[0], dict) else errors[0]
+            assert "deadline" in message, (url, errors)
+            if "chat" in url:
+                assert errors[0]["type"] == "timeout" and events[-1] == "[DONE]" and events[-2] != "[DONE]"
+
+    client = grpcclient.InferenceServerClient(app.grpc_url)
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=app.grpc_headers)
+    try:
+        inputs = bytes_inputs(grpcclient, [image_bytes(5)])
+        client.async_stream_infer("blip2", inputs, parameters=LONG, timeout=1_500_000)  # microseconds
+        started = time.monotonic()
+        while True:
+            result, error = answers.get(timeout=30)
+            if error is not None:
+                break
+        assert "DEADLINE_EXCEEDED" in str(error) and time.monotonic() - started < 10, error
+    finally:
+        client.stop_stream()
+    deadline = time.monotonic() + 30
+    while app.handle().stats.remote().result()["llm"]["engine"]["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert app.handle().stats.remote().result()["llm"]["engine"]["running"] == 0
+
+
 @pytest.fixture(scope="module")
 def faulty_app(serve_ports, checkpoints) -> ServedApp:
     """The T5 graph of its own, to kill replicas of."""

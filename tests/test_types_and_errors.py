@@ -17,6 +17,7 @@ ERROR_TABLE = {
     errors.Unavailable: (503, "UNAVAILABLE"),
     errors.Unauthenticated: (401, "UNAUTHENTICATED"),
     errors.DeadlineExceeded: (504, "DEADLINE_EXCEEDED"),
+    errors.Unimplemented: (400, "UNIMPLEMENTED"),
 }
 
 
