@@ -15,7 +15,7 @@ from blip2_serve.deployments.cores import cpu_turns as cpu_turns_for
 from blip2_serve.deployments.cores import vision_signal
 from blip2_serve.deployments.engine import ContinuousBatcher, Sequence
 from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest
-from blip2_serve.deployments.metrics import MetricsRecorder
+from blip2_serve.deployments.metrics import INTERNAL_LOGGING, MetricsRecorder
 from blip2_serve.deployments.text import TextAssembler
 from blip2_serve.deployments.types import GenerateChunk, GenerateRequest, GenerateResult, ImageEmbeds
 from ray import serve
@@ -35,7 +35,7 @@ def _settle(future: asyncio.Future, outcome) -> None:
         future.set_exception(outcome) if isinstance(outcome, BaseException) else future.set_result(outcome)
 
 
-@serve.deployment(name="LLM")
+@serve.deployment(name="LLM", logging_config=INTERNAL_LOGGING)
 class LLMDeployment:
     """Ray Serve replica of the LLM stage; `generate` is called once per image and prompt.
 

@@ -118,14 +118,18 @@ def _le(bound: float | str) -> str:
     return ',le="' + (bound if isinstance(bound, str) else f"{bound:g}") + '"'
 
 
-# No access log: its calls are the replicas' own pushes and reports (one a second each), not traffic; logged, an idle
-# server printed a line a second.
+# Internal deployments keep no access log: the ingress logs one line per client request, and the calls behind it
+# (stage calls, readiness checks, metric pushes and reports) are not traffic. Logged, an idle server printed a line a
+# second, and every readiness probe two more.
+INTERNAL_LOGGING = {"enable_access_log": False}
+
+
 @serve.deployment(
     name="Metrics",
     num_replicas=1,
     ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=1000,
-    logging_config={"enable_access_log": False},
+    logging_config=INTERNAL_LOGGING,
 )
 class MetricsDeployment:
     """Aggregates every replica's observations; `render` is the Prometheus text the ingress serves at /metrics."""
