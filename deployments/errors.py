@@ -69,6 +69,14 @@ class Unimplemented(Blip2ServeError):
     http_status = 400
     grpc_code = "UNIMPLEMENTED"
 
+    @classmethod
+    def of(cls, call: str) -> Unimplemented:
+        """The error for `call` (a gRPC method or an HTTP route), the same words over both protocols."""
+        return cls(
+            f"blip2-serve does not implement {call}: models are deployed by its config, inputs travel in the request "
+            "(no shared memory), and tracing and logging are set at start"
+        )
+
 
 def status_of(exc: BaseException) -> tuple[int, str, str]:
     """(HTTP status, gRPC code name, client-facing message) for any exception raised while serving.

@@ -34,15 +34,29 @@ def _gpus_for(stage: StageConfig, config: AppConfig) -> float:
     return 1.0 if config.model.device == "cuda" or _cluster_has_gpus() else 0.0
 
 
+def deployed_gpus(config: AppConfig) -> dict[str, float]:
+    """GPUs per replica of each stage, by config section, as deployed here: build_app and the placement check
+    (serve/placement.py) read this one answer."""
+    gpus = {
+        "ingress": 0.0 if config.ingress.num_gpus == "auto" else float(config.ingress.num_gpus),
+        "vision": _gpus_for(config.vision, config),
+        "llm": _gpus_for(config.llm, config),
+    }
+    if config.retrieval is not None:
+        gpus["retrieval"] = _gpus_for(config.retrieval, config.model_copy(update={"model": config.retrieval.model}))
+    return gpus
+
+
 def build_app(config: AppConfig) -> Application:
     """The BLIP-2 graph: Ingress holding handles to VisionDeployment and LLMDeployment; all three push their
     metrics to one MetricsDeployment, which the ingress renders at /metrics."""
     metrics = MetricsDeployment.bind()
+    gpus = deployed_gpus(config)
 
-    def options(stage: StageConfig, gpus: float) -> dict:
-        return stage.deployment_options(gpus, config.model_stage_env(), config.cpu_turns)
+    def options(name: str, stage: StageConfig) -> dict:
+        return stage.deployment_options(gpus[name], config.model_stage_env(), config.cpu_turns)
 
-    vision = VisionDeployment.options(**options(config.vision, _gpus_for(config.vision, config))).bind(
+    vision = VisionDeployment.options(**options("vision", config.vision)).bind(
         config.model,
         config.vision.batch,
         config.server.image_limits(),
@@ -52,7 +66,7 @@ def build_app(config: AppConfig) -> Application:
         metrics,
         cpu_turns=config.cpu_turns,
     )
-    llm = LLMDeployment.options(**options(config.llm, _gpus_for(config.llm, config))).bind(
+    llm = LLMDeployment.options(**options("llm", config.llm)).bind(
         config.model,
         config.llm.batch,
         config.server.max_prompt_tokens,
@@ -66,8 +80,7 @@ def build_app(config: AppConfig) -> Application:
         from blip2_serve.deployments.retrieval_stage import RetrievalDeployment
 
         stage = config.retrieval
-        gpus = _gpus_for(stage, config.model_copy(update={"model": stage.model}))
-        retrieval = RetrievalDeployment.options(**options(stage, gpus)).bind(
+        retrieval = RetrievalDeployment.options(**options("retrieval", stage)).bind(
             stage.model,
             stage.batch,
             config.server.image_limits(),
@@ -76,8 +89,7 @@ def build_app(config: AppConfig) -> Application:
             config.embedding_cache.max_bytes,
             cpu_turns=config.cpu_turns,
         )
-    ingress_gpus = 0.0 if config.ingress.num_gpus == "auto" else float(config.ingress.num_gpus)
-    ingress = Ingress.options(**config.ingress.deployment_options(ingress_gpus, cpu_turns=config.cpu_turns))
+    ingress = Ingress.options(**config.ingress.deployment_options(gpus["ingress"], cpu_turns=config.cpu_turns))
     return ingress.bind(vision, llm, config, metrics, retrieval)
 
 

@@ -33,12 +33,7 @@ def deadline_s(parameters: Mapping[str, Any], headers: Mapping[str, str] | None 
 
 async def within(seconds: float | None, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it and raising DeadlineExceeded once `seconds` pass."""
-    if seconds is None:
-        return await work
-    try:
-        return await asyncio.wait_for(work, seconds)
-    except TimeoutError:
-        raise DeadlineExceeded(f"the request's deadline of {seconds * 1e3:.0f} ms passed") from None
+    return await Deadline(seconds).run(work)
 
 
 class Deadline:
@@ -60,7 +55,9 @@ class Deadline:
         return DeadlineExceeded(f"the request's deadline of {self.seconds * 1e3:.0f} ms passed")
 
     async def run(self, work: Awaitable[T]) -> T:
-        """Await `work` within what is left (see `within`)."""
+        """Await `work` within what is left: past it, `work` is cancelled and DeadlineExceeded raised."""
+        if self._at is None:
+            return await work
         try:
             return await asyncio.wait_for(work, self.remaining())
         except TimeoutError:

@@ -28,11 +28,6 @@ from google.protobuf import json_format
 
 logger = logging.getLogger(__name__)
 
-UNIMPLEMENTED_MESSAGE = (
-    "blip2-serve does not implement {call}: models are deployed by its config, inputs travel in the request "
-    "(no shared memory), and tracing and logging are set at start"
-)
-
 # Ray Serve's gRPC proxy calls this to register the service (serve.start(grpc_options=...)).
 SERVICER_FUNCTION = "blip2_serve.serve.grpc_protos.add_servicer"
 
@@ -228,7 +223,7 @@ class TritonGrpcMethods:
 
 def _unimplemented(call: str, empty_response):
     async def method(self, request):
-        raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call=call))
+        raise Unimplemented.of(call)
 
     method.__name__ = method.__qualname__ = call
     return _with_status(empty_response)(method)

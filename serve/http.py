@@ -60,9 +60,8 @@ async def repository_index(ingress: Ingress = Depends(current_ingress)) -> list[
 async def unimplemented(request: Request, model_name: str = "", version: str = "") -> Response:
     """Triton extensions this server does not offer: a KServe-shaped 400 that tritonclient decodes."""
     from blip2_serve.deployments.errors import Unimplemented
-    from blip2_serve.serve.grpc import UNIMPLEMENTED_MESSAGE
 
-    raise Unimplemented(UNIMPLEMENTED_MESSAGE.format(call=f"{request.method} {request.url.path}"))
+    raise Unimplemented.of(f"{request.method} {request.url.path}")
 
 
 @router.get("/v2/models/{model_name}")

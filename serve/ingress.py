@@ -83,16 +83,22 @@ class Ingress(TritonGrpcMethods):
         finally:
             self.in_flight -= 1
 
+    def _stages_for(self, model_name: str | None) -> set[str]:
+        """The stages a model needs (None: the server, all of them)."""
+        stages = {"vision", "llm"} if model_name is None or not self.serves_retrieval(model_name) else set()
+        if self.retrieval is not None and (model_name is None or self.serves_retrieval(model_name)):
+            stages.add("retrieval")
+        return stages
+
     async def not_ready(self, model_name: str | None = None, timeout_s: float = 5.0) -> list[str]:
         """The stages that do not answer ready within `timeout_s`, among those `model_name` needs (the server: all
         of them); ["draining"] while shutting down. A replica Ray cannot place yet never answers, so a stage still
-        pending keeps the server unready, by name, instead of the check waiting with it."""
+        pending keeps the server unready, by name, instead of the check waiting with it. Each stage is asked once."""
         if self.draining:
             return ["draining"]
-        checks: dict[str, Any] = {}
-        if model_name is None or not self.serves_retrieval(model_name):
-            checks.update(self.pipeline.ready_checks())
-        if self.retrieval is not None and (model_name is None or self.serves_retrieval(model_name)):
+        stages = self._stages_for(model_name)
+        checks: dict[str, Any] = self.pipeline.ready_checks() if "vision" in stages else {}  # vision and LLM together
+        if "retrieval" in stages:
             checks["retrieval"] = self.retrieval.ready.remote()
 
         async def answered(response) -> bool:
@@ -108,10 +114,13 @@ class Ingress(TritonGrpcMethods):
         return pending
 
     async def repository_index(self) -> list[dict[str, str]]:
-        """Triton's repository index: every model served here, READY or UNAVAILABLE with the reason."""
+        """Triton's repository index: every model served here, READY or UNAVAILABLE with the reason (the stages are
+        asked once, for all the models)."""
         names = [self.server.model_name] + (sorted(RETRIEVAL_MODELS) if self.retrieval is not None else [])
+        pending_everywhere = await self.not_ready()
         index = []
-        for name, pending in zip(names, await asyncio.gather(*(self.not_ready(name) for name in names))):
+        for name in names:
+            pending = [s for s in pending_everywhere if s == "draining" or s in self._stages_for(name)]
             entry = {"name": name, "version": MODEL_VERSION, "state": "UNAVAILABLE" if pending else "READY"}
             if pending:
                 entry["reason"] = f"waiting for: {', '.join(pending)}"

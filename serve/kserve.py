@@ -47,10 +47,6 @@ class InferRequest:
     binary_output: bool = False  # for outputs not named in requested_outputs
 
 
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    return jsonbody.loads_object(data, what)
-
-
 def _shape(raw: Any, name: str) -> tuple[int, ...]:
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
         raise InvalidInput(f"input {name!r}: shape must be a list of non-negative integers, not {raw!r}")
@@ -104,7 +100,7 @@ def decode_infer_request(
     are `input_names` and `output_names`; blip2's by default)."""
     if header_length is not None and not 0 < header_length <= len(body):
         raise InvalidInput(f"Inference-Header-Content-Length {header_length} does not fit a {len(body)}-byte body")
-    header = _json_object(body[:header_length] if header_length else body, "inference request")
+    header = jsonbody.loads_object(body[:header_length] if header_length else body, "inference request")
     binary, offset = (body[header_length:] if header_length else b""), 0
 
     raw_inputs = header.get("inputs")
@@ -157,7 +153,7 @@ def decode_infer_request(
 
 def decode_generate_request(body: bytes) -> InferRequest:
     """Triton's generate extension body: {"IMAGE": base64, "PROMPT": text, "parameters": {...}, "id": ...}."""
-    header = _json_object(body, "generate request")
+    header = jsonbody.loads_object(body, "generate request")
     unknown = set(header) - _INPUT_NAMES - {"id", "parameters"}
     if unknown:
         raise InvalidInput(f"unknown fields {sorted(unknown)}; a generate request has IMAGE, PROMPT, parameters, id")

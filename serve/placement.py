@@ -37,19 +37,14 @@ class Demand:
 
 def demands(config: AppConfig) -> list[Demand]:
     """Per stage, the replicas that start and what each asks for, resolved as build_app resolves them."""
-    from blip2_serve.serve.app import _gpus_for
+    from blip2_serve.serve.app import deployed_gpus
 
-    ingress_gpus = 0.0 if config.ingress.num_gpus == "auto" else float(config.ingress.num_gpus)
-    stages = [("ingress", config.ingress, ingress_gpus)]
-    stages += [("vision", config.vision, _gpus_for(config.vision, config))]
-    stages += [("llm", config.llm, _gpus_for(config.llm, config))]
-    if config.retrieval is not None:
-        retrieval_model = config.model_copy(update={"model": config.retrieval.model})
-        stages.append(("retrieval", config.retrieval, _gpus_for(config.retrieval, retrieval_model)))
-    return [
-        Demand(name, stage.initial_replicas, stage.cpus_for(gpus, config.cpu_turns), gpus, dict(stage.resources))
-        for name, stage, gpus in stages
-    ]
+    demands = []
+    for name, gpus in deployed_gpus(config).items():
+        stage = getattr(config, name)  # the config section of that name
+        cpus = stage.cpus_for(gpus, config.cpu_turns)
+        demands.append(Demand(name, stage.initial_replicas, cpus, gpus, dict(stage.resources)))
+    return demands
 
 
 def _unplaced(replicas: list[Demand], nodes: list[dict[str, float]]) -> dict[str, int]:

@@ -198,6 +198,11 @@ def test_placement_is_checked_before_serving_on_two_cpus(tmp_path, checkpoints, 
             time.sleep(1)
         assert answer is not None and answer.status_code == 503 and "vision" in answer.text, answer and answer.text
         assert "llm" not in answer.json()["error"]  # the LLM stage runs: only the pending one is named
+        # the repository index says the same per model: blip2 waits for vision, the retrieval models never do
+        index = {m["name"]: m for m in httpx.post(f"http://127.0.0.1:{port}/v2/repository/index", timeout=30).json()}
+        assert index["blip2"]["state"] == "UNAVAILABLE" and "vision" in index["blip2"]["reason"], index
+        assert set(index) == {"blip2", "blip2_embed_image", "blip2_embed_text", "blip2_itm"}
+        assert not any("vision" in m.get("reason", "") for name, m in index.items() if name != "blip2"), index
     finally:
         assert waiting.stop(signal.SIGINT) == 0, waiting.output
 
