@@ -16,7 +16,6 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
@@ -94,6 +93,7 @@ class ContinuousBatcher:
         turns: CoreTurns | None = None,
         upstream: BusySignal | None = None,
         defer_limit_s: float = 3.0,
+        on_step: Callable[[int, float], None] | None = None,
     ):
         self.generator = generator
         self.turns = turns  # on a CPU node: each iteration (jobs, prefill, one step) waits for its turn at the cores
@@ -120,7 +120,7 @@ class ContinuousBatcher:
         self.stepped = 0  # sequences advanced, summed over steps: stepped / steps is the mean decode batch
         self.busy_s = 0.0  # time spent in iterations (jobs, prefills, steps), turns excluded
         self.max_running_seen = 0
-        self.step_log: deque[tuple[int, float]] = deque(maxlen=65536)  # (running, seconds) per step, for metrics
+        self.on_step = on_step  # (sequences, seconds) after every decode step, on the engine thread (metrics)
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
 
@@ -360,7 +360,8 @@ class ContinuousBatcher:
         self.steps += 1
         self.stepped += len(self._running)
         self.max_running_seen = max(self.max_running_seen, len(self._running))
-        self.step_log.append((len(self._running), time.perf_counter() - started))
+        if self.on_step is not None:
+            self.on_step(len(self._running), time.perf_counter() - started)
         self._emit(list(self._running), output.logits[:, -1])
 
     def _emit(self, sequences: list[Sequence], logits: torch.Tensor) -> None:

@@ -19,7 +19,6 @@ from blip2_serve.deployments.metrics import INTERNAL_LOGGING, MetricsRecorder
 from blip2_serve.deployments.text import TextAssembler
 from blip2_serve.deployments.types import GenerateChunk, GenerateRequest, GenerateResult, ImageEmbeds
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 logger = logging.getLogger(__name__)
 
@@ -50,20 +49,22 @@ class LLMDeployment:
         batch: BatchConfig = BatchConfig(),
         max_prompt_tokens: int = 512,
         torch_threads: int | None = None,
-        metrics: DeploymentHandle | None = None,
+        metrics_directory: str | None = None,
         scheduler: str = "continuous",
         cpu_turns: bool = True,
     ):
         self._generator = LanguageGenerator(model, max_prompt_tokens)
         turns = cpu_turns_for(str(self._generator.device), cpu_turns, torch_threads)
         vision = vision_signal() if turns is not None else None  # the stage that feeds this one, on this node
+        self._metrics = MetricsRecorder("blip2_llm", metrics_directory)
         self._engine = (
-            ContinuousBatcher(self._generator, batch.max_batch_size, turns=turns, upstream=vision)
+            ContinuousBatcher(
+                self._generator, batch.max_batch_size, turns=turns, upstream=vision, on_step=self._record_step
+            )
             if scheduler == "continuous"
             else None
         )
         self._worker = ModelWorker("llm", turns=turns)
-        self._metrics = MetricsRecorder(metrics, "blip2_llm", on_flush=self._record_engine_steps)
         self._streams = {"active": 0, "finished": 0, "cancelled": 0}
         self._batcher = DynamicBatcher(self._generate_batch, batch)
         logger.info(
@@ -114,10 +115,8 @@ class LLMDeployment:
             cancelled.set()  # the caller went away: the engine drops the sequence at its next step
             raise
 
-    def _record_engine_steps(self) -> None:
-        while self._engine is not None and self._engine.step_log:
-            running, seconds = self._engine.step_log.popleft()
-            self._metrics.execution(running, 0.0, seconds)
+    def _record_step(self, running: int, seconds: float) -> None:  # on the engine's thread
+        self._metrics.execution(running, 0.0, seconds)
 
     async def _generate_batch(self, items: list[tuple[PreparedRequest, float]]) -> list:
         started = time.perf_counter()

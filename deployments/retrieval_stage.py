@@ -23,7 +23,6 @@ from blip2_serve.deployments.retrieval_model import RetrievalModel
 from blip2_serve.deployments.types import EncodedImage
 from blip2_serve.deployments.vision_encoder import ImagePreprocessor
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ class RetrievalDeployment:
         batch: BatchConfig = BatchConfig(),
         limits: ImageLimits = ImageLimits(),
         torch_threads: int | None = None,
-        metrics: DeploymentHandle | None = None,
+        metrics_directory: str | None = None,
         cache_bytes: int = 0,
         cpu_turns: bool = True,
     ):
@@ -44,7 +43,7 @@ class RetrievalDeployment:
         turns = cpu_turns_for(str(self._model.device), cpu_turns, torch_threads)
         self._preprocess = ImagePreprocessor(None, limits, image_processor=self._model.processor.image_processor)
         self._worker = ModelWorker("retrieval", turns=turns)
-        self._metrics = MetricsRecorder(metrics, "blip2_retrieval")
+        self._metrics = MetricsRecorder("blip2_retrieval", metrics_directory)
         # The vision stage's cache, for this stage's vision tower: an image embedded, then matched against texts
         # (or indexed again) runs the tower once.
         self._cache = EmbeddingCache(cache_bytes) if cache_bytes else None

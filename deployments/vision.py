@@ -20,7 +20,6 @@ from blip2_serve.deployments.metrics import INTERNAL_LOGGING, MetricsRecorder
 from blip2_serve.deployments.types import EncodedImage, ImageEmbeds
 from blip2_serve.deployments.vision_encoder import VisionEncoder
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ class VisionDeployment:
         torch_threads: int | None = None,
         backend: VisionBackendConfig = VisionBackendConfig(),
         cache_bytes: int = 0,
-        metrics: DeploymentHandle | None = None,
+        metrics_directory: str | None = None,
         cpu_turns: bool = True,
     ):
         self._encoder = VisionEncoder(model, limits, backend)
@@ -45,7 +44,7 @@ class VisionDeployment:
         self._worker = ModelWorker("vision", turns=turns)
         self._busy = vision_signal() if turns is not None else None  # this application's LLM stage reads it
         self._cache = EmbeddingCache(cache_bytes) if cache_bytes else None
-        self._metrics = MetricsRecorder(metrics, "blip2_vision")
+        self._metrics = MetricsRecorder("blip2_vision", metrics_directory)
         self._batcher = DynamicBatcher(self._embed_batch, batch)
         logger.info("vision stage ready (%s backend)", self._encoder.backend.name)
 

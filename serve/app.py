@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import os
 
+from blip2_serve.deployments.drain import DrainCoordinator
 from blip2_serve.deployments.llm import LLMDeployment
-from blip2_serve.deployments.metrics import MetricsDeployment
+from blip2_serve.deployments.metrics import new_directory
 from blip2_serve.deployments.vision import VisionDeployment
 from blip2_serve.serve.config import AppConfig, StageConfig
 from blip2_serve.serve.ingress import Ingress
@@ -48,9 +49,10 @@ def deployed_gpus(config: AppConfig) -> dict[str, float]:
 
 
 def build_app(config: AppConfig) -> Application:
-    """The BLIP-2 graph: Ingress holding handles to VisionDeployment and LLMDeployment; all three push their
-    metrics to one MetricsDeployment, which the ingress renders at /metrics."""
-    metrics = MetricsDeployment.bind()
+    """The BLIP-2 graph: Ingress holding handles to VisionDeployment and LLMDeployment (and RetrievalDeployment);
+    every replica records its metrics in this build's directory on its node, which the ingress renders at /metrics;
+    a DrainCoordinator tells the ingress replicas when to drain."""
+    metrics = new_directory(config.app_name)
     gpus = deployed_gpus(config)
 
     def options(name: str, stage: StageConfig) -> dict:
@@ -63,7 +65,7 @@ def build_app(config: AppConfig) -> Application:
         config.vision.torch_threads,
         config.vision_backend,
         config.embedding_cache.max_bytes,
-        metrics,
+        metrics_directory=metrics,
         cpu_turns=config.cpu_turns,
     )
     llm = LLMDeployment.options(**options("llm", config.llm)).bind(
@@ -90,7 +92,7 @@ def build_app(config: AppConfig) -> Application:
             cpu_turns=config.cpu_turns,
         )
     ingress = Ingress.options(**config.ingress.deployment_options(gpus["ingress"], cpu_turns=config.cpu_turns))
-    return ingress.bind(vision, llm, config, metrics, retrieval)
+    return ingress.bind(vision, llm, config, DrainCoordinator.bind(), retrieval, metrics_directory=metrics)
 
 
 # The embedded (single-node) Ray's serving machinery wakes less often than Ray's defaults (a 10 Hz controller loop,

@@ -133,7 +133,7 @@ class EdgeMiddleware:
             message = "the server is shutting down; retry (another replica or server takes it)"
             await error_response(Request(scope), 503, message)(scope, receive, send)
             return
-        with ingress.admitted():
+        with ingress.admitted(pending=_route_path(scope) != "/metrics"):  # a scrape does not count itself
             await self.app(scope, receive, send)
 
 

@@ -101,12 +101,12 @@ def _drain(config) -> None:
         return
     ingress = application.deployments.get("Ingress")
     expected = sum(n for state, n in ingress.replica_states.items() if str(state).endswith("RUNNING")) if ingress else 0
-    metrics = serve.get_deployment_handle("Metrics", app_name=config.app_name)
-    metrics.begin_drain.remote().result(timeout_s=10)
+    coordinator = serve.get_deployment_handle("Drain", app_name=config.app_name)
+    coordinator.begin_drain.remote().result(timeout_s=10)
     deadline = time.monotonic() + config.server.drain_timeout_s
     state: dict = {}
     while time.monotonic() < deadline:
-        state = metrics.drained.remote().result(timeout_s=10)
+        state = coordinator.drained.remote().result(timeout_s=10)
         # every running ingress replica has said it drains, and none holds a request
         if state["draining"] >= max(expected, 1) and state["in_flight"] == 0:
             return

@@ -4,11 +4,13 @@
 """
 
 # No `from __future__ import annotations`: FastAPI must see real classes in route signatures.
+import asyncio
 import json
 from typing import Any
 
 from blip2_serve.clients.contract import MODEL_VERSION, TEXT
 from blip2_serve.deployments.errors import InvalidInput, Unavailable, status_of
+from blip2_serve.deployments.metrics import render as render_metrics
 from blip2_serve.serve import kserve, metadata, retrieval
 from blip2_serve.serve.asgi import current_ingress, primed, read_body
 from blip2_serve.serve.deadline import Deadline, deadline_s, within
@@ -185,6 +187,6 @@ async def generate_stream(
 
 @router.get("/metrics")
 async def metrics(ingress: Ingress = Depends(current_ingress)) -> Response:
-    """Prometheus text: Triton-named per-model series for blip2, blip2_vision and blip2_llm."""
-    text = await ingress.metrics_sink.render.remote() if ingress.metrics_sink is not None else ""
-    return Response(content=text, media_type="text/plain; version=0.0.4; charset=utf-8")
+    """Prometheus text: Triton-named per-model series for blip2, blip2_vision and blip2_llm (this node's replicas)."""
+    text, content_type = await asyncio.to_thread(render_metrics, ingress.metrics_directory)
+    return Response(content=text, headers={"content-type": content_type})

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 from blip2_serve.clients.contract import MODEL_VERSION, RETRIEVAL_MODELS
+from blip2_serve.deployments.drain import REPORT_S
 from blip2_serve.deployments.errors import ModelNotFound, Unavailable
 from blip2_serve.deployments.ingress import Blip2Pipeline
-from blip2_serve.deployments.metrics import EDGE_REPORT_S, MetricsRecorder
+from blip2_serve.deployments.metrics import MetricsRecorder
 from blip2_serve.deployments.types import GenerateRequest, GenerateResult
 from blip2_serve.serve import http, openai
 from blip2_serve.serve.asgi import app
@@ -43,43 +44,44 @@ class Ingress(TritonGrpcMethods):
         vision: DeploymentHandle,
         llm: DeploymentHandle,
         config: AppConfig,
-        metrics: DeploymentHandle | None = None,
+        drain: DeploymentHandle | None = None,
         retrieval: DeploymentHandle | None = None,
+        metrics_directory: str | None = None,
     ):
         self.pipeline = Blip2Pipeline(vision, llm, config.server.generation_limits())
         self.retrieval = retrieval  # the Retrieval stage, when the config names a retrieval checkpoint
         self.config = config
         self.server = config.server
-        self.metrics_sink = metrics
-        self.metrics = MetricsRecorder(metrics, config.server.model_name)
+        self.metrics_directory = metrics_directory  # the application's series on this node, rendered at /metrics
+        self.metrics = MetricsRecorder(config.server.model_name, metrics_directory)
+        self._drain = drain
         self.api_key = ApiKey.from_env(config.server.api_key_env) if config.server.api_key_env else None
         # Graceful shutdown: requests held now, and whether new ones are refused (503) because the server is going
         self.in_flight = 0
         self.draining = False
-        if metrics is not None:
-            self._reporter = asyncio.get_running_loop().create_task(self._report_edge_forever())
+        if drain is not None:
+            self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
-    async def _report_edge_forever(self) -> None:
-        """Tell the Metrics deployment what this replica holds; its answer says when to start draining."""
+    async def _report_forever(self) -> None:
+        """Tell the Drain deployment what this replica holds; its answer says when to start draining."""
         replica = serve.get_replica_context().replica_id.unique_id
         while True:
             try:
-                drain = await self.metrics_sink.edge.remote(
-                    replica, self.server.model_name, self.in_flight, self.draining
-                )
-                self.draining = self.draining or drain
+                self.draining = self.draining or await self._drain.report.remote(replica, self.in_flight, self.draining)
             except Exception as exc:  # never fails serving
-                logger.debug("edge report failed: %s", exc)
-            await asyncio.sleep(EDGE_REPORT_S)
+                logger.debug("drain report failed: %s", exc)
+            await asyncio.sleep(REPORT_S)
 
     @contextmanager
-    def admitted(self) -> Iterator[None]:
-        """Hold one request: refused (retriable) while draining, counted in flight until answered."""
+    def admitted(self, pending: bool = True) -> Iterator[None]:
+        """Hold one request: refused (retriable) while draining, counted in flight until answered (and in the
+        pending gauge where `pending`)."""
         if self.draining:
             raise Unavailable("the server is shutting down; retry (another replica or server takes it)")
         self.in_flight += 1
         try:
-            yield
+            with self.metrics.pending() if pending else nullcontext():
+                yield
         finally:
             self.in_flight -= 1
 

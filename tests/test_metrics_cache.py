@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -12,12 +14,13 @@ import pytest
 import torch
 import tritonclient.http as httpclient
 from blip2_serve.deployments.cache import EmbeddingCache
-from blip2_serve.deployments.metrics import FLUSH_S
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.helpers import image_bytes
 
+SETTLE_S = 0.5  # recorded before each answer; this covers what earlier tests' cancelled work still finishes
 SERIES = re.compile(r'^(\w+)\{model="(\w+)"\} (\S+)$')
 
 
@@ -27,10 +30,10 @@ def scrape(app) -> dict[tuple[str, str], float]:
 
 
 def settled_scrape(app) -> dict[tuple[str, str], float]:
-    """A scrape after earlier tests' last pushes have landed (two scrapes a push interval apart agree)."""
+    """A scrape once earlier tests' work has ended (two scrapes SETTLE_S apart agree)."""
     previous = scrape(app)
     for _ in range(20):
-        time.sleep(FLUSH_S + 0.2)
+        time.sleep(SETTLE_S)
         current = scrape(app)
         if current == previous:
             return current
@@ -39,13 +42,13 @@ def settled_scrape(app) -> dict[tuple[str, str], float]:
 
 
 def deltas_when_settled(app, before: dict, expected: dict, timeout_s: float = 15.0) -> dict:
-    """Scrape until the expected series reach their values (replicas push every FLUSH_S), then once more."""
+    """Scrape until the expected series reach their values, then once more (nothing else may have come)."""
     deadline = time.monotonic() + timeout_s
     while True:
         now = scrape(app)
         delta = {key: now.get(key, 0.0) - before.get(key, 0.0) for key in set(now) | set(before)}
         if all(delta.get(k, 0.0) >= v for k, v in expected.items()) or time.monotonic() > deadline:
-            time.sleep(FLUSH_S + 0.2)
+            time.sleep(SETTLE_S)
             now = scrape(app)
             return {key: now.get(key, 0.0) - before.get(key, 0.0) for key in set(now) | set(before)}
         time.sleep(0.2)
@@ -97,10 +100,10 @@ def test_metrics_count_known_traffic(apps):
     assert delta[("blip2_embedding_cache_misses", "blip2_vision")] == 4
     assert delta[("blip2_generated_tokens", "blip2_llm")] == 20  # 4 answers x max_new_tokens, none ended early here
     text = httpx.get(f"{app.http}/metrics").text
-    assert (
-        "# TYPE nv_inference_request_success counter" in text
-        and 'blip2_batch_size_bucket{model="blip2_llm",le="+Inf"}' in text
-    )
+    assert "# TYPE nv_inference_request_success counter" in text
+    steps = {"model": "blip2_llm", "le": "+Inf"}
+    (batch_sizes,) = [f for f in text_string_to_metric_families(text) if f.name == "blip2_batch_size"]
+    assert any(s.name == "blip2_batch_size_bucket" and s.labels == steps and s.value > 0 for s in batch_sizes.samples)
 
 
 @pytest.mark.serve
@@ -141,3 +144,34 @@ def test_embedding_cache_is_bounded_in_bytes_and_least_recently_used_goes_first(
     assert len(cache) == 3 and cache.bytes == 3 * 2048
     cache.put("huge", torch.zeros(64, 64))  # over the whole budget: not kept, nothing evicted
     assert len(cache) == 3 and (cache.hits, cache.misses) == (3, 1)
+
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "k8s" / "grafana-dashboard.json"
+PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool", "and", "or"}
+
+
+def promql_metric_names(expression: str) -> set[str]:
+    """The metric names a PromQL expression selects: identifiers that are not functions, keywords, labels,
+    strings, ranges or Grafana variables."""
+    text = re.sub(r'"[^"]*"', "", expression)
+    text = re.sub(r"\$\{?\w+\}?", "", text)
+    text = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", text)  # label matchers, range durations
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)  # grouping labels
+    return {n for n in re.findall(r"\b([A-Za-z_:][A-Za-z0-9_:]*)\b(?!\s*\()", text) if n not in PROMQL_KEYWORDS}
+
+
+@pytest.mark.serve
+def test_every_dashboard_panel_reads_series_the_server_exports(apps):
+    """k8s/grafana-dashboard.json: each panel's expressions name only series found in a real scrape of /metrics
+    (parsed by prometheus_client's own parser), and Triton's counters keep their names (no `_total`)."""
+    text = httpx.get(f"{apps['opt'].http}/metrics", timeout=30).text
+    types = {family.name: family.type for family in text_string_to_metric_families(text)}  # well-formed
+    assert types["nv_inference_request_success"] == "counter" and types["blip2_batch_size"] == "histogram"
+    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    assert "nv_inference_request_success" in exported and "nv_inference_request_success_total" not in exported
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    assert len(panels) >= 10
+    for panel in panels:
+        names = set().union(*(promql_metric_names(target["expr"]) for target in panel["targets"]))
+        assert names, panel["title"]
+        assert names <= exported, (panel["title"], names - exported)
