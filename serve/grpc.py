@@ -2,7 +2,7 @@
 
 Mixed into serve/ingress.Ingress: Ray routes each RPC to the method of the same name. Messages are
 tritonclient's own generated classes (serve/grpc_protos.py). Requests become the same InferRequest as over
-HTTP (serve/kserve.py), errors get their gRPC code from deployments/errors.status_of.
+HTTP (deployments/kserve.py), errors get their gRPC code from deployments/errors.status_of.
 ModelStreamInfer streams the text of one image per request as it is generated, Triton-decoupled style: each
 response carries the new text, the last one `triton_final_response: true`. A failed request in a stream is
 answered in-band with `error_message` "<gRPC code name>: <reason>", and the stream goes on.
@@ -16,9 +16,10 @@ from typing import Any, AsyncIterator
 import grpc
 import numpy as np
 from blip2_serve.clients.contract import IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, TEXT
+from blip2_serve.deployments import kserve
 from blip2_serve.deployments.errors import InvalidInput, Unauthenticated, Unavailable, Unimplemented, status_of
 from blip2_serve.deployments.types import GenerateResult
-from blip2_serve.serve import kserve, metadata, retrieval
+from blip2_serve.serve import metadata, retrieval
 from blip2_serve.serve.asgi import primed
 from blip2_serve.serve.auth import PUBLIC_GRPC_METHODS
 from blip2_serve.serve.deadline import Deadline, deadline_s, within

@@ -1,4 +1,4 @@
-"""KServe v2 HTTP routes: parse (serve/kserve.py), call the pipeline, render.
+"""KServe v2 HTTP routes: parse (deployments/kserve.py), call the pipeline, render.
 
 `ingress` is the replica's Ingress instance (serve/asgi.current_ingress).
 """
@@ -9,9 +9,10 @@ import json
 from typing import Any
 
 from blip2_serve.clients.contract import MODEL_VERSION, TEXT
+from blip2_serve.deployments import kserve
 from blip2_serve.deployments.errors import InvalidInput, Unavailable, status_of
 from blip2_serve.deployments.metrics import render as render_metrics
-from blip2_serve.serve import kserve, metadata, retrieval
+from blip2_serve.serve import metadata, retrieval
 from blip2_serve.serve.asgi import current_ingress, primed, read_body
 from blip2_serve.serve.deadline import Deadline, deadline_s, within
 from fastapi import APIRouter, Depends, Request

@@ -9,8 +9,8 @@ closed and the LLM stage stops generating.
 import json
 from typing import Any
 
+from blip2_serve.deployments import jsonbody
 from blip2_serve.deployments.errors import status_of
-from blip2_serve.serve import jsonbody
 from blip2_serve.serve import openai_codec as codec
 from blip2_serve.serve.asgi import current_ingress, openai_error, primed, read_body
 from blip2_serve.serve.deadline import Deadline, deadline_s

@@ -23,9 +23,9 @@ from blip2_serve.clients.contract import (
     SERVER_NAME,
     TEXT_IN,
 )
+from blip2_serve.deployments import kserve
 from blip2_serve.deployments.errors import InvalidInput
 from blip2_serve.deployments.images import check_image
-from blip2_serve.serve import kserve
 
 
 def names(model: str) -> tuple[frozenset[str], frozenset[str]]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from blip2_serve.deployments import kserve
 from blip2_serve.deployments.errors import InvalidInput
 from blip2_serve.deployments.images import ImageLimits
 from blip2_serve.deployments.types import GenerateResult, GenerationParams
-from blip2_serve.serve import kserve
 
 from tests.helpers import image_bytes
 
@@ -80,8 +80,8 @@ def test_transport_parameters_are_not_generation_parameters():
 
 
 def test_json_bodies_are_parsed_with_bounds():
+    from blip2_serve.deployments import jsonbody
     from blip2_serve.deployments.errors import InvalidInput
-    from blip2_serve.serve import jsonbody
 
     assert jsonbody.loads_object(b'{"a": [1, 2.5, {"b": -3e2}], "c": "d"}', "body") == {
         "a": [1, 2.5, {"b": -300.0}],

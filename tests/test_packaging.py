@@ -56,3 +56,30 @@ def test_the_wheel_holds_only_blip2_serve_and_the_sdk_import_is_light(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _imports(folder: str) -> dict[str, set[str]]:
+    """Every module each .py file under `folder` imports (absolute names)."""
+    import ast
+
+    found = {}
+    for path in (ROOT / folder).rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def test_layers_import_downwards_only():
+    """exporters/ imports nothing from serve/ (the server's edge); clients/ nothing from serve/ or deployments/."""
+    rules = {"exporters": ("blip2_serve.serve",), "clients": ("blip2_serve.serve", "blip2_serve.deployments")}
+    for folder, forbidden in rules.items():
+        imports = _imports(folder)
+        assert imports, folder
+        for path, names in imports.items():
+            bad = sorted(n for n in names if n.startswith(forbidden))
+            assert not bad, (path, bad)

@@ -12,13 +12,13 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from blip2_serve.clients.contract import IMAGE_EMBEDS, INPUTS, PIXEL_VALUES, PROMPT, TEXT
+from blip2_serve.deployments import kserve
 from blip2_serve.deployments.errors import Blip2ServeError, InvalidInput
 from blip2_serve.deployments.generator import PromptEncoder
 from blip2_serve.deployments.loading import load_blip2_config
 from blip2_serve.deployments.types import GenerateRequest, GenerationParams
 from blip2_serve.deployments.vision_encoder import ImagePreprocessor
 from blip2_serve.exporters.triton_models.common import TritonSettings, error_response
-from blip2_serve.serve import kserve
 
 
 def _raise_if_error(response) -> None:

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blip2_serve.clients.contract import IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, PROMPT, TEXT, TRANSPORT_PARAMETERS
+from blip2_serve.deployments import jsonbody
 from blip2_serve.deployments.errors import InvalidInput
 from blip2_serve.deployments.images import ImageLimits, check_image
 from blip2_serve.deployments.types import GenerateRequest, GenerateResult, GenerationParams
-from blip2_serve.serve import jsonbody
 
 _INPUT_NAMES = {spec.name for spec in INPUTS}
 _OUTPUT_NAMES = {spec.name for spec in OUTPUTS}
