@@ -52,6 +52,7 @@ RETRIEVAL_MODELS = {
     EMBED_TEXT_MODEL: ((TEXT_IN,), (EMBEDDING,)),
     ITM_MODEL: ((IMAGE, TEXT_IN), (ITM_SCORE, ITC_SCORE)),
 }
+RETRIEVAL_OUTPUTS = {spec.name: spec for _, outputs in RETRIEVAL_MODELS.values() for spec in outputs}
 
 # The exported vision stage (vision tower + Q-Former + language projection).
 PIXEL_VALUES = TensorSpec("pixel_values", "FP32", (3, -1, -1))
@@ -85,6 +86,16 @@ GENERATION_PARAMETERS = (
 )
 MAX_STOP = 4
 PARAMETERS_BY_NAME = {p.name: p for p in GENERATION_PARAMETERS}
+
+# The server's defaults, defined once: the server config (serve/config.py), the stages, the Triton repository's
+# settings (exporters/triton_settings.py) and the clients read them here.
+DEFAULT_MAX_NEW_TOKENS = PARAMETERS_BY_NAME["max_new_tokens"].default  # a request that names no max_new_tokens
+MAX_NEW_TOKENS_LIMIT = int(PARAMETERS_BY_NAME["max_new_tokens"].maximum)
+MAX_PROMPT_TOKENS = 512  # prompt tokens a request may send (the image's query tokens not counted)
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # one encoded image file
+MAX_IMAGE_PIXELS = 40_000_000  # one decoded image, width x height (decompression bombs)
+MAX_IMAGES_PER_REQUEST = 8
+MAX_BATCH_SIZE = 8  # rows per model execution (vision batch, LLM decode batch, a Triton model's max_batch_size)
 
 # Request parameters that stock Triton clients may send and that are not generation parameters.
 TRANSPORT_PARAMETERS = frozenset(

@@ -21,7 +21,18 @@ import threading
 from typing import AsyncIterator, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
-from blip2_serve.clients.contract import EMBED_IMAGE_MODEL, EMBED_TEXT_MODEL, ITM_MODEL, MODEL_NAME, question_prompt
+from blip2_serve.clients.contract import (
+    EMBED_IMAGE_MODEL,
+    EMBED_TEXT_MODEL,
+    EMBEDDING,
+    IMAGE,
+    ITC_SCORE,
+    ITM_MODEL,
+    ITM_SCORE,
+    MODEL_NAME,
+    TEXT_IN,
+    question_prompt,
+)
 from blip2_serve.clients.errors import ServiceUnavailableError
 from blip2_serve.clients.images import ImageLike, image_bytes
 from blip2_serve.clients.transports import make_transport
@@ -113,18 +124,18 @@ class AsyncBlip2Client:
     async def embed_images(self, images: Sequence[ImageLike]) -> np.ndarray:
         """[N, D] float32, L2-normalised image embeddings (blip2_embed_image)."""
         data = [image_bytes(image) for image in images]
-        return (await self._tensors(EMBED_IMAGE_MODEL, {"IMAGE": data}, ["EMBEDDING"]))["EMBEDDING"]
+        return (await self._tensors(EMBED_IMAGE_MODEL, {IMAGE.name: data}, [EMBEDDING.name]))[EMBEDDING.name]
 
     async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """[N, D] float32, L2-normalised text embeddings (blip2_embed_text); cosine with images = dot product."""
         data = [text.encode("utf-8") for text in texts]
-        return (await self._tensors(EMBED_TEXT_MODEL, {"TEXT": data}, ["EMBEDDING"]))["EMBEDDING"]
+        return (await self._tensors(EMBED_TEXT_MODEL, {TEXT_IN.name: data}, [EMBEDDING.name]))[EMBEDDING.name]
 
     async def match(self, image: ImageLike, text: str) -> dict[str, float]:
         """{"itm": probability that `text` describes `image`, "itc": contrastive similarity} (blip2_itm)."""
-        tensors = {"IMAGE": [image_bytes(image)], "TEXT": [text.encode("utf-8")]}
-        out = await self._tensors(ITM_MODEL, tensors, ["ITM_SCORE", "ITC_SCORE"])
-        return {"itm": float(out["ITM_SCORE"].reshape(-1)[0]), "itc": float(out["ITC_SCORE"].reshape(-1)[0])}
+        tensors = {IMAGE.name: [image_bytes(image)], TEXT_IN.name: [text.encode("utf-8")]}
+        out = await self._tensors(ITM_MODEL, tensors, [ITM_SCORE.name, ITC_SCORE.name])
+        return {"itm": float(out[ITM_SCORE.name].reshape(-1)[0]), "itc": float(out[ITC_SCORE.name].reshape(-1)[0])}
 
     async def health(self) -> dict[str, bool]:
         """{"live", "ready", "model_ready"}."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from blip2_serve.clients.contract import MAX_BATCH_SIZE
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Dtype = Literal["auto", "fp32", "fp16", "bf16"]
@@ -42,7 +43,7 @@ class BatchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_batch_size: int = Field(8, ge=1, le=256)
+    max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1, le=256)
     wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0)
 
 

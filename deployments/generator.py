@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from blip2_serve.clients.contract import MAX_PROMPT_TOKENS
 from blip2_serve.deployments.batching import run_isolated
 from blip2_serve.deployments.config import ModelConfig
 from blip2_serve.deployments.errors import InvalidInput
@@ -42,7 +43,7 @@ class PromptEncoder:
     Used wherever a request is checked before it joins a batch (the LLM stage, Triton's `blip2` model).
     """
 
-    def __init__(self, tokenizer, blip2_config, max_prompt_tokens: int = 512):
+    def __init__(self, tokenizer, blip2_config, max_prompt_tokens: int = MAX_PROMPT_TOKENS):
         self.tokenizer = tokenizer
         self.decoder_only = bool(blip2_config.use_decoder_only_language_model)
         self.image_token_id = blip2_config.image_token_index
@@ -78,7 +79,7 @@ class PromptEncoder:
 class LanguageGenerator:
     """The language half of a checkpoint with its tokenizer; no Ray, so other backends can reuse it."""
 
-    def __init__(self, config: ModelConfig, max_prompt_tokens: int = 512):
+    def __init__(self, config: ModelConfig, max_prompt_tokens: int = MAX_PROMPT_TOKENS):
         self.tokenizer = load_processor(config).tokenizer
         self.model, self.device, self.dtype = load_language_model(config)
         blip2 = self.model.config

@@ -10,6 +10,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+from blip2_serve.clients.contract import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from blip2_serve.deployments.errors import InvalidInput
 from blip2_serve.deployments.types import EncodedImage
 from PIL import Image, UnidentifiedImageError
@@ -22,8 +23,8 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 class ImageLimits:
     """Bounds on one image: encoded bytes and decoded pixels (width x height)."""
 
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 40_000_000
+    max_bytes: int = MAX_IMAGE_BYTES
+    max_pixels: int = MAX_IMAGE_PIXELS
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:

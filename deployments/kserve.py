@@ -16,7 +16,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from blip2_serve.clients.contract import IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, PROMPT, TEXT, TRANSPORT_PARAMETERS
+from blip2_serve.clients.contract import (
+    IMAGE,
+    INPUTS,
+    MODEL_VERSION,
+    OUTPUTS,
+    PROMPT,
+    RETRIEVAL_OUTPUTS,
+    TEXT,
+    TRANSPORT_PARAMETERS,
+)
 from blip2_serve.deployments import jsonbody
 from blip2_serve.deployments.errors import InvalidInput
 from blip2_serve.deployments.images import ImageLimits, check_image
@@ -259,13 +268,18 @@ def bytes_rows(tensor: InputTensor) -> int:
 
 
 def encode_fp32_response(model_name: str, infer: InferRequest, outputs: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
-    """A v2 response of FP32 outputs (numpy arrays): JSON data, or raw little-endian bytes where asked."""
+    """A v2 response of a retrieval model's outputs (FP32 numpy arrays, RETRIEVAL_OUTPUTS): JSON data, or raw
+    little-endian bytes where asked."""
     import numpy as np
 
     rendered, payloads = [], []
     for name, array in outputs.items():
         array = np.ascontiguousarray(array, dtype="<f4")
-        output: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+        output: dict[str, Any] = {
+            "name": name,
+            "datatype": RETRIEVAL_OUTPUTS[name].datatype,
+            "shape": list(array.shape),
+        }
         if infer.requested_outputs.get(name, infer.binary_output):
             payload = array.tobytes()
             output["parameters"] = {"binary_data_size": len(payload)}

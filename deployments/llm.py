@@ -9,6 +9,7 @@ import threading
 import time
 from typing import AsyncIterator
 
+from blip2_serve.clients.contract import MAX_PROMPT_TOKENS
 from blip2_serve.deployments.batching import DynamicBatcher, ModelWorker
 from blip2_serve.deployments.config import BatchConfig, ModelConfig
 from blip2_serve.deployments.cores import cpu_turns as cpu_turns_for
@@ -47,7 +48,7 @@ class LLMDeployment:
         self,
         model: ModelConfig,
         batch: BatchConfig = BatchConfig(),
-        max_prompt_tokens: int = 512,
+        max_prompt_tokens: int = MAX_PROMPT_TOKENS,
         torch_threads: int | None = None,
         metrics_directory: str | None = None,
         scheduler: str = "continuous",

@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from blip2_serve.clients.contract import MAX_PROMPT_TOKENS
 from blip2_serve.deployments.config import ModelConfig
 from blip2_serve.deployments.errors import InvalidInput
 from blip2_serve.deployments.loading import _from_pretrained, resolve_device, resolve_dtype
@@ -36,7 +37,7 @@ class RetrievalModel:
     processor: object  # Blip2Processor
     device: torch.device
     dtype: torch.dtype
-    max_text_tokens: int = 512
+    max_text_tokens: int = MAX_PROMPT_TOKENS
 
     @classmethod
     def load(cls, config: ModelConfig) -> RetrievalModel:

@@ -18,19 +18,22 @@ if TYPE_CHECKING:  # torch stays out of the edge's import path
     import torch
 
 
+_DEFAULT = {spec.name: spec.default for spec in GENERATION_PARAMETERS}  # the contract's defaults
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Per-request decoding settings, validated against the contract's ranges."""
 
-    max_new_tokens: int = 30
-    min_new_tokens: int = 0
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    max_new_tokens: int = _DEFAULT["max_new_tokens"]
+    min_new_tokens: int = _DEFAULT["min_new_tokens"]
+    num_beams: int = _DEFAULT["num_beams"]
+    do_sample: bool = _DEFAULT["do_sample"]
+    temperature: float = _DEFAULT["temperature"]
+    top_p: float = _DEFAULT["top_p"]
+    top_k: int = _DEFAULT["top_k"]
+    repetition_penalty: float = _DEFAULT["repetition_penalty"]
+    seed: int | None = _DEFAULT["seed"]
     stop: tuple[str, ...] = ()
 
     @classmethod

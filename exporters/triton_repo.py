@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from blip2_serve.clients.contract import IMAGE, IMAGE_EMBEDS, PIXEL_VALUES, PROMPT, TEXT, TensorSpec
+from blip2_serve.clients.contract import IMAGE, IMAGE_EMBEDS, MAX_BATCH_SIZE, PIXEL_VALUES, PROMPT, TEXT, TensorSpec
 from blip2_serve.deployments.config import ModelConfig
 from google.protobuf import text_format
 
@@ -44,20 +44,21 @@ def model_config(
     name: str,
     backend: str,
     max_batch_size: int,
-    inputs: list[tuple[TensorSpec, list[int]]],
-    outputs: list[tuple[TensorSpec, list[int]]],
+    inputs: list[TensorSpec | tuple[TensorSpec, list[int]]],
+    outputs: list[TensorSpec | tuple[TensorSpec, list[int]]],
     instances: int,
     queue_delay_us: int,
     parameters: dict[str, str],
     decoupled: bool = False,
 ):
-    """One model's `ModelConfig` message."""
+    """One model's `ModelConfig` message. A tensor is a contract TensorSpec (its dims), or a spec with the dims this
+    checkpoint fixes (the contract's -1s made concrete)."""
     pb = _model_config_pb2()
     config = pb.ModelConfig(name=name, backend=backend, max_batch_size=max_batch_size)
-    for spec, dims in inputs:
-        _tensor(config.input.add(), spec, dims)
-    for spec, dims in outputs:
-        _tensor(config.output.add(), spec, dims)
+    for entry in inputs:
+        _tensor(config.input.add(), *(entry if isinstance(entry, tuple) else (entry, list(entry.dims))))
+    for entry in outputs:
+        _tensor(config.output.add(), *(entry if isinstance(entry, tuple) else (entry, list(entry.dims))))
     config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
     group = config.instance_group.add(count=instances)
     group.kind = pb.ModelInstanceGroup.Kind.Value("KIND_CPU" if backend == "python" else "KIND_AUTO")
@@ -78,7 +79,7 @@ def write_triton_repo(
     checkpoint: str,
     out: str | Path,
     vision: str = "python",
-    max_batch: int = 8,
+    max_batch: int = MAX_BATCH_SIZE,
     instances: int = 1,
     env_path: str | None = None,
     dtype: str = "auto",
@@ -116,16 +117,14 @@ def write_triton_repo(
             LLM,
             "python",
             max_batch,
-            [(IMAGE_EMBEDS, embeds_dims), (PROMPT, [1])],
-            [(TEXT, [1])],
+            [(IMAGE_EMBEDS, embeds_dims), PROMPT],
+            [TEXT],
             instances,
             queue_delay_us,
             python,
             decoupled=True,
         ),
-        PUBLIC: model_config(
-            PUBLIC, "python", max_batch, [(IMAGE, [1]), (PROMPT, [1])], [(TEXT, [1])], instances, queue_delay_us, python
-        ),
+        PUBLIC: model_config(PUBLIC, "python", max_batch, [IMAGE, PROMPT], [TEXT], instances, queue_delay_us, python),
     }
     for name, config in configs.items():
         version = out / name / "1"

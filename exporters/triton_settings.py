@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import json
 
+from blip2_serve.clients.contract import (
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_BATCH_SIZE,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_PROMPT_TOKENS,
+)
 from blip2_serve.deployments.config import ModelConfig
 from blip2_serve.deployments.images import ImageLimits
 from blip2_serve.deployments.types import GenerationParams
@@ -18,11 +25,11 @@ class TritonSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelConfig
-    max_batch_size: int = 8
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    max_prompt_tokens: int = 512
-    default_max_new_tokens: int = 30
+    max_batch_size: int = MAX_BATCH_SIZE
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
+    default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     vision_model: str = "blip2_vision"
     llm_model: str = "blip2_llm"
 

@@ -9,7 +9,15 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from blip2_serve.clients.contract import MODEL_NAME
+from blip2_serve.clients.contract import (
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGES_PER_REQUEST,
+    MAX_NEW_TOKENS_LIMIT,
+    MAX_PROMPT_TOKENS,
+    MODEL_NAME,
+)
 from blip2_serve.deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
 from blip2_serve.deployments.images import ImageLimits
 from blip2_serve.deployments.types import GenerationLimits, GenerationParams
@@ -123,12 +131,14 @@ class ServerConfig(BaseModel):
     drain_timeout_s: float = Field(30.0, ge=0)  # on SIGTERM: how long in-flight requests may take to finish
     model_name: str = MODEL_NAME
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    max_images_per_request: int = Field(8, ge=1, le=1024)
-    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    max_prompt_tokens: int = Field(512, ge=1)
-    default_max_new_tokens: int = Field(30, ge=1, le=1024)
-    max_new_tokens_limit: int = Field(1024, ge=1, le=1024)  # the most a request may ask for
+    max_images_per_request: int = Field(MAX_IMAGES_PER_REQUEST, ge=1, le=1024)
+    max_image_bytes: int = Field(MAX_IMAGE_BYTES, ge=1)
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)
+    max_prompt_tokens: int = Field(MAX_PROMPT_TOKENS, ge=1)
+    default_max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+    max_new_tokens_limit: int = Field(
+        MAX_NEW_TOKENS_LIMIT, ge=1, le=MAX_NEW_TOKENS_LIMIT
+    )  # the most a request may ask for
     max_num_beams: int = Field(8, ge=1, le=16)  # beam search costs num_beams sequences of LLM work
 
     @model_validator(mode="after")

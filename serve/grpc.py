@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator
 
 import grpc
 import numpy as np
-from blip2_serve.clients.contract import IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, TEXT
+from blip2_serve.clients.contract import IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, RETRIEVAL_OUTPUTS, TEXT
 from blip2_serve.deployments import kserve
 from blip2_serve.deployments.errors import InvalidInput, Unauthenticated, Unavailable, Unimplemented, status_of
 from blip2_serve.deployments.types import GenerateResult
@@ -161,7 +161,7 @@ class TritonGrpcMethods:
         outputs = await within(deadline_s(infer.parameters), retrieval.run(self, request.model_name, infer))
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION, id=infer.id)
         for name, array in outputs.items():
-            response.outputs.add(name=name, datatype="FP32", shape=list(array.shape))
+            response.outputs.add(name=name, datatype=RETRIEVAL_OUTPUTS[name].datatype, shape=list(array.shape))
             response.raw_output_contents.append(np.ascontiguousarray(array, dtype="<f4").tobytes())
         return response
 
