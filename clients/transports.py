@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator
 
 import numpy as np
 from blip2_serve.clients.contract import IMAGE, PROMPT, TEXT
@@ -20,22 +20,6 @@ _OPENAI_NAMES = {
     "seed": "seed",
     "stop": "stop",
 }
-
-
-class Transport(Protocol):
-    """What AsyncBlip2Client needs from a protocol."""
-
-    async def infer(self, images: list[bytes], prompts: list[str] | None, parameters: dict) -> list[str]: ...
-
-    def stream(self, image: bytes, prompt: str, parameters: dict) -> AsyncIterator[str]: ...
-
-    async def chat(self, image: bytes, turns: list[str], parameters: dict) -> str: ...
-
-    async def health(self) -> dict[str, bool]: ...
-
-    async def metadata(self) -> dict: ...
-
-    async def close(self) -> None: ...
 
 
 def bytes_inputs(module, images: list[bytes], prompts: list[str] | None = None) -> list:
@@ -233,7 +217,10 @@ class GrpcTransport(_TritonTransport):
         return await _guarded(self._triton.get_model_metadata(self._model, headers=self._headers, as_json=True))
 
 
-def make_transport(url: str, protocol: str, model: str, timeout_s: float, headers: dict[str, str] | None) -> Any:
+def make_transport(
+    url: str, protocol: str, model: str, timeout_s: float, headers: dict[str, str] | None
+) -> HttpTransport | GrpcTransport:
+    """The SDK's transport for `protocol` ("http" or "grpc"): stock tritonclient underneath."""
     if protocol == "http":
         return HttpTransport(url, model, timeout_s, headers)
     if protocol == "grpc":

@@ -16,7 +16,6 @@ from blip2_serve.clients.contract import (
     EMBEDDING,
     IMAGE,
     ITC_SCORE,
-    ITM_MODEL,
     ITM_SCORE,
     MODEL_VERSION,
     RETRIEVAL_MODELS,
@@ -101,6 +100,3 @@ def model_config(model: str, max_batch_size: int) -> dict[str, Any]:
         "output": [tensor(s) for s in outputs],
         "dynamic_batching": {},
     }
-
-
-__all__ = ["run", "names", "model_metadata", "model_config", "ITM_MODEL", "RETRIEVAL_MODELS"]
