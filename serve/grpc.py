@@ -146,6 +146,12 @@ class TritonGrpcMethods:
         """The models served here and their state (READY, or UNAVAILABLE with the pending stages)."""
         return json_format.ParseDict({"models": await self.repository_index()}, pb.RepositoryIndexResponse())
 
+    @_with_status(pb.ModelStatisticsResponse)
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
+        """Triton's statistics: every model (and stage) served here, or the one named."""
+        statistics = await self.model_statistics(request.name, request.version)
+        return json_format.ParseDict(statistics, pb.ModelStatisticsResponse())
+
     @_with_status(pb.ModelConfigResponse)
     async def ModelConfig(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
         self.check_model(request.name, request.version)
@@ -232,7 +238,6 @@ def _unimplemented(call: str, empty_response):
 
 # The rest of GRPCInferenceService: answered UNIMPLEMENTED with a message, not by Ray with a stack trace.
 for _call in (
-    "ModelStatistics",
     "RepositoryModelLoad",
     "RepositoryModelUnload",
     "SystemSharedMemoryStatus",

@@ -52,8 +52,16 @@ async def repository_index(ingress: Ingress = Depends(current_ingress)) -> list[
     return await ingress.repository_index()
 
 
+@router.get("/v2/models/stats")
 @router.get("/v2/models/{model_name}/stats")
 @router.get("/v2/models/{model_name}/versions/{version}/stats")
+async def model_statistics(
+    model_name: str = "", version: str = "", ingress: Ingress = Depends(current_ingress)
+) -> dict:
+    """Triton's statistics extension: every model (and stage) served here, or the one named."""
+    return await ingress.model_statistics(model_name, version)
+
+
 @router.post("/v2/repository/models/{model_name}/load")
 @router.post("/v2/repository/models/{model_name}/unload")
 @router.get("/v2/systemsharedmemory/status")

@@ -15,8 +15,9 @@ from blip2_serve.deployments.drain import REPORT_S
 from blip2_serve.deployments.errors import ModelNotFound, Unavailable
 from blip2_serve.deployments.ingress import Blip2Pipeline
 from blip2_serve.deployments.metrics import MetricsRecorder
+from blip2_serve.deployments.metrics import totals as metric_totals
 from blip2_serve.deployments.types import GenerateRequest, GenerateResult
-from blip2_serve.serve import http, openai
+from blip2_serve.serve import http, metadata, openai
 from blip2_serve.serve.asgi import app
 from blip2_serve.serve.auth import ApiKey
 from blip2_serve.serve.config import AppConfig
@@ -54,6 +55,7 @@ class Ingress(TritonGrpcMethods):
         self.server = config.server
         self.metrics_directory = metrics_directory  # the application's series on this node, rendered at /metrics
         self.metrics = MetricsRecorder(config.server.model_name, metrics_directory)
+        self._model_metrics: dict[str, MetricsRecorder] = {}
         self._drain = drain
         self.api_key = ApiKey.from_env(config.server.api_key_env) if config.server.api_key_env else None
         # Graceful shutdown: requests held now, and whether new ones are refused (503) because the server is going
@@ -128,6 +130,23 @@ class Ingress(TritonGrpcMethods):
                 entry["reason"] = f"waiting for: {', '.join(pending)}"
             index.append(entry)
         return index
+
+    def metrics_for(self, model_name: str) -> MetricsRecorder:
+        """The request counters of one model served here (the retrieval models count apart from blip2)."""
+        if model_name == self.server.model_name:
+            return self.metrics
+        if model_name not in self._model_metrics:
+            self._model_metrics[model_name] = MetricsRecorder(model_name, self.metrics_directory)
+        return self._model_metrics[model_name]
+
+    async def model_statistics(self, model_name: str = "", version: str = "") -> dict[str, Any]:
+        """Triton's statistics: the models served here and the stages behind them, or the one named."""
+        stages = ["blip2_vision", "blip2_llm"] + (["blip2_retrieval"] if self.retrieval is not None else [])
+        models = [self.server.model_name] + (sorted(RETRIEVAL_MODELS) if self.retrieval is not None else [])
+        if model_name and model_name not in stages:
+            self.check_model(model_name, version)
+        totals = await asyncio.to_thread(metric_totals, self.metrics_directory)
+        return metadata.model_statistics(totals, [model_name] if model_name else models + stages)
 
     def serves_retrieval(self, model_name: str) -> bool:
         return self.retrieval is not None and model_name in RETRIEVAL_MODELS

@@ -58,3 +58,44 @@ def model_config(config: AppConfig) -> dict[str, Any]:
             "quantization": {"string_value": config.model.quantization},
         },
     }
+
+
+def _duration(count: float, microseconds: float) -> dict[str, int]:
+    return {"count": int(count), "ns": int(microseconds * 1000)}
+
+
+def model_statistics(totals: dict[str, dict[str, float]], names: list[str]) -> dict[str, Any]:
+    """Triton's statistics extension (`GET /v2/models[/{name}]/stats`, gRPC ModelStatistics) for `names`, from the
+    same counters /metrics exports (deployments/metrics.totals): cumulative counts and nanoseconds since the
+    application was built. Queue and compute times are the stages' (blip2_vision, blip2_llm, blip2_retrieval; the
+    LLM stage counts decode steps as executions); blip2 and the retrieval models count requests at the server."""
+    stats = []
+    for name in names:
+        values = totals.get(name, {})
+        success, failure = (
+            values.get("nv_inference_request_success", 0.0),
+            values.get("nv_inference_request_failure", 0.0),
+        )
+        failed_us = values.get("blip2_failed_request_duration_us", 0.0)
+        zero = {"count": 0, "ns": 0}
+        stats.append(
+            {
+                "name": name,
+                "version": MODEL_VERSION,
+                "last_inference": int(values.get("blip2_last_inference_ms", 0.0)),
+                "inference_count": int(values.get("nv_inference_count", 0.0)),
+                "execution_count": int(values.get("nv_inference_exec_count", 0.0)),
+                "inference_stats": {
+                    "success": _duration(success, values.get("nv_inference_request_duration_us", 0.0) - failed_us),
+                    "fail": _duration(failure, failed_us),
+                    "queue": _duration(success, values.get("nv_inference_queue_duration_us", 0.0)),
+                    "compute_input": zero,
+                    "compute_infer": _duration(success, values.get("nv_inference_compute_infer_duration_us", 0.0)),
+                    "compute_output": zero,
+                    "cache_hit": _duration(values.get("blip2_embedding_cache_hits", 0.0), 0.0),
+                    "cache_miss": _duration(values.get("blip2_embedding_cache_misses", 0.0), 0.0),
+                },
+                "batch_stats": [],
+            }
+        )
+    return {"model_stats": stats}

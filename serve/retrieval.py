@@ -40,7 +40,15 @@ def _texts(tensor: kserve.InputTensor) -> list[str]:
 
 
 async def run(ingress: Any, model: str, infer: kserve.InferRequest) -> dict[str, np.ndarray]:
-    """The model's outputs for a decoded request; every row is checked before any model work."""
+    """The model's outputs for a decoded request, counted in the model's own statistics and metrics."""
+    with ingress.metrics_for(model).request() as counted:
+        outputs = await _run(ingress, model, infer)
+        counted["rows"] = len(next(iter(outputs.values())))
+        return outputs
+
+
+async def _run(ingress: Any, model: str, infer: kserve.InferRequest) -> dict[str, np.ndarray]:
+    """Every row is checked before any model work."""
     inputs, _ = RETRIEVAL_MODELS[model]
     rows = set()
     for spec in inputs:

@@ -7,6 +7,7 @@ import base64
 import queue
 
 import httpx
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
@@ -206,7 +207,8 @@ def _no_internals(message: str) -> None:
 
 
 def test_every_standard_call_answers_with_a_status_tritonclient_decodes(retrieval_app):
-    """The repository index is served; the Triton extensions this server does not offer answer UNIMPLEMENTED (gRPC)
+    """The repository index is served (statistics: the next test); the Triton extensions this server does not offer
+    answer UNIMPLEMENTED (gRPC)
     or a KServe-shaped 400 (HTTP) with a message and no internals, over stock tritonclient; unknown routes a
     KServe-shaped 404."""
     app = retrieval_app
@@ -224,7 +226,6 @@ def test_every_standard_call_answers_with_a_status_tritonclient_decodes(retrieva
         }
         assert states == {name: "READY" for name in ("blip2", "blip2_embed_image", "blip2_embed_text", "blip2_itm")}
         calls = [
-            lambda: client.get_inference_statistics("blip2", **kwargs),
             lambda: client.load_model("blip2", **kwargs),
             lambda: client.unload_model("blip2", **kwargs),
             lambda: client.get_system_shared_memory_status(**kwargs),
@@ -249,3 +250,72 @@ def test_every_standard_call_answers_with_a_status_tritonclient_decodes(retrieva
             _no_internals(message)
     missing = httpx.get(f"{app.http}/v2/no/such/route", timeout=30)
     assert missing.status_code == 404 and "no such route" in missing.json()["error"]
+
+
+STATISTICS_FIELDS = ["last_inference", "inference_count", "execution_count"] + [
+    f"inference_stats.{kind}.{unit}"
+    for kind in ("success", "fail", "queue", "compute_infer", "cache_hit", "cache_miss")
+    for unit in ("count", "ns")
+]
+
+
+def _statistics(client, protocol: str, headers: dict | None) -> dict[str, dict[str, int]]:
+    """name -> {field: int} of Triton's per-model statistics, whichever protocol (gRPC's JSON writes uint64 as text
+    and leaves zeros out)."""
+    if protocol == "grpc":
+        raw = client.get_inference_statistics(headers=headers, as_json=True)["model_stats"]
+    else:
+        raw = client.get_inference_statistics()["model_stats"]
+    out = {}
+    for model in raw:
+        fields = {}
+        for field in STATISTICS_FIELDS:
+            value = model
+            for key in field.split("."):
+                value = value.get(key, {}) if isinstance(value, dict) else {}
+            fields[field] = int(value) if value != {} else 0
+        out[model["name"]] = fields
+    return out
+
+
+def test_model_statistics_count_what_was_sent(retrieval_app):
+    """Triton's statistics extension over stock tritonclient, HTTP and gRPC: per model (blip2, the retrieval models,
+    the stages behind them) the requests sent here, as differences inside this test, with their durations."""
+    app = retrieval_app
+    clients = {
+        "grpc": grpcclient.InferenceServerClient(app.grpc_url),
+        "http": httpclient.InferenceServerClient(app.url),
+    }
+    before = _statistics(clients["http"], "http", None)
+    assert {"blip2", "blip2_embed_text", "blip2_vision", "blip2_llm", "blip2_retrieval"} <= set(before)
+    http = clients["http"]
+    http.infer("blip2", bytes_inputs(httpclient, [image_bytes(41), image_bytes(42)]), parameters={"max_new_tokens": 3})
+    with pytest.raises(InferenceServerException):
+        http.infer("blip2", bytes_inputs(httpclient, [b"not an image"]))
+    text = httpclient.InferInput("TEXT", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[b"a red square"]], dtype=np.object_))
+    http.infer("blip2_embed_text", [text])
+    afters = {protocol: _statistics(client, protocol, app.grpc_headers) for protocol, client in clients.items()}
+    assert afters["grpc"] == afters["http"]
+    after = afters["http"]
+
+    def delta(model: str, *path: str) -> int:
+        return after[model][".".join(path)] - before[model][".".join(path)]
+
+    assert delta("blip2", "inference_stats", "success", "count") == 1
+    assert delta("blip2", "inference_stats", "fail", "count") == 1
+    assert delta("blip2", "inference_count") == 2  # rows
+    assert (
+        delta("blip2", "inference_stats", "success", "ns") > 0 and delta("blip2", "inference_stats", "fail", "ns") > 0
+    )
+    assert after["blip2"]["last_inference"] > before["blip2"]["last_inference"]
+    assert delta("blip2_embed_text", "inference_stats", "success", "count") == 1
+    assert delta("blip2_embed_image", "inference_stats", "success", "count") == 0
+    for stage in ("blip2_vision", "blip2_llm"):
+        assert delta(stage, "inference_stats", "success", "count") == 2, stage
+        assert delta(stage, "execution_count") >= 1 and delta(stage, "inference_stats", "compute_infer", "ns") > 0
+    one = clients["grpc"].get_inference_statistics("blip2_llm", headers=app.grpc_headers, as_json=True)
+    assert [m["name"] for m in one["model_stats"]] == ["blip2_llm"]
+    with pytest.raises(InferenceServerException) as raised:
+        http.get_inference_statistics("no_such_model")
+    assert raised.value.status() == "404" and "no_such_model" in raised.value.message()
