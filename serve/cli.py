@@ -57,13 +57,25 @@ def _config_from_args(args: argparse.Namespace):
     return config, (with_app_config(document, config) if document is not None else None)
 
 
+def _resolved(config, document):
+    """The config (and Serve document) with every checkpoint a local directory (serve/checkpoints.py)."""
+    from blip2_serve.serve.checkpoints import resolve
+    from blip2_serve.serve.deploy_config import with_app_config
+
+    update: dict[str, Any] = {"model": resolve(config.model)}
+    if config.retrieval is not None:
+        update["retrieval"] = config.retrieval.model_copy(update={"model": resolve(config.retrieval.model)})
+    config = config.model_copy(update=update)
+    return config, (with_app_config(document, config) if document is not None else None)
+
+
 def _deploy(config, document) -> None:
     """Deploy and wait until running: a Serve config document the way `serve run FILE` does, else build_app."""
     from blip2_serve.serve.app import build_app, serve_options
     from ray import serve
 
     if document is None:
-        serve.start(**serve_options(config))
+        serve.start(**serve_options(config), logging_config=_serve_logging())
         serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
         return
     import time
@@ -74,6 +86,7 @@ def _deploy(config, document) -> None:
 
     schema = ServeDeploySchema.model_validate(document)
     client = serve_api.serve_start(
+        global_logging_config=_serve_logging(),
         http_options=schema.http_options.model_dump(),
         grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
         proxy_location=schema.proxy_location,
@@ -119,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from blip2_serve.serve import placement
     from blip2_serve.serve.app import prepare_local_ray
+    from blip2_serve.serve.checkpoints import CheckpointUnavailable
     from ray import serve
 
     config, document = _config_from_args(args)
@@ -128,6 +142,12 @@ def run(args: argparse.Namespace) -> int:
 
     # "local": a new embedded Ray, even where `ray start` left a cluster behind that ray.init() would join
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":  # hub names downloaded (or found in the cache) once, here, before Ray starts
+        try:
+            config, document = _resolved(config, document)
+        except CheckpointUnavailable as exc:
+            print(f"blip2-serve: {exc}", file=sys.stderr, flush=True)
+            return 2
     # a signal while starting (the proxy answers ready before serve.run returns) stops as cleanly as one later
     try:
         if address == "local":
@@ -265,6 +285,11 @@ def parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     run_cmd.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     run_cmd.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="this command's and Ray Serve's log level (default INFO; WARNING keeps the console to problems)",
+    )
+    run_cmd.add_argument(
         "--wait-for-resources",
         action="store_true",
         help="deploy even where the cluster has no room for every stage now (it adds nodes on demand); "
@@ -325,10 +350,16 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def _serve_logging() -> dict[str, str]:
+    """Ray Serve's own log level (controller, proxies): the one `--log-level` set for this process."""
+    return {"log_level": logging.getLevelName(logging.getLogger().level)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     server_side = args.command in ("run", "make-tiny", "export", "triton")
     level = logging.INFO if server_side else logging.WARNING  # client commands print only their results
+    level = getattr(args, "log_level", None) or level
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from blip2_serve.clients.errors import Blip2Error
 

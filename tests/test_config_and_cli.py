@@ -365,3 +365,47 @@ def test_model_stages_ask_for_half_a_cpu_on_cpu_nodes_by_default():
     assert config.vision.cpus_for(0.0, cpu_turns=True) == 0.5 and config.llm.cpus_for(1.0) == 1.0
     assert config.llm.cpus_for(0.0, cpu_turns=False) == 1.0
     assert StageConfig(num_cpus=2).cpus_for(0.0) == 2.0
+
+
+def test_a_hub_name_that_cannot_be_had_stops_run_within_seconds(tmp_path):
+    """`blip2-serve run --model Salesforce/blip2-opt-2.7b` with the hub unreachable (a closed local port as
+    HF_ENDPOINT), then offline, with an empty cache: exit 2 before Ray starts, naming the checkpoint and why; a
+    directory that does not exist: the same."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    cases = [
+        ({}, "Salesforce/blip2-opt-2.7b", "cannot be reached"),
+        ({"HF_HUB_OFFLINE": "1"}, "Salesforce/blip2-opt-2.7b", "offline"),
+        ({}, str(tmp_path / "no-such-checkpoint"), "no such directory"),
+    ]
+    for extra, checkpoint, why in cases:
+        started = time.monotonic()
+        command = [BLIP2_SERVE, "run", "--model", checkpoint, "--num-cpus", "2"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**env, **extra})
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert time.monotonic() - started < 60
+        assert checkpoint in result.stderr and why in result.stderr, result.stderr
+        assert "Started a local Ray instance" not in result.stdout + result.stderr  # nothing was started
+
+
+def test_a_cached_hub_snapshot_resolves_offline(tmp_path, checkpoints):
+    """A hub name found in the Hugging Face cache (HF_HUB_OFFLINE): the driver hands the replicas its snapshot
+    directory, the weights and tokenizer files in it."""
+    import shutil
+
+    cache = tmp_path / "hf" / "hub" / "models--someone--tiny-blip2"
+    snapshot = cache / "snapshots" / ("0" * 40)
+    shutil.copytree(checkpoints["opt"], snapshot)
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("0" * 40)
+    code = (
+        "from blip2_serve.deployments.config import ModelConfig\n"
+        "from blip2_serve.serve.checkpoints import resolve\n"
+        "print(resolve(ModelConfig(checkpoint='someone/tiny-blip2')).checkpoint)\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    resolved = Path(result.stdout.strip())
+    assert resolved == snapshot and (resolved / "config.json").is_file()
+    assert any(resolved.glob("*.safetensors"))
