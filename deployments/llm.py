@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from contextlib import ExitStack
 from typing import AsyncIterator
 
 from blip2_serve.clients.contract import MAX_PROMPT_TOKENS
@@ -84,29 +85,56 @@ class LLMDeployment:
             return result
 
     async def generate_many(self, requests: list[GenerateRequest], embeds: ImageEmbeds) -> list[GenerateResult]:
-        """Several prompts about one image in one call (ask_many): they reach the engine together, so they are
-        prefilled together, and the image embeddings cross from the ingress once. Fails as a whole on any error."""
-        outcomes = await asyncio.gather(*(self.generate(r, embeds) for r in requests), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return list(outcomes)
+        """Several prompts about one image in one call (ask_many): the engine admits them together (one prefill,
+        OPT's image prefix once), and the image embeddings cross from the vision stage once. Fails as a whole on
+        any error; a prompt the model cannot take fails it before any work."""
+        if self._engine is None or any(r.params.num_beams != 1 for r in requests):
+            outcomes = await asyncio.gather(*(self.generate(r, embeds) for r in requests), return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            return list(outcomes)
+        with ExitStack() as counted:
+            for _ in requests:
+                counted.enter_context(self._metrics.request())
+            prepared = [self._generator.prepare(r, embeds.embeds) for r in requests]
+            cancelled = [threading.Event() for _ in prepared]
+            futures = self._submit_all(prepared, [None] * len(prepared), cancelled)
+            try:
+                results = await asyncio.shield(asyncio.gather(*futures))
+            except asyncio.CancelledError:
+                for event in cancelled:
+                    event.set()
+                raise
+            for result in results:
+                self._metrics.add("blip2_generated_tokens", len(result.token_ids))
+            return list(results)
 
     def _submit(
         self, prepared: PreparedRequest, on_tokens=None, cancelled: threading.Event | None = None
     ) -> asyncio.Future:
         """Hand a request to the engine; the future resolves on this event loop when it finishes."""
+        return self._submit_all([prepared], [on_tokens], [cancelled or threading.Event()])[0]
+
+    def _submit_all(self, prepared: list[PreparedRequest], on_tokens: list, cancelled: list) -> list[asyncio.Future]:
+        """Hand requests to the engine at once (admitted together); a future per request, on this event loop."""
         loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        sequence = Sequence(
-            prepared,
-            on_done=lambda outcome: loop.call_soon_threadsafe(_settle, done, outcome),
-            on_tokens=on_tokens,
-            cancelled=cancelled or threading.Event(),
-        )
-        self._engine.submit(sequence)
-        done.add_done_callback(lambda _: self._metrics.add("nv_inference_queue_duration_us", sequence.queued_s * 1e6))
-        return done
+        sequences, futures = [], []
+        for item, tokens, event in zip(prepared, on_tokens, cancelled):
+            done = loop.create_future()
+            sequence = Sequence(
+                item,
+                on_done=lambda outcome, done=done: loop.call_soon_threadsafe(_settle, done, outcome),
+                on_tokens=tokens,
+                cancelled=event,
+            )
+            done.add_done_callback(
+                lambda _, s=sequence: self._metrics.add("nv_inference_queue_duration_us", s.queued_s * 1e6)
+            )
+            sequences.append(sequence)
+            futures.append(done)
+        self._engine.submit_many(sequences)
+        return futures
 
     async def _in_engine(self, prepared: PreparedRequest) -> GenerateResult:
         cancelled = threading.Event()

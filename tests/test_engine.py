@@ -87,6 +87,46 @@ def test_prompts_about_one_image_share_its_prefix_and_keep_greedy_tokens(parts):
     assert engine.steps == max(len(f.result().token_ids) for f in futures) - 1  # one admission, then steps
 
 
+class _SlowQueue:
+    """The engine's incoming queue with a pause after each put: a hand-over the engine could take in parts would be
+    taken in parts (the engine steps every ~ms meanwhile)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def put(self, item):
+        self._inner.put(item)
+        time.sleep(0.03)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_a_hand_over_is_admitted_in_one_prefill_while_the_engine_steps(parts):
+    """generate_many's prompts (submit_many) join a running batch in one admission, however slowly they are handed
+    over: the prefill is shared (OPT: the image prefix; T5: one encoder pass) instead of split between steps."""
+    generator, embeds = parts
+    engine = ContinuousBatcher(generator, max_running=8)
+    admissions: list[int] = []
+    admit = engine._admit
+    engine._admit = lambda sequences: admissions.append(len(sequences)) or admit(sequences)
+    engine._incoming = _SlowQueue(engine._incoming)
+    long = GenerateRequest("long", None, "", GenerationParams(max_new_tokens=60, min_new_tokens=60))
+    running = _submit(engine, generator.prepare(long, embeds[0]))
+    while engine.steps < 2:  # decoding: the engine takes what waits between its steps
+        time.sleep(0.001)
+    futures: list[Future] = []
+    sequences = []
+    for i in range(3):
+        future: Future = Future()
+        request = GenerateRequest(f"q{i}", None, f"question {i}", GenerationParams(max_new_tokens=4))
+        sequences.append(Sequence(generator.prepare(request, embeds[1]), on_done=future.set_result))
+        futures.append(future)
+    engine.submit_many(sequences)
+    [f.result(timeout=120) for f in [*futures, running]]
+    assert admissions == [1, 3], admissions
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(parts):
     generator, embeds = parts
     params = GenerationParams(max_new_tokens=10, do_sample=True, seed=5, temperature=0.8, top_k=40)
