@@ -409,3 +409,56 @@ def test_a_cached_hub_snapshot_resolves_offline(tmp_path, checkpoints):
     resolved = Path(result.stdout.strip())
     assert resolved == snapshot and (resolved / "config.json").is_file()
     assert any(resolved.glob("*.safetensors"))
+
+
+def _ctrl_c(command: list[str], port: int, bound_s: float) -> tuple[int, float, str]:
+    """Start `command` in its own process group, wait until it captions, press Ctrl-C (SIGINT to the whole group, as
+    a terminal does); its exit code, the seconds it took to exit, and its output. Whatever it started is killed if
+    it does not end within `bound_s`."""
+    import threading
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    server = type("Started", (), {"process": process, "output": property(lambda self: "".join(lines))})()
+    try:
+        _wait_and_caption(port, server)
+        pressed = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            code = process.wait(timeout=bound_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.monotonic() - pressed
+    finally:
+        if process.poll() is None or code is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait(timeout=30)
+            subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+        reader.join(timeout=10)
+    return code, took, "".join(lines)
+
+
+@pytest.mark.parametrize("runner", ["serve run", "blip2-serve run"])
+def test_ctrl_c_ends_the_server_every_time(tmp_path, checkpoints, runner):
+    """Ctrl-C on Ray's `serve run serve.yaml` and on `blip2-serve run --config serve.yaml`, five times in a row, each
+    after a served caption: exit 0 within the drain timeout plus 15 s, every time."""
+    port = free_port()
+    path = tmp_path / "serve.yaml"
+    _cli("config", "--model", str(checkpoints["t5"]), "--port", str(port), "--grpc-port", "0", "--out", str(path))
+    document = yaml.safe_load(path.read_text())
+    bound_s = document["applications"][0]["args"]["server"]["drain_timeout_s"] + 15
+    if runner == "serve run":
+        command = [str(Path(sys.executable).parent / "serve"), "run", str(path)]
+    else:
+        command = [BLIP2_SERVE, "run", "--config", str(path), "--num-cpus", "4"]
+    for attempt in range(5):
+        code, took, output = _ctrl_c(command, port, bound_s)
+        assert code == 0 and took < bound_s, (attempt, code, round(took, 1), output[-3000:])
