@@ -79,7 +79,6 @@ class _Series:
         if directory is not None and values.ValueClass is values.MutexValue:
             # prometheus_client picks its value class when first imported; a library imported it earlier
             values.ValueClass = values.MultiProcessValue()
-        self.directory = directory
         self.registry = CollectorRegistry()  # this process's values (where there is no directory to render)
         self.counters = {
             name: Counter(name, text, ["model"], registry=self.registry) for name, text in COUNTERS.items()
@@ -109,7 +108,6 @@ class MetricsRecorder:
     process, as in a test that builds a stage without Ray."""
 
     def __init__(self, model: str, directory: str | None = None):
-        self._model = model
         self._series = _series_for(directory)
         self._counters = {name: counter.labels(model=model) for name, counter in self._series.counters.items()}
         self._histograms = {name: h.labels(model=model) for name, h in self._series.histograms.items()}
@@ -230,15 +228,10 @@ def totals(directory: str | None) -> dict[str, dict[str, float]]:
     """model -> {series: value} for the counters (Triton's names) and the last-inference gauge on this node: what
     Triton's statistics extension reports (serve/metadata.model_statistics)."""
     out: dict[str, dict[str, float]] = {}
-    for family in _collected(directory).collect():
-        for sample in family.samples:
-            model = sample.labels.get("model")
-            if model is None or not (family.type == "counter" or family.name == LAST_INFERENCE[0]):
-                continue
-            name = sample.name.removesuffix("_total") if family.type == "counter" else sample.name
-            if family.type == "counter" and not sample.name.endswith("_total"):
-                continue
-            out.setdefault(model, {})[name] = out.get(model, {}).get(name, 0.0) + sample.value
+    for family in _TritonNames(_collected(directory)).collect():  # counters under Triton's names, as /metrics has
+        if family.type == "counter" or family.name == LAST_INFERENCE[0]:
+            for sample in family.samples:
+                out.setdefault(sample.labels["model"], {})[sample.name] = sample.value
     return out
 
 
