@@ -69,7 +69,9 @@ class Ingress(TritonGrpcMethods):
         replica = serve.get_replica_context().replica_id.unique_id
         while True:
             try:
-                self.draining = self.draining or await self._drain.report.remote(replica, self.in_flight, self.draining)
+                # always report: once draining, the coordinator waits to hear so from every replica
+                drain = await self._drain.report.remote(replica, self.in_flight, self.draining)
+                self.draining = self.draining or drain
             except Exception as exc:  # never fails serving
                 logger.debug("drain report failed: %s", exc)
             await asyncio.sleep(REPORT_S)

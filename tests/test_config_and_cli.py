@@ -449,16 +449,19 @@ def _ctrl_c(command: list[str], port: int, bound_s: float) -> tuple[int, float, 
 @pytest.mark.parametrize("runner", ["serve run", "blip2-serve run"])
 def test_ctrl_c_ends_the_server_every_time(tmp_path, checkpoints, runner):
     """Ctrl-C on Ray's `serve run serve.yaml` and on `blip2-serve run --config serve.yaml`, five times in a row, each
-    after a served caption: exit 0 within the drain timeout plus 15 s, every time."""
+    after a served caption: exit 0 within the drain timeout plus 15 s, every time; blip2-serve's drain, with nothing
+    in flight, ends well before its timeout (the ingress replicas report that they drain and hold nothing)."""
     port = free_port()
     path = tmp_path / "serve.yaml"
     _cli("config", "--model", str(checkpoints["t5"]), "--port", str(port), "--grpc-port", "0", "--out", str(path))
     document = yaml.safe_load(path.read_text())
-    bound_s = document["applications"][0]["args"]["server"]["drain_timeout_s"] + 15
+    drain_timeout_s = document["applications"][0]["args"]["server"]["drain_timeout_s"]
     if runner == "serve run":
         command = [str(Path(sys.executable).parent / "serve"), "run", str(path)]
+        bound_s = drain_timeout_s + 15
     else:
         command = [BLIP2_SERVE, "run", "--config", str(path), "--num-cpus", "4"]
+        bound_s = drain_timeout_s - 10  # a drain that only timed out would take the whole drain_timeout_s
     for attempt in range(5):
         code, took, output = _ctrl_c(command, port, bound_s)
         assert code == 0 and took < bound_s, (attempt, code, round(took, 1), output[-3000:])
