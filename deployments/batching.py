@@ -78,8 +78,11 @@ class DynamicBatcher(Generic[T, R]):
                     future.set_result(result)
 
 
-def run_isolated(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R | BaseException]:
-    """`fn(items)`, one result per item; if the batch raises, each item runs alone so only its culprit fails."""
+def run_isolated(
+    fn: Callable[[list[T]], list[R]], items: list[T], on_split: Callable[[], None] | None = None
+) -> list[R | BaseException]:
+    """`fn(items)`, one result per item; if the batch raises, each item runs alone so only its culprit fails
+    (`on_split()` is called when a batch is split)."""
     try:
         return list(fn(items))
     except Exception as exc:
@@ -87,6 +90,8 @@ def run_isolated(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R | B
             logger.exception("item failed")
             return [exc]
         logger.warning("batch of %d failed (%s); running its items one by one", len(items), exc)
+        if on_split is not None:
+            on_split()
     results: list[R | BaseException] = []
     for item in items:
         results.extend(run_isolated(fn, [item]))

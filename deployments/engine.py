@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from blip2_serve.deployments import faults
 from blip2_serve.deployments.cores import BusySignal, CoreTurns, turn_of
 from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest
 from blip2_serve.deployments.text import TextAssembler
@@ -121,6 +122,7 @@ class ContinuousBatcher:
         self.stepped = 0  # sequences advanced, summed over steps: stepped / steps is the mean decode batch
         self.busy_s = 0.0  # time spent in iterations (jobs, prefills, steps), turns excluded
         self.max_running_seen = 0
+        self.split_prefills = 0  # prefills of several sequences that failed and were run one by one
         self.on_step = on_step  # (sequences, seconds) after every decode step, on the engine thread (metrics)
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
@@ -247,13 +249,23 @@ class ContinuousBatcher:
             else:
                 self._prepare(sequence)
                 starting.append(sequence)
-        if not starting:
-            return
+        if starting:
+            self._start(starting)
+
+    def _start(self, starting: list[Sequence]) -> None:
+        """Prefill `starting` together and join them to the running batch; where the prefill fails, each runs alone,
+        so that only the culprit fails (as run_isolated does for a whole batch)."""
         try:
             logits, cache = self._prefill(starting)
         except Exception as exc:
+            if len(starting) == 1:
+                logger.exception("prefill failed")
+                starting[0].on_done(exc)
+                return
+            logger.warning("prefill of %d sequences failed (%s); admitting them one by one", len(starting), exc)
+            self.split_prefills += 1
             for sequence in starting:
-                sequence.on_done(exc)
+                self._start([sequence])
             return
         first = not self._running
         self._running += starting
@@ -269,6 +281,7 @@ class ContinuousBatcher:
         """Logits `[len(sequences), vocab]` for each one's first new token, and their caches (padded as
         Blip2Processor pads a batch: OPT's text on the left of its prompt, T5's on the right)."""
         generator, items = self.generator, [s.item for s in sequences]
+        faults.check(item.request.prompt for item in items)
         input_ids, attention_mask = generator.collate(items)  # [B, L]
         inputs_embeds = generator.embed_inputs(input_ids, items)  # [B, L, llm_hidden]
         if generator.decoder_only:

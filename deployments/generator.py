@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from blip2_serve.clients.contract import MAX_PROMPT_TOKENS
+from blip2_serve.deployments import faults
 from blip2_serve.deployments.batching import run_isolated
 from blip2_serve.deployments.config import ModelConfig
 from blip2_serve.deployments.errors import InvalidInput
@@ -91,6 +92,10 @@ class LanguageGenerator:
         self.pad_id = self.tokenizer.pad_token_id
         eos = self.model.language_model.generation_config.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.split_batches = 0  # generate batches that failed and were run one request at a time
+
+    def _split(self) -> None:
+        self.split_batches += 1
 
     def prepare(self, request: GenerateRequest, embeds: torch.Tensor, streaming: bool = False) -> PreparedRequest:
         """Tokenize and check one request; raises InvalidInput for a prompt the model cannot take."""
@@ -109,7 +114,7 @@ class LanguageGenerator:
             groups.setdefault((params.batch_key(), index if params.runs_alone else -1), []).append(index)
         results: list[GenerateResult | BaseException] = [None] * len(batch)  # type: ignore[list-item]
         for indices in groups.values():
-            for index, result in zip(indices, run_isolated(self.generate, [batch[i] for i in indices])):
+            for index, result in zip(indices, run_isolated(self.generate, [batch[i] for i in indices], self._split)):
                 results[index] = result
         return results
 
@@ -140,6 +145,7 @@ class LanguageGenerator:
     def generate(self, batch: list[PreparedRequest], **extra) -> list[GenerateResult]:
         """One generate call for requests with equal batch keys; `extra` goes to `generate` (streamer, ...)."""
         params = batch[0].request.params
+        faults.check(item.request.prompt for item in batch)
         input_ids, attention_mask = self.collate(batch)  # [B, L]
         language_model = self.model.language_model
         inputs = {"inputs_embeds": self.embed_inputs(input_ids, batch), "attention_mask": attention_mask}

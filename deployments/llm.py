@@ -221,7 +221,9 @@ class LLMDeployment:
                 "busy_s": round(self._engine.busy_s, 3),
                 "deferred_s": round(self._engine.deferred_s, 3),
                 "max_running_seen": self._engine.max_running_seen,
+                "split_prefills": self._engine.split_prefills,
                 "running": self._engine.running,
             }
         where = {"pid": os.getpid(), "node_id": _node_id()}
-        return {**self._worker.stats(), "streams": dict(self._streams), "engine": engine, **where}
+        split = {"split_batches": self._generator.split_batches}
+        return {**self._worker.stats(), **split, "streams": dict(self._streams), "engine": engine, **where}

@@ -61,6 +61,9 @@ class StageConfig(BaseModel):
     resources: dict[str, float] = {}  # Ray custom resources, to place the stage on labelled nodes (multi-node, KubeRay)
     torch_threads: int | None = Field(None, ge=1)
     batch: BatchConfig = BatchConfig()
+    # environment variables of this stage's replica processes (Ray runtime_env), over the server's own
+    # (e.g. HF_HOME, a library's settings, BLIP2_SERVE_INJECT_FAULT for failure drills: deployments/faults.py)
+    env: dict[str, str] = {}
 
     def cpus_for(self, num_gpus: float, cpu_turns: bool = True) -> float:
         """Logical CPUs per replica (see num_cpus) for a replica with `num_gpus` GPUs."""
@@ -84,8 +87,9 @@ class StageConfig(BaseModel):
         }
         if self.resources:
             options["ray_actor_options"]["resources"] = dict(self.resources)
+        env_vars = {**(env_vars or {}), **self.env}
         if env_vars:
-            options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(env_vars)}
+            options["ray_actor_options"]["runtime_env"] = {"env_vars": env_vars}
         if self.autoscaling is not None:
             options["autoscaling_config"] = self.autoscaling.model_dump()
         else:

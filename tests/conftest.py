@@ -89,6 +89,11 @@ class ServedApp:
 
 # Small limits so that oversize requests are cheap to send; model stages on no CPU reservation (2-core box).
 TEST_SERVER = {"max_request_bytes": 2 * 1024 * 1024, "max_image_bytes": 1024 * 1024, "max_image_pixels": 4_000_000}
+# The suite compares served answers with transformers on the CPU, in fp32: pinned, so that a GPU host runs the
+# same comparison (with device "auto" the stages would take the GPU and fp16).
+TEST_MODEL = {"device": "cpu", "dtype": "fp32"}
+# A prompt holding this fails inside its model batch in the `apps` graphs' LLM stage (deployments/faults.py).
+FAULT_MARKER = "zzfaultzz"
 TEST_STAGE = {"num_cpus": 0, "torch_threads": 1, "batch": {"max_batch_size": 8, "wait_timeout_s": 0.02}}
 
 
@@ -106,7 +111,7 @@ def serve_ports() -> ServePorts:
     from ray import serve
 
     port, grpc_port = free_port(), free_port()
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(num_cpus=8, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     serve.start(
         http_options={"host": "127.0.0.1", "port": port},
         grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
@@ -127,10 +132,10 @@ def apps(serve_ports, checkpoints) -> dict[str, ServedApp]:
     for llm, path in checkpoints.items():
         config = AppConfig.model_validate(
             {
-                "model": {"checkpoint": str(path)},
+                "model": {"checkpoint": str(path), **TEST_MODEL},
                 "server": TEST_SERVER,
                 "vision": TEST_STAGE,
-                "llm": TEST_STAGE,
+                "llm": {**TEST_STAGE, "env": {"BLIP2_SERVE_INJECT_FAULT": FAULT_MARKER}},
                 "app_name": llm,
                 "route_prefix": f"/{llm}",
             }
@@ -177,7 +182,7 @@ def tight_app(serve_ports, checkpoints, image_server) -> ServedApp:
     tight = {**TEST_STAGE, "batch": {"max_batch_size": 1}, "max_ongoing_requests": 1, "max_queued_requests": 1}
     config = AppConfig.model_validate(
         {
-            "model": {"checkpoint": str(checkpoints["opt"])},
+            "model": {"checkpoint": str(checkpoints["opt"]), **TEST_MODEL},
             "server": {**TEST_SERVER, "image_url_allowlist": [f"{image_server}/"]},
             "vision": tight,
             "llm": {**tight, "scheduler": "static"},  # the whole-batch LLM path stays tested here
@@ -197,7 +202,7 @@ def deploy_graph(serve_ports: ServePorts, checkpoint, llm: str, name: str, **sec
     from ray import serve
 
     document = {
-        "model": {"checkpoint": str(checkpoint)},
+        "model": {"checkpoint": str(checkpoint), **TEST_MODEL},
         "server": TEST_SERVER,
         "vision": TEST_STAGE,
         "llm": TEST_STAGE,
@@ -234,5 +239,5 @@ def itm_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def retrieval_app(serve_ports, checkpoints, itm_checkpoint) -> ServedApp:
     """The OPT graph with the retrieval stage (a tiny ITM checkpoint)."""
-    retrieval = {**TEST_STAGE, "model": {"checkpoint": str(itm_checkpoint)}}
+    retrieval = {**TEST_STAGE, "model": {"checkpoint": str(itm_checkpoint), **TEST_MODEL}}
     return deploy_graph(serve_ports, checkpoints["opt"], "opt", "retrieval", retrieval=retrieval)

@@ -12,6 +12,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from tests.conftest import FAULT_MARKER
 from tests.helpers import image_bytes, png_header_only, truncated_png
 
 pytestmark = pytest.mark.serve
@@ -192,7 +193,7 @@ def test_one_bad_request_fails_alone_among_concurrent_good_ones(app):
     """Good and bad requests sent together: the good ones are answered (in shared batches), the bad ones 400."""
     good = [image_bytes(60 + i) for i in range(6)]
     expected = [_infer(app, image, b"a").as_numpy("TEXT")[0, 0] for image in good]
-    before = app.deployment("LLM").stats.remote().result(timeout_s=30)["batches"]
+    before = app.deployment("LLM").stats.remote().result(timeout_s=30)["engine"]
 
     async def main():
         async with httpx.AsyncClient(timeout=60) as client:
@@ -217,8 +218,54 @@ def test_one_bad_request_fails_alone_among_concurrent_good_ones(app):
     assert statuses == [200, 200, 200, 400, 400, 200, 200, 200], [r.text for r in responses]
     texts = [r.json()["outputs"][0]["data"][0].encode() for r in responses if r.status_code == 200]
     assert texts == list(expected)
-    after = app.deployment("LLM").stats.remote().result(timeout_s=30)["batches"]
-    assert after - before < len(good), "the good requests shared batches"
+    after = app.deployment("LLM").stats.remote().result(timeout_s=30)["engine"]
+    # the good requests shared decode steps: more sequence-steps than steps (each alone would make them equal)
+    steps, stepped = after["steps"] - before["steps"], after["stepped"] - before["stepped"]
+    assert steps > 0 and stepped > steps, (steps, stepped)
+
+
+@pytest.mark.parametrize("decoding", ["greedy", "beam2"])
+def test_a_model_failure_fails_only_its_request_in_a_shared_batch(app, decoding):
+    """A model error on one input inside a real batch (injected: deployments/faults.py): that request gets a 500
+    without internals, its neighbours in the same batch (the engine's prefill for greedy, a generate batch for beam
+    search) their own answers; the batch was split, as the LLM stage's counters show."""
+    parameters = {"max_new_tokens": 4, "num_beams": 1 if decoding == "greedy" else 2}
+    good = [image_bytes(80 + i) for i in range(5)]
+    expected = [_infer(app, image, b"a", **parameters).as_numpy("TEXT")[0, 0].decode() for image in good]
+
+    def splits() -> int:
+        stats = app.deployment("LLM").stats.remote().result(timeout_s=30)
+        return stats["engine"]["split_prefills"] if decoding == "greedy" else stats["split_batches"]
+
+    async def send(client: httpx.AsyncClient, image: bytes, prompt: str) -> httpx.Response:
+        body = {
+            "inputs": [
+                _image_json(image),
+                {"name": "PROMPT", "datatype": "BYTES", "shape": [1, 1], "data": [prompt]},
+            ],
+            "parameters": parameters,
+        }
+        return await client.post(f"{app.http}/v2/models/blip2/infer", json=body)
+
+    async def round_() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            sends = [send(client, image, "a") for image in good[:2]]
+            sends += [send(client, image_bytes(90), f"a {FAULT_MARKER}")]
+            sends += [send(client, image, "a") for image in good[2:]]
+            return await asyncio.gather(*sends)
+
+    before = splits()
+    for _ in range(5):  # until the failing request shared its batch with others (arrivals are not scheduled)
+        responses = asyncio.run(round_())
+        statuses = [r.status_code for r in responses]
+        assert statuses == [200, 200, 500, 200, 200, 200], [r.text for r in responses]
+        assert responses[2].json()["error"] == "internal server error"
+        texts = [r.json()["outputs"][0]["data"][0] for r in responses if r.status_code == 200]
+        assert texts == expected
+        if splits() > before:
+            break
+    assert splits() > before, "the failing request never shared a batch"
+    _still_serving(app)
 
 
 PATHOLOGICAL_JSON = {
