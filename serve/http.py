@@ -12,7 +12,7 @@ from blip2_serve.clients.contract import MODEL_VERSION, TEXT
 from blip2_serve.deployments import kserve
 from blip2_serve.deployments.errors import InvalidInput, Unavailable, status_of
 from blip2_serve.deployments.metrics import render as render_metrics
-from blip2_serve.serve import metadata, retrieval
+from blip2_serve.serve import metadata, retrieval, schemas
 from blip2_serve.serve.asgi import current_ingress, primed, read_body
 from blip2_serve.serve.deadline import Deadline, deadline_s, within
 from fastapi import APIRouter, Depends, Request
@@ -20,6 +20,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 router = APIRouter()
 Ingress = Any  # serve/ingress.Ingress; not imported here, it imports this module
+# The request bodies in the OpenAPI document; the routes read raw bodies (the binary extension included)
+INFER_BODY = schemas.body(schemas.InferRequestBody, binary=True)
+GENERATE_BODY = schemas.body(schemas.GenerateBody)
 
 
 @router.get("/v2")
@@ -103,8 +106,11 @@ async def model_config(model_name: str, version: str = "", ingress: Ingress = De
     return metadata.model_config(ingress.config)
 
 
-@router.post("/v2/models/{model_name}/infer")
-@router.post("/v2/models/{model_name}/versions/{version}/infer")
+@router.post("/v2/models/{model_name}/infer", openapi_extra=INFER_BODY)
+@router.post(
+    "/v2/models/{model_name}/versions/{version}/infer",
+    openapi_extra=schemas.body(schemas.InferRequestBody, binary=True),
+)
 async def infer(
     model_name: str, request: Request, version: str = "", ingress: Ingress = Depends(current_ingress)
 ) -> Response:
@@ -156,8 +162,8 @@ def _generate_response(ingress: Ingress, infer: kserve.InferRequest, text: str, 
     return body
 
 
-@router.post("/v2/models/{model_name}/generate")
-@router.post("/v2/models/{model_name}/versions/{version}/generate")
+@router.post("/v2/models/{model_name}/generate", openapi_extra=GENERATE_BODY)
+@router.post("/v2/models/{model_name}/versions/{version}/generate", openapi_extra=GENERATE_BODY)
 async def generate(
     model_name: str, request: Request, version: str = "", ingress: Ingress = Depends(current_ingress)
 ) -> Response:
@@ -170,8 +176,10 @@ async def generate(
     return JSONResponse(_generate_response(ingress, infer, result.text, finish_reason=result.finish_reason))
 
 
-@router.post("/v2/models/{model_name}/generate_stream")
-@router.post("/v2/models/{model_name}/versions/{version}/generate_stream")
+@router.post("/v2/models/{model_name}/generate_stream", openapi_extra=GENERATE_BODY)
+@router.post(
+    "/v2/models/{model_name}/versions/{version}/generate_stream", openapi_extra=schemas.body(schemas.GenerateBody)
+)
 async def generate_stream(
     model_name: str, request: Request, version: str = "", ingress: Ingress = Depends(current_ingress)
 ) -> Response:

@@ -12,8 +12,10 @@ from typing import Any
 from blip2_serve.deployments import jsonbody
 from blip2_serve.deployments.errors import status_of
 from blip2_serve.serve import openai_codec as codec
+from blip2_serve.serve import schemas
 from blip2_serve.serve.asgi import current_ingress, openai_error, primed, read_body
 from blip2_serve.serve.deadline import Deadline, deadline_s
+from blip2_serve.serve.openai_codec import ChatCompletionRequest
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -39,7 +41,7 @@ async def openai_models(ingress: Ingress = Depends(current_ingress)) -> dict:
     return codec.models_list(ingress.server.model_name)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=schemas.body(ChatCompletionRequest))
 async def chat_completions(request: Request, ingress: Ingress = Depends(current_ingress)) -> Response:
     server = ingress.server
     with ingress.metrics.request():
@@ -55,7 +57,7 @@ async def chat_completions(request: Request, ingress: Ingress = Depends(current_
     return _sse(codec.chunks(server.model_name, deadline.stream(stream), chat.include_usage))
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", openapi_extra=schemas.body(schemas.EmbeddingsBody))
 async def embeddings(request: Request, ingress: Ingress = Depends(current_ingress)) -> Response:
     """OpenAI's embeddings API for text (`model`: blip2_embed_text): L2-normalised BLIP-2 text embeddings, which
     compare by cosine with blip2_embed_image's image embeddings."""

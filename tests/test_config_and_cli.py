@@ -34,11 +34,16 @@ def test_stage_options_and_validation():
         AppConfig.model_validate({"model": {"checkpoint": "x"}, "vision": {"replicas": 2}})
 
 
-def test_model_stages_take_gpus_only_where_there_are_gpus():
-    from blip2_serve.serve.app import _gpus_for
+def test_model_stages_take_gpus_only_where_there_are_gpus(monkeypatch):
+    from blip2_serve.serve import app
 
     config = AppConfig.model_validate({"model": {"checkpoint": "x"}})
-    assert _gpus_for(config.vision, config) == 0.0  # this machine has no GPU
+    for cluster_has_gpus, expected in ((False, 0.0), (True, 1.0)):  # whatever this machine has
+        monkeypatch.setattr(app, "_cluster_has_gpus", lambda: cluster_has_gpus)
+        assert app._gpus_for(config.vision, config) == expected
+        pinned_cpu = AppConfig.model_validate({"model": {"checkpoint": "x", "device": "cpu"}})
+        assert app._gpus_for(pinned_cpu.llm, pinned_cpu) == 0.0
+    _gpus_for = app._gpus_for
     cuda = AppConfig.model_validate({"model": {"checkpoint": "x", "device": "cuda"}})
     assert _gpus_for(cuda.llm, cuda) == 1.0
     pinned = AppConfig.model_validate({"model": {"checkpoint": "x"}, "llm": {"num_gpus": 0.5}})

@@ -1,12 +1,14 @@
 """Property-based fuzzing of every way in: KServe v2 HTTP (JSON and the binary extension), OpenAI chat, KServe v2
 gRPC (raw ModelInferRequest messages), and schemathesis over the served OpenAPI schema. Properties: never a 5xx or
-an INTERNAL/UNKNOWN status, every refusal carries a message, and afterwards the server answers a fixed request with
-the same text as before and reports ready (no replica died)."""
+an INTERNAL/UNKNOWN status, every refusal carries a message, and after each test the server answers a fixed request
+with the same text as before and reports ready (no replica died). Examples are random per run (BLIP2_FUZZ_EXAMPLES
+each, 120 by default; a failure prints the example and how to reproduce it)."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import struct
 
 import httpx
@@ -18,7 +20,13 @@ from tests.helpers import image_bytes, png_header_only, truncated_png
 
 pytestmark = pytest.mark.serve
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+FUZZ = settings(
+    max_examples=int(os.environ.get("BLIP2_FUZZ_EXAMPLES", "120")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    database=None,
+    print_blob=True,
+)
 
 IMAGES = [image_bytes(1), image_bytes(2, (8, 8)), truncated_png(), png_header_only(50_000, 50_000), b"", b"GIF89a"]
 image_data = st.one_of(st.sampled_from(IMAGES), st.binary(max_size=64))
@@ -116,6 +124,12 @@ def before(apps):
     return {llm: _fixed(app) for llm, app in apps.items()}
 
 
+def _unharmed(app, before: dict) -> None:
+    """After one test's fuzzing: the same answer to the fixed request, and ready (each test checks its own)."""
+    assert _fixed(app) == before[app.llm]
+    assert httpx.get(f"{app.http}/v2/health/ready", timeout=30).status_code == 200
+
+
 def _fixed(app) -> str:
     image = {"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1], "data": [base64.b64encode(image_bytes(3)).decode()]}
     body = {"inputs": [image], "parameters": {"max_new_tokens": 6}}
@@ -146,6 +160,7 @@ def test_kserve_http_json(apps, before):
             _refusal_has_message(response)
 
         raw()
+    _unharmed(app, before)
 
 
 @st.composite
@@ -177,6 +192,7 @@ def test_kserve_http_binary_extension(apps, before):
 
         one()
         assert 400 in seen and 200 in seen, seen
+    _unharmed(app, before)
 
 
 @st.composite
@@ -239,6 +255,7 @@ def test_openai_chat(apps, before):
 
         one()
         assert 400 in seen, seen
+    _unharmed(app, before)
 
 
 @st.composite
@@ -302,6 +319,7 @@ def test_kserve_grpc(apps, before):
     one()
     channel.close()
     assert grpc.StatusCode.INVALID_ARGUMENT in seen, seen
+    _unharmed(app, before)
 
 
 def test_schemathesis_over_the_openapi_schema(apps, before):
@@ -310,6 +328,15 @@ def test_schemathesis_over_the_openapi_schema(apps, before):
     from schemathesis.specs.openapi.checks import response_schema_conformance  # noqa: F401  (the module exists)
 
     app = apps["opt"]
+    document = httpx.get(f"{app.http}/openapi.json", timeout=30).json()
+    for route in ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/generate", "/v1/chat/completions",
+                  "/v1/embeddings"):  # fmt: skip
+        content = document["paths"][route]["post"]["requestBody"]["content"]  # real body schemas to generate from
+        assert content["application/json"]["schema"]["properties"], route
+    assert (
+        "application/octet-stream"
+        in document["paths"]["/v2/models/{model_name}/infer"]["post"]["requestBody"]["content"]
+    )  # the binary tensor extension stays declared
     schema = schemathesis.openapi.from_url(f"{app.http}/openapi.json")
     checked = 0
     for result in schema.get_all_operations():
@@ -329,10 +356,154 @@ def test_schemathesis_over_the_openapi_schema(apps, before):
         one()
         checked += 1
     assert checked >= 10  # the KServe v2, OpenAI and metrics routes
+    _unharmed(app, before)
 
 
-def test_the_server_is_unharmed(apps, before):
-    """After the fuzzing: the same answer to the fixed request, and ready."""
-    for llm, app in apps.items():
-        assert _fixed(app) == before[llm]
-        assert httpx.get(f"{app.http}/v2/health/ready", timeout=30).status_code == 200
+def _sse_events(response: httpx.Response) -> list[str]:
+    """The `data:` payloads of a server-sent event stream, read to its end."""
+    return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+@st.composite
+def generate_body(draw):
+    """Triton's generate extension: IMAGE (base64 of fuzzed bytes, or any JSON), PROMPT and parameters."""
+    body = {}
+    if draw(st.booleans()):
+        body["IMAGE"] = draw(
+            st.one_of(image_data.map(lambda b: base64.b64encode(b).decode()), st.text(max_size=8), json_values)
+        )
+    if draw(st.booleans()):
+        body["PROMPT"] = draw(st.one_of(st.text(max_size=20), json_values))
+    parameters = draw(st.one_of(_cheap_parameters, json_values))
+    if draw(st.booleans()):
+        body["parameters"] = parameters
+    return body
+
+
+_cheap_parameters = st.fixed_dictionaries(
+    {"max_new_tokens": st.one_of(st.integers(min_value=-2, max_value=4), scalars)},
+    optional={name: st.one_of(scalars, json_values) for name in PARAMETER_NAMES if name != "max_new_tokens"},
+)
+
+
+def test_streams(apps, before):
+    """Triton's generate_stream and OpenAI's streamed chat: a refusal before the stream is a 4xx with a message; a
+    stream that started is well formed to its end (every event JSON, errors with a message, OpenAI's ends [DONE])."""
+    app = apps["t5"]
+    seen: set[int] = set()
+    with httpx.Client(timeout=60) as http:
+
+        @FUZZ
+        @given(generate_body())
+        def triton(body):
+            with http.stream("POST", f"{app.http}/v2/models/blip2/generate_stream", content=_json(body)) as response:
+                seen.add(response.status_code)
+                if response.status_code != 200:
+                    response.read()
+                    _refusal_has_message(response)
+                    return
+                events = [json.loads(event) for event in _sse_events(response)]
+            assert events, "a stream without events"
+            for event in events:
+                assert "error" not in event or (isinstance(event["error"], str) and event["error"]), event
+
+        triton()
+        assert 200 in seen and 400 in seen, seen
+
+        @FUZZ
+        @given(chat_body())
+        def chat(body):
+            body["stream"] = True
+            with http.stream("POST", f"{app.http}/v1/chat/completions", content=_json(body)) as response:
+                if response.status_code != 200:
+                    response.read()
+                    assert response.status_code < 500 and response.json()["error"]["message"], response.text
+                    return
+                events = _sse_events(response)
+            assert events[-1] == "[DONE]", events[-3:]
+            for event in map(json.loads, events[:-1]):
+                assert "error" not in event or event["error"]["message"], event
+
+        chat()
+    _unharmed(app, before)
+
+
+def test_grpc_stream(apps, before):
+    """ModelStreamInfer with the fuzzed requests of test_kserve_grpc, on one stream: each gets responses or an
+    in-band error with a message; the stream itself never fails."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc
+
+    app = apps["t5"]
+    channel = grpc.insecure_channel(app.grpc_url)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    metadata = tuple(app.grpc_headers.items())
+    seen: set[str] = set()
+
+    @FUZZ
+    @given(grpc_request())
+    def one(request):
+        request.id = "fuzz"
+        responses = list(stub.ModelStreamInfer(iter([request]), metadata=metadata, timeout=60))
+        assert responses, "no response on the stream"
+        for response in responses:
+            if response.error_message:
+                seen.add("error")
+            else:
+                seen.add("answer")
+                assert response.infer_response.model_name == "blip2"
+
+    one()
+    assert "error" in seen, seen
+    # and the stream still answers a valid request
+    valid = pb.ModelInferRequest(model_name="blip2", id="valid")
+    valid.inputs.add(name="IMAGE", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(image_bytes(3))
+    valid.parameters["max_new_tokens"].int64_param = 3
+    answers = list(stub.ModelStreamInfer(iter([valid]), metadata=metadata, timeout=60))
+    assert answers and not any(a.error_message for a in answers), answers
+    assert all(a.infer_response.model_name == "blip2" and a.infer_response.id == "valid" for a in answers)
+    channel.close()
+    _unharmed(app, before)
+
+
+@st.composite
+def embeddings_body(draw):
+    body = {"model": draw(st.sampled_from(["blip2_embed_text", "blip2_embed_text", "blip2", ""]))}
+    texts = st.text(max_size=16)
+    body["input"] = draw(st.one_of(texts, st.lists(texts, max_size=4), st.lists(st.just("x"), max_size=40), scalars,
+                                   json_values))  # fmt: skip
+    for name, values in {
+        "encoding_format": st.one_of(st.sampled_from(["float", "base64", "binary"]), scalars),
+        "dimensions": scalars,
+        "user": scalars,
+    }.items():
+        if draw(st.booleans()):
+            body[name] = draw(values)
+    return body
+
+
+def test_openai_embeddings(retrieval_app):
+    app = retrieval_app
+    fixed = {"model": "blip2_embed_text", "input": "a photo of a cat"}
+    with httpx.Client(timeout=60) as http:
+        first = http.post(f"{app.http}/v1/embeddings", json=fixed)
+        assert first.status_code == 200, first.text
+        seen: set[int] = set()
+
+        @FUZZ
+        @given(embeddings_body())
+        def one(body):
+            response = http.post(f"{app.http}/v1/embeddings", content=_json(body))
+            seen.add(response.status_code)
+            assert response.status_code < 500, (response.status_code, response.text[:500])
+            if response.status_code >= 400:
+                assert response.json()["error"]["message"], response.text
+            else:
+                data = response.json()["data"]
+                expected = len(body["input"]) if isinstance(body["input"], list) else 1
+                assert [item["index"] for item in data] == list(range(expected))
+
+        one()
+        assert 200 in seen and 400 in seen, seen
+        assert http.post(f"{app.http}/v1/embeddings", json=fixed).json()["data"] == first.json()["data"]

@@ -40,13 +40,16 @@ def exported(checkpoints, tmp_path_factory) -> dict[str, Path]:
             timeout=600,
             check=True,
         )
+        # the exporter's own check; test_onnxruntime_backend_gives_torch_embeddings_and_greedy_tokens checks it
         assert "max abs diff batch 1" in result.stdout and "greedy answers identical" in result.stdout
         graphs[llm] = out
     return graphs
 
 
 @pytest.mark.parametrize("llm", ["opt", "t5"])
-def test_export_writes_a_checked_graph_and_reports(exported, llm):
+def test_export_writes_a_checked_graph_and_reports(checkpoints, exported, llm):
+    from transformers import Blip2Config
+
     out = exported[llm]
     onnx.checker.check_model(str(out / "vision.onnx"))
     report = json.loads((out / "export_report.json").read_text())
@@ -56,9 +59,25 @@ def test_export_writes_a_checked_graph_and_reports(exported, llm):
         "image_embeds"
     ]
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    # the int8 graph is quantized (integer matmuls, int8 weights: a smaller file) and computes nearly what fp32 does
+    quantized = onnx.load(str(out / "vision_int8.onnx"))
+    ops = {node.op_type for node in quantized.graph.node}
+    assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops, sorted(ops)
+    assert not {"MatMulInteger", "DynamicQuantizeLinear"} & {node.op_type for node in graph.graph.node}
+    assert (out / "vision_int8.onnx").stat().st_size < (out / "vision.onnx").stat().st_size
+    size = Blip2Config.from_pretrained(checkpoints[llm]).vision_config.image_size
+    feed = {"pixel_values": np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)}
+    by_fp32, by_int8 = (
+        ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        for name in ("vision.onnx", "vision_int8.onnx")
+    )
+    cosine = (by_fp32 * by_int8).sum(-1) / np.linalg.norm(by_fp32, axis=-1) / np.linalg.norm(by_int8, axis=-1)
+    assert not np.array_equal(by_fp32, by_int8) and cosine.min() > 0.9, cosine.min()
+    # the report is the export's measurement: its figures agree with each other
     int8 = json.loads((out / "int8_report.json").read_text())
-    assert (out / "vision_int8.onnx").exists() and int8["answers"] == 32 and 0 <= int8["identical_share"] <= 1
-    assert int8["speed_ratio_fp32_over_int8"] > 0
+    assert int8["answers"] == 32 and int8["identical_share"] == int8["identical_greedy_answers"] / 32
+    times = int8["vision_median_ms"]
+    assert times["fp32"] > 0 and abs(int8["speed_ratio_fp32_over_int8"] - times["fp32"] / times["int8"]) < 0.01
 
 
 @pytest.mark.parametrize("llm", ["opt", "t5"])
@@ -143,11 +162,11 @@ def test_ray_serve_vision_stage_on_onnxruntime(serve_ports, apps, checkpoints, e
     from blip2_serve.serve.config import AppConfig
     from ray import serve
 
-    from tests.conftest import TEST_STAGE
+    from tests.conftest import TEST_MODEL, TEST_STAGE
 
     config = AppConfig.model_validate(
         {
-            "model": {"checkpoint": str(checkpoints["opt"])},
+            "model": {"checkpoint": str(checkpoints["opt"]), **TEST_MODEL},
             "vision": TEST_STAGE,
             "vision_backend": {"backend": "onnxruntime", "onnx_path": str(exported["opt"] / "vision.onnx")},
             "llm": TEST_STAGE,
