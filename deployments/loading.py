@@ -100,7 +100,14 @@ def resolve_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
 
 
 def _from_pretrained(cls, config: ModelConfig, **kwargs):
-    """`cls.from_pretrained(checkpoint)`: a local directory, or a hub name fetched (and cached) by transformers."""
+    """`cls.from_pretrained(checkpoint)`: a local directory, or a hub name fetched (and cached) by transformers.
+
+    Without transformers' progress bars below DEBUG: each replica's "Loading weights" bar reaches the console of
+    `blip2-serve run` (the driver resolves and downloads a hub name once, with its own bar, serve/checkpoints.py)."""
+    from transformers.utils import logging as transformers_logging
+
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        transformers_logging.disable_progress_bar()
     try:
         return cls.from_pretrained(
             config.checkpoint,

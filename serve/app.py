@@ -91,7 +91,12 @@ def build_app(config: AppConfig) -> Application:
             config.embedding_cache.max_bytes,
             cpu_turns=config.cpu_turns,
         )
-    ingress = Ingress.options(**config.ingress.deployment_options(gpus["ingress"], cpu_turns=config.cpu_turns))
+    options = config.ingress.deployment_options(gpus["ingress"], cpu_turns=config.cpu_turns)
+    # the ingress's access lines (one per client request) at this process's level, whatever Ray's own is
+    # (blip2-serve's --log-level, which the CLI sets on the "blip2_serve" logger; INFO under another driver)
+    chosen = logging.getLogger("blip2_serve").level or logging.INFO
+    options["logging_config"] = {"log_level": logging.getLevelName(chosen)}
+    ingress = Ingress.options(**options)
     return ingress.bind(vision, llm, config, DrainCoordinator.bind(), retrieval, metrics_directory=metrics)
 
 

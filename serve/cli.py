@@ -152,7 +152,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if address == "local":
             prepare_local_ray()
-        ray.init(address=address, num_cpus=args.num_cpus if address == "local" else None, include_dashboard=False)
+        for name in ("ray", "ray.serve"):  # Ray Serve's driver logger has a level of its own
+            logging.getLogger(name).setLevel(_ray_level())
+        num_cpus = args.num_cpus if address == "local" else None
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, logging_level=_ray_level())
         # ray.init installs its own SIGTERM handlers (sys.exit, then a crash dump and abort): ours goes back on top
         signal.signal(signal.SIGTERM, interrupt)
         problems = [] if args.wait_for_resources else placement.check(config)
@@ -161,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"blip2-serve: {problem}", file=sys.stderr, flush=True)
             ray.shutdown()
             return 2
+        print(f"blip2-serve: Ray is up; starting the model stages of {config.model.checkpoint}", flush=True)
         _deploy(config, document)
         url = f"http://{config.server.host}:{config.server.http_port}{config.route_prefix.rstrip('/')}"
         grpc = f", gRPC on port {config.server.grpc_port}" if config.server.grpc_port is not None else ""
@@ -184,8 +188,8 @@ def run(args: argparse.Namespace) -> int:
             serve.delete(config.app_name)
         except Exception as exc:  # interrupted before Serve was up: nothing to delete
             logger.warning("could not delete the application: %s", exc)
-        if address == "local":  # a cluster we joined keeps its Serve (and other applications)
-            serve.shutdown()
+        # a cluster we joined keeps its Serve (and other applications); a local one goes with ray.shutdown below
+        # (serve.shutdown there too only adds the raylet's lines about the controller's tasks it cut short)
     ray.shutdown()
     return 0
 
@@ -350,9 +354,16 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def _ray_level() -> int:
+    """Ray's and Ray Serve's own log level (the driver, the controller, the proxies): WARNING unless `--log-level`
+    is DEBUG, so that the console holds this server's lines (and one access line per request), not Ray's start-up
+    banner and routing tables."""
+    level = logging.getLogger().level
+    return level if level <= logging.DEBUG else max(level, logging.WARNING)
+
+
 def _serve_logging() -> dict[str, str]:
-    """Ray Serve's own log level (controller, proxies): the one `--log-level` set for this process."""
-    return {"log_level": logging.getLevelName(logging.getLogger().level)}
+    return {"log_level": logging.getLevelName(_ray_level())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.INFO if server_side else logging.WARNING  # client commands print only their results
     level = getattr(args, "log_level", None) or level
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("blip2_serve").setLevel(level)  # read where the server is built (serve/app.py)
     from blip2_serve.clients.errors import Blip2Error
 
     try:

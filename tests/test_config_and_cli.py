@@ -162,6 +162,13 @@ def test_make_tiny_then_run_serves_stock_tritonclient(tmp_path):
         code = server.stop(signal.SIGINT)
     assert code == 0, server.output
     assert "shutting down" in server.output
+    # from start to exit the console holds this server's lines, the access lines and nothing of Ray's or
+    # transformers' start-up chatter (the lines of a run before: banner, routing table, progress bars, the
+    # controller's deployments, the raylet on shutdown) and no unretrieved-future tracebacks
+    for noise in ("Started a local Ray instance", "RoutePattern", "Loading weights", "Deploying new version",
+                  "(raylet)", "never retrieved", "Traceback", "is deprecated"):  # fmt: skip
+        assert noise not in server.output, (noise, server.output)
+    assert len(server.lines) <= 20, server.output
 
 
 def test_placement_is_checked_before_serving_on_two_cpus(tmp_path, checkpoints, itm_checkpoint):
@@ -234,7 +241,7 @@ def test_a_signal_while_starting_stops_cleanly(tmp_path, checkpoints):
     port = free_port()
     command = [BLIP2_SERVE, "run", "--model", str(checkpoints["opt"]), "--port", str(port), "--grpc-port", "0"]
     server = _Server([*command, "--num-cpus", "4"])
-    server.wait_for("Started Serve")  # Ray is up, the model is not
+    server.wait_for("starting the model stages")  # Ray is up, the model is not
     code = server.stop(signal.SIGTERM)
     assert code == 0, server.output
     assert "shutting down" in server.output and "Traceback" not in server.output
