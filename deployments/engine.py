@@ -12,11 +12,13 @@ whatever it is batched with); beam search runs between steps as an exclusive job
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,6 +26,7 @@ import torch
 from blip2_serve.deployments import faults
 from blip2_serve.deployments.cores import BusySignal, CoreTurns, turn_of
 from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest
+from blip2_serve.deployments.head import GreedyHead
 from blip2_serve.deployments.text import TextAssembler
 from blip2_serve.deployments.types import GenerateResult
 from transformers import (
@@ -77,6 +80,18 @@ def _join_layers(running: DynamicCache, joining: DynamicCache, left: bool = True
         mine.values = torch.cat([_pad(mine.values, length, 2, left), _pad(theirs.values, length, 2, left)])
 
 
+def _cache_argument(model) -> str:
+    """The name this transformers version's forward takes the KV cache by: `cache` (from 5.2x, where the old
+    `past_key_values` still works but warns on every call) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output):
+    """The KV cache a forward returned (`cache`, or `past_key_values` in older transformers)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def _select_layers(cache: DynamicCache, rows: torch.Tensor, first_column: int = 0) -> None:
     for layer in cache.layers:
         layer.keys = layer.keys[rows, :, first_column:]
@@ -113,6 +128,10 @@ class ContinuousBatcher:
         # latency at concurrency 1, and ask_many's prompts arrive in one call anyway (LLMDeployment.generate_many).
         self.gather_s = gather_s
         self.model = generator.model.language_model
+        self._cache_argument = _cache_argument(self.model)
+        # on CPU, where the model keeps PyTorch's linear: greedy tokens from a faster, checked output projection
+        self.head = GreedyHead.install(self.model)
+        self._fast_logits = False  # whether the last forward's logits came from the head's fast GEMM
         self._incoming: queue.Queue[Sequence] = queue.Queue()
         self._handover = threading.Lock()  # held while sequences are handed over and while the engine takes them
         self._exclusive: queue.Queue[tuple[Callable, tuple, Future]] = queue.Queue()
@@ -291,24 +310,26 @@ class ContinuousBatcher:
                 inputs_embeds = inputs_embeds[:, queries:]
             else:
                 cache = None
-            output = self.model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )  # logits of the last position only: the vocabulary projection is the biggest matmul at prefill
-            return output.logits[:, -1], {"cache": output.past_key_values, "mask": attention_mask}
+            with self._head_for(sequences):
+                output = self.model(
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=attention_mask,
+                    **{self._cache_argument: cache},
+                    use_cache=True,
+                    logits_to_keep=1,
+                )  # logits of the last position only: the vocabulary projection is the biggest matmul at prefill
+            return output.logits[:, -1], {"cache": _returned_cache(output), "mask": attention_mask}
         encoder_states = self.model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask)[0]
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         decoder_input = torch.full((len(items), 1), self.model.config.decoder_start_token_id, device=generator.device)
-        output = self.model(
-            encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
-            attention_mask=attention_mask,
-            decoder_input_ids=decoder_input,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        with self._head_for(sequences):
+            output = self.model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input,
+                **{self._cache_argument: cache},
+                use_cache=True,
+            )
         caches = {
             "cache": cache.self_attention_cache,
             "cross": cache.cross_attention_cache,
@@ -342,7 +363,7 @@ class ContinuousBatcher:
             use_cache=True,
             logits_to_keep=1,
         )
-        cache = output.past_key_values
+        cache = _returned_cache(output)
         where = torch.tensor([unique.index(row) for row in rows], device=prefix_embeds.device)
         _select_layers(cache, where)
         return cache
@@ -366,19 +387,22 @@ class ContinuousBatcher:
         started = time.perf_counter()
         last = torch.tensor([[s.generated[-1]] for s in self._running], device=self.generator.device)
         mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
-        if self.generator.decoder_only:
-            output = self.model(input_ids=last, attention_mask=mask, past_key_values=self._cache, use_cache=True)
-        else:
-            cache = EncoderDecoderCache(self._cache, self._cross)
-            cache.is_updated = {layer: True for layer in range(len(self._cross.layers))}
-            output = self.model(
-                encoder_outputs=BaseModelOutput(last_hidden_state=self._encoder_states),
-                attention_mask=self._encoder_mask,
-                decoder_input_ids=last,
-                decoder_attention_mask=mask,
-                past_key_values=cache,
-                use_cache=True,
-            )
+        with self._head_for(self._running):
+            if self.generator.decoder_only:
+                output = self.model(
+                    input_ids=last, attention_mask=mask, use_cache=True, **{self._cache_argument: self._cache}
+                )
+            else:
+                cache = EncoderDecoderCache(self._cache, self._cross)
+                cache.is_updated = {layer: True for layer in range(len(self._cross.layers))}
+                output = self.model(
+                    encoder_outputs=BaseModelOutput(last_hidden_state=self._encoder_states),
+                    attention_mask=self._encoder_mask,
+                    decoder_input_ids=last,
+                    decoder_attention_mask=mask,
+                    **{self._cache_argument: cache},
+                    use_cache=True,
+                )
         self._mask = mask
         self.steps += 1
         self.stepped += len(self._running)
@@ -387,18 +411,56 @@ class ContinuousBatcher:
             self.on_step(len(self._running), time.perf_counter() - started)
         self._emit(list(self._running), output.logits[:, -1])
 
+    @staticmethod
+    def _plain(sequence: Sequence) -> bool:
+        """Whether the sequence's next token is an argmax (no processors or sampling; end-of-sequence left out
+        while it is under its minimum length)."""
+        return not (sequence.processors or sequence.item.request.params.do_sample)
+
+    def _banned(self, sequence: Sequence) -> list[int]:
+        """Tokens the sequence may not take next: end-of-sequence while under its minimum length."""
+        too_short = len(sequence.generated) < sequence.item.request.params.min_new_tokens
+        return list(self.generator.eos_ids) if too_short else []
+
+    @contextmanager
+    def _head_for(self, sequences: list[Sequence]):
+        """A forward over `sequences`: through the head's fast GEMM where one of them takes a plain greedy token."""
+        self._fast_logits = self.head is not None and any(self._plain(s) for s in sequences)
+        if self._fast_logits:
+            self.head.fast = True
+        try:
+            yield
+        finally:
+            if self.head is not None:
+                self.head.fast = False
+
     def _emit(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
         """Choose each sequence's next token from `logits [len(sequences), vocab]`, then retire finished ones.
 
-        Plain greedy rows take one argmax over the whole batch; rows with processors, sampling or a minimum
-        length go one by one."""
-        greedy = logits.argmax(-1).tolist()
+        Greedy rows without processors take one argmax over the whole batch (end-of-sequence left out under a
+        minimum length; from fast logits, checked: deployments/head.py); rows with processors or sampling go one by
+        one, on PyTorch's logits."""
+        plain = [row for row, sequence in enumerate(sequences) if self._plain(sequence)]
+        banned = {row: self._banned(sequences[row]) for row in plain}
+        exact: dict[int, torch.Tensor] = {}
+        if self._fast_logits:
+            greedy = self.head.greedy(logits, plain, banned) if plain else {}
+            others = [row for row in range(len(sequences)) if row not in greedy]
+            if others:
+                exact = dict(zip(others, self.head.exact(others)))
+        else:
+            scores = logits[plain].float()
+            if any(banned.values()):
+                scores = scores.clone()
+                for index, row in enumerate(plain):
+                    scores[index, banned[row]] = -float("inf")
+            greedy = dict(zip(plain, scores.argmax(-1).tolist())) if plain else {}
         finished = []
         for row, sequence in enumerate(sequences):
             params = sequence.item.request.params
             too_short = len(sequence.generated) < params.min_new_tokens
-            if sequence.processors or params.do_sample or too_short:
-                scores = logits[row : row + 1].float()
+            if row not in greedy:
+                scores = (exact[row] if row in exact else logits[row]).unsqueeze(0).float()
                 if too_short:
                     scores[:, list(self.generator.eos_ids)] = -float("inf")
                 if sequence.processors:

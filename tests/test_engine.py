@@ -204,3 +204,64 @@ def test_a_short_request_sent_during_a_long_one_finishes_first(apps):
     thread.join()
     assert usage["completion_tokens"] == 64, "the long answer must really be long"
     assert finished["short"] < finished["long"]
+
+
+def test_the_fast_output_projection_keeps_the_exact_argmax():
+    """deployments/head.py: given fast logits off by up to its error bound in the worst direction (the runner-up
+    raised, the maximum lowered, so that the fast argmax is wrong), each row's token is still the exact argmax,
+    from a float64 recount of the candidates; rows far from a tie need none; banned tokens are never taken."""
+    import torch
+    from blip2_serve.deployments.head import GreedyHead
+    from torch import nn
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 50, bias=True)
+    with torch.no_grad():
+        linear.weight[7] = linear.weight[3] + 1e-7  # two columns in a near tie for every input
+        linear.bias[7] = linear.bias[3]
+    model = nn.Module()
+    model.lm_head = linear
+    model.get_output_embeddings = lambda: model.lm_head
+    model.set_output_embeddings = lambda module: setattr(model, "lm_head", module)
+    head = GreedyHead.install(model)
+    assert head is model.lm_head and GreedyHead.install(model) is head
+    inputs = torch.randn(6, 64)
+    inputs[:3] = inputs[:3] * 0.01 + linear.weight[3].detach()  # rows 0-2: 3 and 7 lead, in a near tie
+    with torch.inference_mode():
+        head.fast = True
+        fast = head(inputs)
+        head.fast = False
+        exact = (inputs.double() @ linear.weight.double().T + linear.bias.double()).argmax(-1).tolist()
+        bound = head.gamma * inputs.norm(dim=-1) * head.max_row_norm
+        adversarial = fast.clone()
+        for row, token in enumerate(exact):
+            runner_up = 7 if token == 3 else 3
+            adversarial[row, token] -= 0.9 * bound[row]
+            adversarial[row, runner_up] += 0.9 * bound[row]
+        assert [int(t) for t in adversarial[:3].argmax(-1)] != exact[:3]  # the fast argmax alone would be wrong
+        tokens = head.greedy(adversarial, list(range(6)))
+        assert [tokens[row] for row in range(6)] == exact
+        assert head.checked >= 3 and head.rows == 6
+        banned = head.greedy(fast, [0, 1], {0: [exact[0]], 1: []})
+        assert banned[0] != exact[0] and banned[1] == exact[1]
+        assert torch.equal(head.exact([0, 4]), linear(inputs[[0, 4]]))  # whole rows: PyTorch's own logits
+
+
+def test_t5_engine_uses_the_checked_output_projection(checkpoints):
+    """On CPU a Flan-T5 engine takes greedy tokens through the checked fast projection (OPT packs its whole model
+    instead) and they equal generate's."""
+    model = ModelConfig(checkpoint=str(checkpoints["t5"]), device="cpu")
+    vision, generator = VisionEncoder(model), LanguageGenerator(model)
+    embeds = vision.encode([vision.preprocess(check_image(image_bytes(850 + i))) for i in range(4)])
+    prepared = [
+        generator.prepare(GenerateRequest(f"h{i}", None, "", GenerationParams(max_new_tokens=10, min_new_tokens=i)), e)
+        for i, e in enumerate(embeds)
+    ]
+    alone = [generator.run([p])[0].token_ids for p in prepared]
+    engine = ContinuousBatcher(generator, max_running=4)
+    assert engine.head is not None
+    futures = [_submit(engine, item) for item in prepared]
+    assert [f.result(timeout=120).token_ids for f in futures] == alone
+    assert engine.head.rows >= 4
+    opt = LanguageGenerator(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu"))
+    assert ContinuousBatcher(opt).head is None
