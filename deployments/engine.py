@@ -26,7 +26,7 @@ import torch
 from blip2_serve.deployments import faults
 from blip2_serve.deployments.cores import BusySignal, CoreTurns, turn_of
 from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest
-from blip2_serve.deployments.head import GreedyHead
+from blip2_serve.deployments.head import GreedyHead, without_banned
 from blip2_serve.deployments.text import TextAssembler
 from blip2_serve.deployments.types import GenerateResult
 from transformers import (
@@ -449,12 +449,7 @@ class ContinuousBatcher:
             if others:
                 exact = dict(zip(others, self.head.exact(others)))
         else:
-            scores = logits[plain].float()
-            if any(banned.values()):
-                scores = scores.clone()
-                for index, row in enumerate(plain):
-                    scores[index, banned[row]] = -float("inf")
-            greedy = dict(zip(plain, scores.argmax(-1).tolist())) if plain else {}
+            greedy = dict(zip(plain, without_banned(logits, plain, banned).argmax(-1).tolist())) if plain else {}
         finished = []
         for row, sequence in enumerate(sequences):
             params = sequence.item.request.params

@@ -22,11 +22,23 @@ from __future__ import annotations
 import logging
 
 import torch
+from blip2_serve.deployments.loading import PackedLinear
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
 UNIT_ROUNDOFF = 2.0**-24  # fp32
+
+
+def without_banned(logits: torch.Tensor, rows: list[int], banned: dict[int, list[int]] | None) -> torch.Tensor:
+    """`logits[rows]` (fp32) with each row's `banned` tokens at -inf (a copy where any are banned)."""
+    scores = logits[rows].float()
+    if banned and any(banned.get(row) for row in rows):
+        scores = scores.clone()
+        for index, row in enumerate(rows):
+            if banned.get(row):
+                scores[index, banned[row]] = -float("inf")
+    return scores
 
 
 class GreedyHead(nn.Module):
@@ -35,8 +47,8 @@ class GreedyHead(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.linear = linear
+        self.packed = PackedLinear(linear)  # the same weight, packed once for oneDNN (deployments/loading.py)
         weight = linear.weight.detach()
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, None))
         self.max_row_norm = float(weight.norm(dim=1).max())
         features = weight.shape[1]
         self.gamma = features * UNIT_ROUNDOFF / (1 - features * UNIT_ROUNDOFF)
@@ -72,7 +84,7 @@ class GreedyHead(nn.Module):
         if not self.fast:
             return self.linear(x)
         self.inputs = x[:, -1] if x.dim() == 3 else x
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.linear.bias, "none", [], "")
+        return self.packed(x)
 
     def exact(self, rows: list[int]) -> torch.Tensor:
         """PyTorch's logits `[len(rows), V]` for rows of the last fast call (sampling and processors read these)."""
@@ -84,10 +96,7 @@ class GreedyHead(nn.Module):
         """The exact argmax of each of `rows` of the last fast call's `logits [B, V]`, leaving out a row's `banned`
         tokens (end-of-sequence before a minimum length)."""
         inputs = self.inputs[rows]
-        fast = logits[rows].float().clone() if banned else logits[rows].float()
-        for index, row in enumerate(rows):
-            if banned and banned.get(row):
-                fast[index, banned[row]] = -float("inf")
+        fast = without_banned(logits, rows, banned)
         top = fast.topk(2, dim=-1)
         bound = self.gamma * inputs.norm(dim=-1) * self.max_row_norm
         tokens = top.indices[:, 0].tolist()

@@ -228,5 +228,10 @@ class LLMDeployment:
                 "running": self._engine.running,
             }
         where = {"pid": os.getpid(), "node_id": _node_id()}
-        split = {"split_batches": self._generator.split_batches}
-        return {**self._worker.stats(), **split, "streams": dict(self._streams), "engine": engine, **where}
+        return {
+            **self._worker.stats(),
+            "split_batches": self._generator.split_batches,
+            "streams": dict(self._streams),
+            "engine": engine,
+            **where,
+        }

@@ -107,10 +107,7 @@ async def model_config(model_name: str, version: str = "", ingress: Ingress = De
 
 
 @router.post("/v2/models/{model_name}/infer", openapi_extra=INFER_BODY)
-@router.post(
-    "/v2/models/{model_name}/versions/{version}/infer",
-    openapi_extra=schemas.body(schemas.InferRequestBody, binary=True),
-)
+@router.post("/v2/models/{model_name}/versions/{version}/infer", openapi_extra=INFER_BODY)
 async def infer(
     model_name: str, request: Request, version: str = "", ingress: Ingress = Depends(current_ingress)
 ) -> Response:
@@ -177,9 +174,7 @@ async def generate(
 
 
 @router.post("/v2/models/{model_name}/generate_stream", openapi_extra=GENERATE_BODY)
-@router.post(
-    "/v2/models/{model_name}/versions/{version}/generate_stream", openapi_extra=schemas.body(schemas.GenerateBody)
-)
+@router.post("/v2/models/{model_name}/versions/{version}/generate_stream", openapi_extra=GENERATE_BODY)
 async def generate_stream(
     model_name: str, request: Request, version: str = "", ingress: Ingress = Depends(current_ingress)
 ) -> Response:
