@@ -27,6 +27,22 @@ class TensorSpec:
         """The `data_type` a Triton model config uses for this datatype."""
         return "TYPE_STRING" if self.datatype == "BYTES" else f"TYPE_{self.datatype}"
 
+    def metadata(self) -> dict:
+        """The tensor in KServe v2 model metadata: its shape with the batch dimension (-1) first."""
+        return {"name": self.name, "datatype": self.datatype, "shape": [-1, *self.dims]}
+
+    def config(self, dims: tuple[int, ...] | list[int] | None = None) -> dict:
+        """The tensor in a Triton model configuration (JSON form; config.pbtxt is the same message as text), with
+        `dims` where a checkpoint makes the contract's -1s concrete."""
+        tensor: dict = {
+            "name": self.name,
+            "data_type": self.triton_type,
+            "dims": list(self.dims if dims is None else dims),
+        }
+        if self.optional:
+            tensor["optional"] = True
+        return tensor
+
 
 # IMAGE: one encoded image file (PNG, JPEG, WebP, ...) per batch row; request shape [N, 1] (or [N]).
 IMAGE = TensorSpec("IMAGE", "BYTES", (1,))
@@ -37,6 +53,11 @@ TEXT = TensorSpec("TEXT", "BYTES", (1,))
 
 INPUTS = (IMAGE, PROMPT)
 OUTPUTS = (TEXT,)
+
+# The model names of the stages: their metrics and statistics on the server, their models in the Triton repository.
+VISION_MODEL = "blip2_vision"  # vision tower + Q-Former + language projection
+LLM_MODEL = "blip2_llm"  # the language model
+RETRIEVAL_STAGE_MODEL = "blip2_retrieval"  # the retrieval checkpoint's stage (its three models count at the server)
 
 # Retrieval models (a BLIP-2 ITM checkpoint, `retrieval:` in the server config). Embeddings are L2-normalised
 # (deployments/retrieval_model.py documents the pooling); the cosine of two is their dot product.
@@ -95,7 +116,10 @@ MAX_PROMPT_TOKENS = 512  # prompt tokens a request may send (the image's query t
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # one encoded image file
 MAX_IMAGE_PIXELS = 40_000_000  # one decoded image, width x height (decompression bombs)
 MAX_IMAGES_PER_REQUEST = 8
-MAX_BATCH_SIZE = 8  # rows per model execution (vision batch, LLM decode batch, a Triton model's max_batch_size)
+MAX_BATCH_SIZE = 8  # rows per model execution where nothing else is said (a stage's batch, a Triton model's)
+# The served vision and LLM stages' batch: 16 images per vision execution, 16 running sequences per decode step
+# (a decode step reads every weight whatever the batch; bench/results/realistic-*.md measured 16 against 8).
+STAGE_BATCH_SIZE = 16
 
 # Request parameters that stock Triton clients may send and that are not generation parameters.
 TRANSPORT_PARAMETERS = frozenset(

@@ -10,7 +10,7 @@ import time
 from contextlib import ExitStack
 from typing import AsyncIterator
 
-from blip2_serve.clients.contract import MAX_PROMPT_TOKENS
+from blip2_serve.clients.contract import LLM_MODEL, MAX_PROMPT_TOKENS
 from blip2_serve.deployments.batching import DynamicBatcher, ModelWorker
 from blip2_serve.deployments.config import BatchConfig, ModelConfig
 from blip2_serve.deployments.cores import cpu_turns as cpu_turns_for
@@ -58,7 +58,7 @@ class LLMDeployment:
         self._generator = LanguageGenerator(model, max_prompt_tokens)
         turns = cpu_turns_for(str(self._generator.device), cpu_turns, torch_threads)
         vision = vision_signal() if turns is not None else None  # the stage that feeds this one, on this node
-        self._metrics = MetricsRecorder("blip2_llm", metrics_directory)
+        self._metrics = MetricsRecorder(LLM_MODEL, metrics_directory)
         self._engine = (
             ContinuousBatcher(
                 self._generator, batch.max_batch_size, turns=turns, upstream=vision, on_step=self._record_step

@@ -12,6 +12,7 @@ from functools import partial
 
 import numpy as np
 import torch
+from blip2_serve.clients.contract import RETRIEVAL_STAGE_MODEL
 from blip2_serve.deployments.batching import DynamicBatcher, ModelWorker, run_isolated
 from blip2_serve.deployments.cache import EmbeddingCache
 from blip2_serve.deployments.config import BatchConfig, ModelConfig
@@ -43,7 +44,7 @@ class RetrievalDeployment:
         turns = cpu_turns_for(str(self._model.device), cpu_turns, torch_threads)
         self._preprocess = ImagePreprocessor(None, limits, image_processor=self._model.processor.image_processor)
         self._worker = ModelWorker("retrieval", turns=turns)
-        self._metrics = MetricsRecorder("blip2_retrieval", metrics_directory)
+        self._metrics = MetricsRecorder(RETRIEVAL_STAGE_MODEL, metrics_directory)
         # The vision stage's cache, for this stage's vision tower: an image embedded, then matched against texts
         # (or indexed again) runs the tower once.
         self._cache = EmbeddingCache(cache_bytes) if cache_bytes else None

@@ -10,6 +10,7 @@ from contextlib import nullcontext
 from functools import partial
 
 import torch
+from blip2_serve.clients.contract import VISION_MODEL
 from blip2_serve.deployments.batching import DynamicBatcher, ModelWorker, run_isolated
 from blip2_serve.deployments.cache import EmbeddingCache
 from blip2_serve.deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
@@ -44,7 +45,7 @@ class VisionDeployment:
         self._worker = ModelWorker("vision", turns=turns)
         self._busy = vision_signal() if turns is not None else None  # this application's LLM stage reads it
         self._cache = EmbeddingCache(cache_bytes) if cache_bytes else None
-        self._metrics = MetricsRecorder("blip2_vision", metrics_directory)
+        self._metrics = MetricsRecorder(VISION_MODEL, metrics_directory)
         self._batcher = DynamicBatcher(self._embed_batch, batch)
         logger.info("vision stage ready (%s backend)", self._encoder.backend.name)
 

@@ -15,11 +15,22 @@ import shutil
 import sys
 from pathlib import Path
 
-from blip2_serve.clients.contract import IMAGE, IMAGE_EMBEDS, MAX_BATCH_SIZE, PIXEL_VALUES, PROMPT, TEXT, TensorSpec
+from blip2_serve.clients.contract import (
+    IMAGE,
+    IMAGE_EMBEDS,
+    LLM_MODEL,
+    MAX_BATCH_SIZE,
+    MODEL_NAME,
+    PIXEL_VALUES,
+    PROMPT,
+    TEXT,
+    VISION_MODEL,
+    TensorSpec,
+)
 from blip2_serve.deployments.config import ModelConfig
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 
-VISION, LLM, PUBLIC = "blip2_vision", "blip2_llm", "blip2"
+VISION, LLM, PUBLIC = VISION_MODEL, LLM_MODEL, MODEL_NAME
 MODULES = {
     VISION: "blip2_serve.exporters.triton_models.vision",
     LLM: "blip2_serve.exporters.triton_models.llm",
@@ -34,10 +45,11 @@ def _model_config_pb2():
 
 
 def _tensor(message, spec: TensorSpec, dims: list[int]) -> None:
-    message.name, message.dims[:] = spec.name, dims
-    message.data_type = _model_config_pb2().DataType.Value(spec.triton_type)
-    if spec.optional and hasattr(message, "optional"):
-        message.optional = True
+    """The contract's rendering of a tensor (the one the server's /config answers), into a ModelInput/ModelOutput."""
+    described = spec.config(dims)
+    if not hasattr(message, "optional"):  # ModelOutput has no such field
+        described.pop("optional", None)
+    json_format.ParseDict(described, message)
 
 
 def model_config(

@@ -6,10 +6,12 @@ import json
 
 from blip2_serve.clients.contract import (
     DEFAULT_MAX_NEW_TOKENS,
+    LLM_MODEL,
     MAX_BATCH_SIZE,
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
     MAX_PROMPT_TOKENS,
+    VISION_MODEL,
 )
 from blip2_serve.deployments.config import ModelConfig
 from blip2_serve.deployments.images import ImageLimits
@@ -30,8 +32,8 @@ class TritonSettings(BaseModel):
     max_image_pixels: int = MAX_IMAGE_PIXELS
     max_prompt_tokens: int = MAX_PROMPT_TOKENS
     default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    vision_model: str = "blip2_vision"
-    llm_model: str = "blip2_llm"
+    vision_model: str = VISION_MODEL
+    llm_model: str = LLM_MODEL
 
     @classmethod
     def from_args(cls, args: dict) -> TritonSettings:

@@ -97,7 +97,8 @@ def build_app(config: AppConfig) -> Application:
     chosen = logging.getLogger("blip2_serve").level or logging.INFO
     options["logging_config"] = {"log_level": logging.getLevelName(chosen)}
     ingress = Ingress.options(**options)
-    return ingress.bind(vision, llm, config, DrainCoordinator.bind(), retrieval, metrics_directory=metrics)
+    door = {"vision": vision, "llm": llm, "config": config, "retrieval": retrieval, "metrics_directory": metrics}
+    return ingress.bind(DrainCoordinator.bind(), **door)
 
 
 # The embedded (single-node) Ray's serving machinery wakes less often than Ray's defaults (a 10 Hz controller loop,

@@ -11,6 +11,7 @@ from typing import AsyncIterator, TypeVar
 
 from blip2_serve.deployments.errors import Blip2ServeError, InvalidInput, PayloadTooLarge, status_of
 from blip2_serve.serve.auth import is_public_path
+from blip2_serve.serve.frontdoor import FrontDoor
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -43,8 +44,8 @@ def _route_path(scope) -> str:
 
 def _headers_for(status: int) -> dict[str, str]:
     if status == 503:  # retriable: say when (overload, a replica being replaced)
-        ingress = _ingress_or_none()
-        return {"retry-after": str(ingress.server.retry_after_s if ingress is not None else 1)}
+        door = _door_or_none()
+        return {"retry-after": str(door.server.retry_after_s if door is not None else 1)}
     if status == 401:
         return {"www-authenticate": 'Bearer realm="blip2-serve"'}
     return {}
@@ -95,16 +96,17 @@ app.add_exception_handler(RequestValidationError, _on_validation_error)
 app.add_exception_handler(Exception, _on_error)
 
 
-def current_ingress():
-    """The Ingress instance serving this request (a FastAPI dependency): routes are plain functions."""
+def front_door() -> FrontDoor:
+    """The FrontDoor of the Ingress replica serving this request (a FastAPI dependency): routes are plain
+    functions that receive it."""
     from ray import serve
 
-    return serve.get_replica_context().servable_object
+    return serve.get_replica_context().servable_object.door
 
 
-def _ingress_or_none():
+def _door_or_none() -> FrontDoor | None:
     try:
-        return current_ingress()
+        return front_door()
     except Exception:  # outside a replica (unit tests of the app)
         return None
 
@@ -118,22 +120,22 @@ class EdgeMiddleware:
         self.app = asgi_app
 
     async def __call__(self, scope, receive, send):
-        ingress = _ingress_or_none() if scope["type"] == "http" else None
-        if ingress is None or is_public_path(_route_path(scope)):
+        door = _door_or_none() if scope["type"] == "http" else None
+        if door is None or is_public_path(_route_path(scope)):
             await self.app(scope, receive, send)
             return
-        key = getattr(ingress, "api_key", None)
+        key = door.api_key
         if key is not None:
             authorization = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
             if not key.accepts(authorization):
                 message = "missing or wrong API key: send Authorization: Bearer <key>"
                 await error_response(Request(scope), 401, message, "invalid_api_key")(scope, receive, send)
                 return
-        if ingress.draining:
+        if door.draining:
             message = "the server is shutting down; retry (another replica or server takes it)"
             await error_response(Request(scope), 503, message)(scope, receive, send)
             return
-        with ingress.admitted(pending=_route_path(scope) != "/metrics"):  # a scrape does not count itself
+        with door.admitted(pending=_route_path(scope) != "/metrics"):  # a scrape does not count itself
             await self.app(scope, receive, send)
 
 

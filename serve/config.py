@@ -17,6 +17,7 @@ from blip2_serve.clients.contract import (
     MAX_NEW_TOKENS_LIMIT,
     MAX_PROMPT_TOKENS,
     MODEL_NAME,
+    STAGE_BATCH_SIZE,
 )
 from blip2_serve.deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
 from blip2_serve.deployments.images import ImageLimits
@@ -109,9 +110,9 @@ class LLMStageConfig(StageConfig):
     between steps (beam search runs as whole batches); `static`: whole dynamic batches through `generate`."""
 
     scheduler: Literal["continuous", "static"] = "continuous"
-    # 16 running sequences: a decode step reads every weight whatever the batch, so one step over 16 sequences costs
-    # far less than 16 over one; 16 concurrent captions then take ~20 steps, not ~40 (bench/results/realistic-*.md).
-    batch: BatchConfig = BatchConfig(max_batch_size=16)
+    # STAGE_BATCH_SIZE running sequences: a decode step reads every weight whatever the batch, so one step over 16
+    # sequences costs far less than 16 over one; 16 concurrent captions take ~20 steps, not ~40.
+    batch: BatchConfig = BatchConfig(max_batch_size=STAGE_BATCH_SIZE)
 
 
 class RetrievalStageConfig(StageConfig):
@@ -181,8 +182,8 @@ class AppConfig(BaseModel):
     model: ModelConfig
     server: ServerConfig = ServerConfig()
     ingress: StageConfig = Field(default_factory=_ingress_default)
-    # 16 images a batch, as the LLM stage's 16 sequences: what arrived while the tower was busy runs together
-    vision: StageConfig = StageConfig(batch=BatchConfig(max_batch_size=16))
+    # STAGE_BATCH_SIZE images a batch, as the LLM stage's sequences: what arrived while the tower was busy runs together
+    vision: StageConfig = StageConfig(batch=BatchConfig(max_batch_size=STAGE_BATCH_SIZE))
     vision_backend: VisionBackendConfig = VisionBackendConfig()
     embedding_cache: EmbeddingCacheConfig = EmbeddingCacheConfig()
     llm: LLMStageConfig = LLMStageConfig()

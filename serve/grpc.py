@@ -1,6 +1,7 @@
 """KServe v2 / Triton gRPC (`inference.GRPCInferenceService`) on Ray Serve's gRPC proxy.
 
-Mixed into serve/ingress.Ingress: Ray routes each RPC to the method of the same name. Messages are
+Mixed into serve/ingress.Ingress: Ray routes each RPC to the method of the same name, which parses, calls the
+replica's FrontDoor (`self.door`, serve/frontdoor.py) and renders. Messages are
 tritonclient's own generated classes (serve/grpc_protos.py). Requests become the same InferRequest as over
 HTTP (deployments/kserve.py), errors get their gRPC code from deployments/errors.status_of.
 ModelStreamInfer streams the text of one image per request as it is generated, Triton-decoupled style: each
@@ -23,6 +24,7 @@ from blip2_serve.serve import metadata, retrieval
 from blip2_serve.serve.asgi import primed
 from blip2_serve.serve.auth import PUBLIC_GRPC_METHODS
 from blip2_serve.serve.deadline import Deadline, deadline_s, within
+from blip2_serve.serve.frontdoor import FrontDoor
 from blip2_serve.serve.grpc_protos import model_config_pb2
 from blip2_serve.serve.grpc_protos import service_pb2 as pb
 from google.protobuf import json_format
@@ -87,7 +89,7 @@ def _with_status(empty_response):
                 if method.__name__ in PUBLIC_GRPC_METHODS:
                     return await method(self, request)
                 self.authenticate(grpc_context)
-                with self.admitted():
+                with self.door.admitted():
                     return await method(self, request)
             except Exception as exc:
                 _, code, message = status_of(exc)
@@ -105,14 +107,16 @@ def _with_status(empty_response):
 
 
 class TritonGrpcMethods:
-    """GRPCInferenceService methods, mixed into serve/ingress.Ingress (uses its pipeline, config, server, api_key)."""
+    """GRPCInferenceService methods, mixed into serve/ingress.Ingress (which holds `door`)."""
+
+    door: FrontDoor
 
     def authenticate(self, grpc_context) -> None:
         """Raise Unauthenticated unless the call's `authorization` metadata carries the API key (when one is set)."""
-        if self.api_key is None:
+        if self.door.api_key is None:
             return
         metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
-        if not self.api_key.accepts(metadata.get("authorization")):
+        if not self.door.api_key.accepts(metadata.get("authorization")):
             raise Unauthenticated("missing or wrong API key: send metadata authorization: Bearer <key>")
 
     @_with_status(pb.ServerLiveResponse)
@@ -121,14 +125,14 @@ class TritonGrpcMethods:
 
     @_with_status(pb.ServerReadyResponse)
     async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=not await self.not_ready())
+        return pb.ServerReadyResponse(ready=not await self.door.not_ready())
 
     @_with_status(pb.ModelReadyResponse)
     async def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
-        served = request.name == self.server.model_name or self.serves_retrieval(request.name)
+        served = request.name == self.door.server.model_name or self.door.serves_retrieval(request.name)
         if not served or request.version not in ("", MODEL_VERSION):
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=not await self.not_ready(request.name))
+        return pb.ModelReadyResponse(ready=not await self.door.not_ready(request.name))
 
     @_with_status(pb.ServerMetadataResponse)
     async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
@@ -136,35 +140,35 @@ class TritonGrpcMethods:
 
     @_with_status(pb.ModelMetadataResponse)
     async def ModelMetadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
-        self.check_model(request.name, request.version)
-        if self.serves_retrieval(request.name):
-            return json_format.ParseDict(retrieval.model_metadata(request.name), pb.ModelMetadataResponse())
-        return json_format.ParseDict(metadata.model_metadata(self.config), pb.ModelMetadataResponse())
+        described = self.door.model_metadata(request.name, request.version)
+        return json_format.ParseDict(described, pb.ModelMetadataResponse())
 
     @_with_status(pb.RepositoryIndexResponse)
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
         """The models served here and their state (READY, or UNAVAILABLE with the pending stages)."""
-        return json_format.ParseDict({"models": await self.repository_index()}, pb.RepositoryIndexResponse())
+        return json_format.ParseDict({"models": await self.door.repository_index()}, pb.RepositoryIndexResponse())
 
     @_with_status(pb.ModelStatisticsResponse)
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
         """Triton's statistics: every model (and stage) served here, or the one named."""
-        statistics = await self.model_statistics(request.name, request.version)
+        statistics = await self.door.statistics(request.name, request.version)
         return json_format.ParseDict(statistics, pb.ModelStatisticsResponse())
 
     @_with_status(pb.ModelConfigResponse)
     async def ModelConfig(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
-        self.check_model(request.name, request.version)
-        if self.serves_retrieval(request.name):
-            described = retrieval.model_config(request.name, self.server.max_images_per_request)
-        else:
-            described = metadata.model_config(self.config)
+        described = self.door.model_config(request.name, request.version)
         config = json_format.ParseDict(described, model_config_pb2.ModelConfig())
         return pb.ModelConfigResponse(config=config)
 
     async def _retrieval_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        door, server = self.door, self.door.server
         infer = infer_request_from_grpc(request, *retrieval.names(request.model_name))
-        outputs = await within(deadline_s(infer.parameters), retrieval.run(self, request.model_name, infer))
+        with door.counted(request.model_name) as counted:
+            retrieve = retrieval.to_retrieval_request(
+                request.model_name, infer, server.image_limits(), server.max_images_per_request
+            )
+            counted["rows"] = retrieve.rows
+            outputs = await within(deadline_s(infer.parameters), door.retrieve(retrieve))
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION, id=infer.id)
         for name, array in outputs.items():
             response.outputs.add(name=name, datatype=RETRIEVAL_OUTPUTS[name].datatype, shape=list(array.shape))
@@ -172,9 +176,9 @@ class TritonGrpcMethods:
         return response
 
     def _generate_requests(self, request: pb.ModelInferRequest):
-        self.check_model(request.model_name, request.model_version)
+        self.door.check_model(request.model_name, request.model_version)
         infer = infer_request_from_grpc(request)
-        server = self.server
+        server = self.door.server
         generate = kserve.to_generate_requests(
             infer, server.image_limits(), server.max_images_per_request, server.default_params()
         )
@@ -182,21 +186,21 @@ class TritonGrpcMethods:
 
     @_with_status(pb.ModelInferResponse)
     async def ModelInfer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        if request.model_name != self.server.model_name:
-            self.check_model(request.model_name, request.model_version)  # unknown models: not this model's failures
+        if request.model_name != self.door.server.model_name:
+            self.door.check_model(request.model_name, request.model_version)  # unknown models: not counted as ours
             return await self._retrieval_infer(request)
-        with self.metrics.request() as counted:
+        with self.door.counted() as counted:
             infer, generate = self._generate_requests(request)
             counted["rows"] = len(generate)
             deadline = deadline_s(infer.parameters)
-            results: list[GenerateResult] = await within(deadline, self.pipeline.generate_all(generate))
-        return infer_response(self.server.model_name, infer, [r.text for r in results])
+            results: list[GenerateResult] = await within(deadline, self.door.generate_many(generate))
+        return infer_response(self.door.server.model_name, infer, [r.text for r in results])
 
     async def ModelStreamInfer(self, request_stream, grpc_context=None) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request in the stream (one IMAGE row) is answered by responses carrying its text as it grows."""
         try:
             self.authenticate(grpc_context)
-            admitted = self.admitted()
+            admitted = self.door.admitted()
             admitted.__enter__()
         except (Unauthenticated, Unavailable) as exc:  # the stream is refused: Ray keeps a code set before a raise
             grpc_context.set_code(getattr(grpc.StatusCode, exc.grpc_code))
@@ -211,16 +215,16 @@ class TritonGrpcMethods:
     async def _stream_responses(self, request_stream) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async for request in request_stream:
             try:
-                with self.metrics.request():
+                with self.door.counted():
                     infer, generate = self._generate_requests(request)
                     if len(generate) != 1:
                         raise InvalidInput(f"streaming takes one {IMAGE.name} row per request, not {len(generate)}")
                     deadline = Deadline(deadline_s(infer.parameters))
-                    stream = deadline.stream(await deadline.run(primed(self.pipeline.stream(generate[0]))))
+                    stream = deadline.stream(await deadline.run(primed(self.door.stream(generate[0]))))
                 async for chunk in stream:
                     final = chunk.finish_reason is not None
                     if chunk.text or final:
-                        response = infer_response(self.server.model_name, infer, [chunk.text], final=final)
+                        response = infer_response(self.door.server.model_name, infer, [chunk.text], final=final)
                         yield pb.ModelStreamInferResponse(infer_response=response)
             except Exception as exc:
                 # In-band, as Triton reports stream errors; the code leads the message since there is no field for it.

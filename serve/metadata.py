@@ -1,10 +1,11 @@
-"""Server and model metadata, and the Triton-style model configuration, all derived from clients.contract."""
+"""Server and model metadata, the Triton-style model configuration and statistics of every model served, each
+rendered once from clients.contract's tensor specs."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from blip2_serve.clients.contract import INPUTS, MODEL_VERSION, OUTPUTS, SERVER_NAME, TensorSpec
+from blip2_serve.clients.contract import INPUTS, MODEL_VERSION, OUTPUTS, RETRIEVAL_MODELS, SERVER_NAME, TensorSpec
 from blip2_serve.serve import __version__
 from blip2_serve.serve.config import AppConfig
 
@@ -16,48 +17,49 @@ def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
 
 
-def _metadata_tensor(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": spec.datatype, "shape": [-1, *spec.dims]}
+def _tensors(model_name: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """A served model's inputs and outputs: a retrieval model's, or the BLIP-2 model's."""
+    return RETRIEVAL_MODELS.get(model_name, (INPUTS, OUTPUTS))
 
 
-def model_metadata(config: AppConfig) -> dict[str, Any]:
-    """`GET /v2/models/{name}`: tensor shapes include the batch dimension (-1)."""
+def model_metadata(config: AppConfig, model_name: str) -> dict[str, Any]:
+    """`GET /v2/models/{name}` of a model served here: tensor shapes include the batch dimension (-1)."""
+    inputs, outputs = _tensors(model_name)
     return {
-        "name": config.server.model_name,
+        "name": model_name,
         "versions": [MODEL_VERSION],
         "platform": SERVER_NAME,
-        "inputs": [_metadata_tensor(spec) for spec in INPUTS],
-        "outputs": [_metadata_tensor(spec) for spec in OUTPUTS],
+        "inputs": [spec.metadata() for spec in inputs],
+        "outputs": [spec.metadata() for spec in outputs],
     }
 
 
-def _config_tensor(spec: TensorSpec) -> dict[str, Any]:
-    tensor: dict[str, Any] = {"name": spec.name, "data_type": spec.triton_type, "dims": list(spec.dims)}
-    if spec.optional:
-        tensor["optional"] = True
-    return tensor
-
-
-def model_config(config: AppConfig) -> dict[str, Any]:
-    """`GET /v2/models/{name}/config`: a Triton ModelConfig in its JSON form."""
-    return {
-        "name": config.server.model_name,
+def model_config(config: AppConfig, model_name: str) -> dict[str, Any]:
+    """`GET /v2/models/{name}/config` of a model served here: a Triton ModelConfig in its JSON form (the same
+    message the Triton repository's config.pbtxt files print, exporters/triton_repo.py)."""
+    inputs, outputs = _tensors(model_name)
+    described: dict[str, Any] = {
+        "name": model_name,
         "platform": SERVER_NAME,
         "backend": "ray_serve",
         "version_policy": {"latest": {"num_versions": 1}},
         "max_batch_size": config.server.max_images_per_request,
-        "input": [_config_tensor(spec) for spec in INPUTS],
-        "output": [_config_tensor(spec) for spec in OUTPUTS],
-        "dynamic_batching": {
-            "preferred_batch_size": [config.llm.batch.max_batch_size],
-            "max_queue_delay_microseconds": int(config.llm.batch.wait_timeout_s * 1e6),
-        },
-        "parameters": {
-            "checkpoint": {"string_value": config.model.checkpoint},
-            "dtype": {"string_value": config.model.dtype},
-            "quantization": {"string_value": config.model.quantization},
-        },
+        "input": [spec.config() for spec in inputs],
+        "output": [spec.config() for spec in outputs],
+        "dynamic_batching": {},
     }
+    if model_name in RETRIEVAL_MODELS:
+        return described
+    described["dynamic_batching"] = {
+        "preferred_batch_size": [config.llm.batch.max_batch_size],
+        "max_queue_delay_microseconds": int(config.llm.batch.wait_timeout_s * 1e6),
+    }
+    described["parameters"] = {
+        "checkpoint": {"string_value": config.model.checkpoint},
+        "dtype": {"string_value": config.model.dtype},
+        "quantization": {"string_value": config.model.quantization},
+    }
+    return described
 
 
 def _duration(count: float, microseconds: float) -> dict[str, int]:

@@ -14,7 +14,9 @@ import uuid
 from typing import Any, AsyncIterator, Literal
 
 import httpx
-from blip2_serve.clients.contract import dialogue_prompt
+import numpy as np
+from blip2_serve.clients.contract import EMBED_TEXT_MODEL, dialogue_prompt
+from blip2_serve.deployments import jsonbody
 from blip2_serve.deployments.errors import InvalidInput, ModelNotFound
 from blip2_serve.deployments.images import ImageLimits, check_image
 from blip2_serve.deployments.types import EncodedImage, GenerateChunk, GenerateRequest, GenerateResult, GenerationParams
@@ -273,3 +275,33 @@ def chunks(model: str, stream: AsyncIterator[GenerateChunk], include_usage: bool
 def models_list(model: str) -> dict[str, Any]:
     """`GET /v1/models`."""
     return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "blip2-serve"}]}
+
+
+def embeddings_request(raw: bytes, served: bool, max_inputs: int) -> tuple[str, list[str], str]:
+    """An embeddings request body as (model, texts, encoding_format), checked; `served`: whether this server embeds
+    text (a retrieval checkpoint is configured)."""
+    body = jsonbody.loads_object(raw, "the request body")
+    model = body.get("model")
+    if not served or model != EMBED_TEXT_MODEL:
+        raise ModelNotFound(f"The model '{model}' does not exist; this server embeds text with '{EMBED_TEXT_MODEL}'")
+    texts = body.get("input")
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise InvalidInput("'input' must be a non-empty string or a list of non-empty strings")
+    if len(texts) > max_inputs:
+        raise InvalidInput(f"'input' takes at most {max_inputs} strings")
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise InvalidInput("'encoding_format' must be 'float' or 'base64'")
+    return model, texts, encoding
+
+
+def embeddings(model: str, vectors: np.ndarray, token_counts: list[int], encoding: str) -> dict[str, Any]:
+    """OpenAI's embeddings response: one entry per row of `vectors`, as floats or base64 of little-endian fp32."""
+    data = []
+    for index, vector in enumerate(vectors):
+        vector = np.asarray(vector, dtype="<f4")
+        embedding = base64.b64encode(vector.tobytes()).decode() if encoding == "base64" else vector.tolist()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    usage = {"prompt_tokens": sum(token_counts), "total_tokens": sum(token_counts)}
+    return {"object": "list", "data": data, "model": model, "usage": usage}

@@ -77,7 +77,7 @@ def test_mixed_parameters_share_batches_only_where_results_are_unchanged(app):
     requests = [GenerateRequest(f"mixed-{i}", image, "a", params) for i, params in enumerate(variants)]
     handle = app.handle()
     alone = [handle.generate.remote(r).result(timeout_s=60).token_ids for r in requests]
-    together = [r.token_ids for r in handle.generate_all.remote(requests).result(timeout_s=60)]
+    together = [r.token_ids for r in handle.generate_many.remote(requests).result(timeout_s=60)]
 
     assert together == alone
     assert alone[0] == alone[1][: len(alone[0])]  # greedy: the shorter request is a prefix of the longer

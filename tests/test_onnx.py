@@ -180,8 +180,8 @@ def test_ray_serve_vision_stage_on_onnxruntime(serve_ports, apps, checkpoints, e
             GenerateRequest(f"o{i}", check_image(image_bytes(600 + i)), "a", GenerationParams(max_new_tokens=10))
             for i in range(4)
         ]
-        on_ort = [r.token_ids for r in serve.get_app_handle("ort").generate_all.remote(requests).result(timeout_s=120)]
-        on_torch = [r.token_ids for r in apps["opt"].handle().generate_all.remote(requests).result(timeout_s=120)]
+        on_ort = [r.token_ids for r in serve.get_app_handle("ort").generate_many.remote(requests).result(timeout_s=120)]
+        on_torch = [r.token_ids for r in apps["opt"].handle().generate_many.remote(requests).result(timeout_s=120)]
         assert on_ort == on_torch
     finally:
         serve.delete("ort")

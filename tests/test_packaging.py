@@ -60,18 +60,19 @@ def test_the_wheel_holds_only_blip2_serve_and_the_sdk_import_is_light(tmp_path):
 
 def _imports(folder: str) -> dict[str, set[str]]:
     """Every module each .py file under `folder` imports (absolute names)."""
+    return {str(path.relative_to(ROOT)): _imports_of(path) for path in (ROOT / folder).rglob("*.py")}
+
+
+def _imports_of(path: Path) -> set[str]:
     import ast
 
-    found = {}
-    for path in (ROOT / folder).rglob("*.py"):
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-        found[str(path.relative_to(ROOT))] = names
-    return found
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
 
 
 def test_layers_import_downwards_only():
@@ -83,3 +84,67 @@ def test_layers_import_downwards_only():
         for path, names in imports.items():
             bad = sorted(n for n in names if n.startswith(forbidden))
             assert not bad, (path, bad)
+
+
+# A request's path: adapter (+ its codec) -> front door -> stage. Only the front door holds the stages' handles.
+ADAPTERS = ("serve/http.py", "serve/openai.py", "serve/grpc.py")
+CODECS = ("deployments/kserve.py", "serve/openai_codec.py", "serve/retrieval.py")
+
+
+def test_protocol_adapters_reach_the_stages_only_through_the_front_door():
+    """No adapter or codec calls a Ray handle or reaches into the replica: they parse, call FrontDoor, render."""
+    import ast
+
+    for relative in ADAPTERS + CODECS:
+        tree = ast.parse((ROOT / relative).read_text())
+        names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        reached = sorted(names & {"remote", "servable_object", "get_replica_context", "DeploymentHandle", "options"})
+        assert not reached, (relative, reached)
+        assert not [n for n in _imports_of(ROOT / relative) if n == "ray" or n.startswith("ray.")], relative
+
+
+def test_every_route_and_rpc_receives_the_typed_front_door():
+    """Each HTTP route that touches the server takes `door: FrontDoor` from serve/asgi.front_door; the gRPC methods
+    use the Ingress's `door`, and no route depends on anything else of the replica."""
+    import inspect
+
+    from blip2_serve.serve import asgi, grpc, http, openai
+    from blip2_serve.serve.frontdoor import FrontDoor
+
+    routes = [r for router in (http.router, openai.router) for r in router.routes]
+    assert len(routes) > 20
+    with_door = 0
+    for route in routes:
+        for parameter in inspect.signature(route.endpoint).parameters.values():
+            dependency = getattr(parameter.default, "dependency", None)
+            if dependency is not None:
+                assert dependency is asgi.front_door and parameter.annotation is FrontDoor, (route.path, parameter)
+                with_door += 1
+    assert with_door >= len(routes) - 8  # the unimplemented Triton extensions and liveness need nothing
+    assert grpc.TritonGrpcMethods.__annotations__["door"] in (FrontDoor, "FrontDoor")
+    source = inspect.getsource(grpc.TritonGrpcMethods)
+    assert "self.door." in source and "self.pipeline" not in source and "self.server" not in source
+
+
+def test_one_tensor_renderer_for_the_server_and_the_triton_repository():
+    """/v2/models/blip2/config's tensors are the Triton repository's blip2 config.pbtxt tensors, field for field."""
+    from blip2_serve.clients.contract import INPUTS, OUTPUTS, RETRIEVAL_MODELS
+    from blip2_serve.exporters.triton_repo import model_config as repository_config
+    from blip2_serve.serve import metadata
+    from blip2_serve.serve.config import AppConfig
+    from google.protobuf import json_format
+
+    config = AppConfig(model={"checkpoint": "unused"})
+    served = metadata.model_config(config, "blip2")
+    written = repository_config("blip2", "python", 8, list(INPUTS), list(OUTPUTS), 1, 0, {})
+    as_dict = json_format.MessageToDict(written, preserving_proto_field_name=True)
+    for tensors in (as_dict["input"], as_dict["output"]):
+        for tensor in tensors:
+            tensor["dims"] = [int(d) for d in tensor["dims"]]
+    assert (served["input"], served["output"]) == (as_dict["input"], as_dict["output"])
+    assert any(t.get("optional") for t in served["input"])  # PROMPT: the field that once differed
+    for name, (inputs, outputs) in RETRIEVAL_MODELS.items():
+        described = metadata.model_metadata(config, name)
+        assert [t["name"] for t in described["inputs"]] == [s.name for s in inputs]
+        assert [t["shape"] for t in described["outputs"]] == [[-1, *s.dims] for s in outputs]

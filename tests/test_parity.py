@@ -53,7 +53,7 @@ def test_tokens_match_transformers_generate(app, references, case, decoding):
         for row, data in enumerate(images)
     ]
     computed = _vision_images(app)
-    results = app.handle().generate_all.remote(requests).result(timeout_s=120)
+    results = app.handle().generate_many.remote(requests).result(timeout_s=120)
 
     assert _vision_images(app) - computed == len(images)  # the vision stage ran for each of them
     assert [list(r.token_ids) for r in results] == expected
