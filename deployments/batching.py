@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Awaitable, Callable, Generic, Sequence, TypeVar
 
 from blip2_serve.deployments.config import BatchConfig
-from blip2_serve.deployments.cores import CoreTurns, turn_of
+from blip2_serve.deployments.cores import CoreTurns, threads_here, turn_of
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class ModelWorker:
     """
 
     def __init__(self, name: str, history: int = 4096, turns: CoreTurns | None = None):
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=threads_here)
         self.batch_sizes: deque[int] = deque(maxlen=history)
         self.turns = turns  # on a CPU node: each batch waits for its turn at all of the node's cores
         self.busy_s = 0.0  # time spent running batches, turns excluded

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 from blip2_serve.deployments import faults
-from blip2_serve.deployments.cores import BusySignal, CoreTurns, turn_of
+from blip2_serve.deployments.cores import BusySignal, CoreTurns, threads_here, turn_of
 from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest
 from blip2_serve.deployments.head import GreedyHead, without_banned
 from blip2_serve.deployments.text import TextAssembler
@@ -172,6 +172,7 @@ class ContinuousBatcher:
 
     # ---- the engine thread
     def _loop(self) -> None:
+        threads_here()  # this thread's OpenMP thread count, as the process's (deployments/cores.py)
         while True:
             if not self._running and self._incoming.empty() and self._exclusive.empty():
                 self._wake.wait()
