@@ -9,7 +9,10 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
+
+from blip2_serve.clients.contract import DEFAULT_MAX_NEW_TOKENS
 
 logger = logging.getLogger("blip2_serve")
 
@@ -268,6 +271,74 @@ def print_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def batch(args: argparse.Namespace) -> int:
+    """`blip2-serve batch caption|embed INPUT --model CKPT --out OUT`: a Ray Data job over a whole collection."""
+    import ray
+    from blip2_serve.clients.contract import question_prompt
+    from blip2_serve.deployments.config import ModelConfig
+    from blip2_serve.serve.app import prepare_local_ray
+    from blip2_serve.serve.batch import BatchJob, run_batch
+    from blip2_serve.serve.checkpoints import CheckpointUnavailable, resolve
+
+    prompts: tuple[str, ...] = ("",)
+    if args.task == "caption" and args.questions:
+        questions = [line.strip() for line in Path(args.questions).read_text().splitlines() if line.strip()]
+        if not questions:
+            raise ValueError(f"{args.questions} holds no question (one per line)")
+        prompts = tuple(question_prompt(q) for q in questions)
+    elif args.task == "caption" and args.prompt is not None:
+        prompts = (args.prompt,)
+    try:
+        checkpoint = resolve(ModelConfig(checkpoint=args.model)).checkpoint
+    except CheckpointUnavailable as exc:
+        print(f"blip2-serve batch: {exc}", file=sys.stderr)
+        return 2
+    job = BatchJob(
+        task=args.task,
+        source=args.input,
+        checkpoint=checkpoint,
+        out=args.out,
+        prompts=prompts,
+        max_new_tokens=getattr(args, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS,
+        num_beams=getattr(args, "num_beams", None) or 1,
+        device=args.device,
+        dtype=args.dtype,
+        vision_replicas=args.vision_replicas,
+        llm_replicas=getattr(args, "llm_replicas", 1),
+        num_gpus_per_replica=args.num_gpus_per_replica,
+        restart_actors=(args.address or os.environ.get("RAY_ADDRESS") or "local") != "local",
+    )
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        prepare_local_ray()
+    ray.init(address=address, include_dashboard=False, logging_level=_ray_level(), log_to_driver=False)
+    try:
+        summary = run_batch(job, progress=not args.quiet)
+    finally:
+        ray.shutdown()
+    print(summary.line(args.out))
+    return 0
+
+
+def _batch_flags(command: argparse.ArgumentParser, llm: bool) -> None:
+    command.add_argument(
+        "input",
+        help="a folder (recursive), a glob, or a manifest (.jsonl/.csv/.parquet: 'image', "
+        "optional 'id' and 'prompt'); paths or URIs (s3://, gs:// where credentials exist)",
+    )
+    command.add_argument("--model", required=True, help="checkpoint directory or hub name")
+    command.add_argument("--out", required=True, help="a folder of Parquet files, or a .jsonl file; rerun to resume")
+    command.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    command.add_argument("--vision-replicas", type=int, default=1, help="actors of the vision stage")
+    if llm:
+        command.add_argument("--llm-replicas", type=int, default=1, help="actors of the LLM stage")
+    command.add_argument("--num-gpus-per-replica", type=float, default=0.0)
+    command.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    command.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+    command.add_argument("--quiet", action="store_true", help="no progress bar (the summary line only)")
+    command.set_defaults(func=batch)
+
+
 def _server_flags(command: argparse.ArgumentParser) -> None:
     command.add_argument("--host", help="address to bind (default 127.0.0.1)")
     command.add_argument("--port", type=int, help="HTTP port (default 8000)")
@@ -333,6 +404,18 @@ def parser() -> argparse.ArgumentParser:
     repo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     repo.set_defaults(func=export_triton_repo)
 
+    batch_cmd = commands.add_parser("batch", help="caption or embed a whole collection offline, on Ray Data")
+    tasks = batch_cmd.add_subparsers(dest="task", required=True)
+    caption = tasks.add_parser("caption", help="a caption (or an answer per prompt/question) for every image")
+    _batch_flags(caption, llm=True)
+    asked = caption.add_mutually_exclusive_group()
+    asked.add_argument("--prompt", help="one prompt for every image (default: plain captioning)")
+    asked.add_argument("--questions", help="a file of questions, one per line: every image is asked each")
+    caption.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    caption.add_argument("--num-beams", type=int, default=1)
+    embed = tasks.add_parser("embed", help="an L2-normalised embedding (blip2_embed_image's) for every image")
+    _batch_flags(embed, llm=False)
+
     serve_triton = commands.add_parser("triton", help="run tritonserver (nvidia-pytriton's) on a repository")
     serve_triton.add_argument("--repo", required=True)
     serve_triton.add_argument("--http-port", type=int, default=8000)
@@ -368,7 +451,7 @@ def _serve_logging() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    server_side = args.command in ("run", "make-tiny", "export", "triton")
+    server_side = args.command in ("run", "make-tiny", "export", "triton", "batch")
     level = logging.INFO if server_side else logging.WARNING  # client commands print only their results
     level = getattr(args, "log_level", None) or level
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
