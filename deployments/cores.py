@@ -85,12 +85,12 @@ class CoreTurns:
 
 
 def threads_here() -> None:
-    """Give the calling thread this process's torch thread count. OpenMP keeps the count per thread: a thread that
-    never set it runs oneDNN's parallel regions with OMP_NUM_THREADS's, which Ray sets to 1 (or the actor's num_cpus)
-    in every worker. The model stages compute on their own threads (the LLM engine, the batch worker), so each sets
-    it when it starts. Measured on 2 cores in a thread of a process started with OMP_NUM_THREADS=1, a 2560 -> 10240
-    oneDNN linear at 16 rows: 12.2 ms, 6.1 ms after this call (6.6 ms on the main thread); a served lone caption of
-    the realistic OPT checkpoint spent 96 ms per decode step against 79 in one process before it."""
+    """Give the calling thread this process's torch thread count. OpenMP keeps the count per thread, and Ray starts
+    every worker with OMP_NUM_THREADS at its num_cpus (1 here): a new thread's first oneDNN call (a packed linear) runs
+    on that many threads until some ATen parallel op has run in the thread and set the count (measured on 2 cores, a
+    2560 -> 10240 packed linear at 16 rows: 12.2 ms on one thread, 6.1 ms after this call). The stages' model threads
+    happen to run an ATen op first (the patch or token embedding), so this is a safeguard, not a measured speed-up:
+    the count no longer depends on which op a model starts with."""
     import torch
 
     torch.set_num_threads(torch.get_num_threads())

@@ -155,28 +155,20 @@ def _generate_response(door: FrontDoor, infer: kserve.InferRequest, text: str, *
 
 @router.post("/v2/models/{model_name}/generate", openapi_extra=GENERATE_BODY)
 @router.post("/v2/models/{model_name}/versions/{version}/generate", openapi_extra=GENERATE_BODY)
+@router.post("/v2/models/{model_name}/generate_stream", openapi_extra=GENERATE_BODY)
+@router.post("/v2/models/{model_name}/versions/{version}/generate_stream", openapi_extra=GENERATE_BODY)
 async def generate(
     model_name: str, request: Request, version: str = "", door: FrontDoor = Depends(front_door)
 ) -> Response:
-    """Triton's generate extension: one image (base64) and an optional prompt in, the text out."""
-    door.check_model(model_name, version)
-    with door.counted():
-        infer, generate_request = await _generate_request(request, door)
-        deadline = deadline_s(infer.parameters, request.headers)
-        result = await within(deadline, door.generate(generate_request))
-    return JSONResponse(_generate_response(door, infer, result.text, finish_reason=result.finish_reason))
-
-
-@router.post("/v2/models/{model_name}/generate_stream", openapi_extra=GENERATE_BODY)
-@router.post("/v2/models/{model_name}/versions/{version}/generate_stream", openapi_extra=GENERATE_BODY)
-async def generate_stream(
-    model_name: str, request: Request, version: str = "", door: FrontDoor = Depends(front_door)
-) -> Response:
-    """The same, as server-sent events: each carries the text added since the last; the last, finish_reason."""
+    """Triton's generate extension: one image (base64) and an optional prompt in, the text out; `generate_stream`
+    answers with server-sent events, each carrying the text added since the last, the last one finish_reason."""
     door.check_model(model_name, version)
     with door.counted():
         infer, generate_request = await _generate_request(request, door)
         deadline = Deadline(deadline_s(infer.parameters, request.headers))
+        if not request.url.path.endswith("_stream"):
+            result = await deadline.run(door.generate(generate_request))
+            return JSONResponse(_generate_response(door, infer, result.text, finish_reason=result.finish_reason))
         stream = deadline.stream(await deadline.run(primed(door.stream(generate_request))))
 
     async def events():
