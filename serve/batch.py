@@ -16,6 +16,7 @@ a kill loses at most the batches not yet written, and rerunning with the same OU
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob as globbing
 import json
@@ -198,12 +199,6 @@ def _describe(exc: BaseException) -> str:
     return message.splitlines()[0][:500]
 
 
-def _set_threads(num_cpus: float) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, int(num_cpus)))
-
-
 class _Worker:
     """A Ray Data actor of one model stage. `bound` makes the class that carries the job: Ray Data would put
     constructor arguments in the object store, from where a restarted actor may not get them back."""
@@ -215,17 +210,35 @@ class _Worker:
     def bound(cls, job: BatchJob, num_cpus: float) -> type:
         return type(cls.__name__, (cls,), {"job": job, "num_cpus": num_cpus})
 
+    def _compute_setup(self, device: str) -> None:
+        """As the server's stages: on a CPU node every core of the node, in turns with the other stages there
+        (deployments/cores.py), so that the vision and LLM actors do not each compute on one core of two; on a GPU
+        the actor's CPUs and no turns."""
+        from blip2_serve.deployments.cores import cpu_turns
+
+        on_cpu = str(device).startswith("cpu")
+        self.turns = cpu_turns(str(device), on_cpu, None if on_cpu else max(1, int(self.num_cpus)))
+
+    @contextlib.contextmanager
+    def computing(self):
+        """One model call: this thread's OpenMP thread count set (Ray Data may call from another thread), in turn."""
+        from blip2_serve.deployments.cores import threads_here, turn_of
+
+        threads_here()
+        with turn_of(self.turns):
+            yield
+
 
 class VisionWorker(_Worker):
     """Vision tower + Q-Former + projection for a batch of preprocessed rows (Ray Data actor)."""
 
     def __init__(self):
-        job, num_cpus = self.job, self.num_cpus
+        job = self.job
         from blip2_serve.deployments.loading import load_blip2_config
         from blip2_serve.deployments.vision_encoder import TorchVisionBackend
 
-        _set_threads(num_cpus)
         self.backend = TorchVisionBackend(job.model_config())
+        self._compute_setup(self.backend.device)
         blip2 = load_blip2_config(job.model_config())
         self.shape = (blip2.num_query_tokens, blip2.text_config.hidden_size)  # of every row, failed ones included
 
@@ -236,7 +249,8 @@ class VisionWorker(_Worker):
         pixels = batch.pop("pixel_values")
         embeds = np.zeros((len(good), *self.shape), np.float32)
         if good.any():
-            embeds[good] = self.backend.encode(torch.from_numpy(np.ascontiguousarray(pixels[good]))).float().cpu()
+            with self.computing():
+                embeds[good] = self.backend.encode(torch.from_numpy(np.ascontiguousarray(pixels[good]))).float().cpu()
         batch["embeds"] = embeds
         return batch
 
@@ -246,12 +260,12 @@ class LanguageWorker(_Worker):
     transformers' generate in batches, one failed row failing only itself."""
 
     def __init__(self):
-        job, num_cpus = self.job, self.num_cpus
+        job = self.job
         from blip2_serve.deployments.generator import LanguageGenerator
         from blip2_serve.deployments.types import GenerationParams
 
-        _set_threads(num_cpus)
         self.generator = LanguageGenerator(job.model_config())
+        self._compute_setup(self.generator.device)
         self.params = GenerationParams.from_mapping(job.parameters())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -270,7 +284,9 @@ class LanguageWorker(_Worker):
                 rows.append(row)
             except Exception as exc:
                 errors[row] = _describe(exc)
-        for row, result in zip(rows, self.generator.run(prepared) if prepared else []):
+        with self.computing():
+            results = self.generator.run(prepared) if prepared else []
+        for row, result in zip(rows, results):
             if isinstance(result, BaseException):
                 errors[row] = _describe(result)
             else:
@@ -283,11 +299,11 @@ class EmbedWorker(_Worker):
     """L2-normalised image embeddings (blip2_embed_image's) for a batch of preprocessed rows (Ray Data actor)."""
 
     def __init__(self):
-        job, num_cpus = self.job, self.num_cpus
+        job = self.job
         from blip2_serve.deployments.retrieval_model import RetrievalModel
 
-        _set_threads(num_cpus)
         self.model = RetrievalModel.load(job.model_config())
+        self._compute_setup(self.model.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -296,7 +312,8 @@ class EmbedWorker(_Worker):
         pixels = batch.pop("pixel_values")
         vectors = np.zeros((len(good), self.model.dimension), np.float32)  # failed rows: zeros, written as null
         if good.any():
-            vectors[good] = self.model.embed_images(torch.from_numpy(np.ascontiguousarray(pixels[good])))
+            with self.computing():
+                vectors[good] = self.model.embed_images(torch.from_numpy(np.ascontiguousarray(pixels[good])))
         return {**batch, "embedding": vectors}
 
 

@@ -131,16 +131,52 @@ def test_batch_embed_equals_the_retrieval_model(tmp_path, itm_checkpoint, serve_
     assert rows["broken.jpg"]["embedding"] is None and rows["broken.jpg"]["error"]
 
 
-def test_batch_command_runs_on_the_cluster(tmp_path, checkpoints, serve_ports):
+def _command(source, checkpoint, out, *extra) -> list[str]:
     import ray
 
+    command = [sys.executable, "-m", "blip2_serve.serve.cli", "batch", "caption", str(source), "--model"]
+    command += [str(checkpoint), "--out", str(out), "--address", ray.get_runtime_context().gcs_address]
+    return command + ["--device", "cpu", "--dtype", "fp32", *extra]
+
+
+def test_a_killed_batch_command_resumes_with_each_image_once(tmp_path, checkpoints, serve_ports):
+    """SIGKILL while the job writes (some Parquet parts on disk, not all), then the same command again: every image
+    exactly once, in photos of mixed formats."""
+    import signal
+    import time
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for index in range(64):
+        fmt = ("PNG", "JPEG", "WEBP")[index % 3]
+        (images / f"photo{index:02d}.{fmt.lower()}").write_bytes(image_bytes(700 + index, (96, 128), fmt))
+    out = tmp_path / "parts"
+    command = _command(images, checkpoints["opt"], out, "--quiet", "--max-new-tokens", "30")
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("part-*.parquet")) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    before = len(_parquet_rows(out))
+    assert 0 < before < 64, f"the kill should land mid-job: {before} rows were written"
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{64 - before} rows written" in done.stdout and f"{before} of 64 were already there" in done.stdout
+    ids = [row["id"] for row in _parquet_rows(out)]
+    assert sorted(ids) == sorted(p.name for p in images.iterdir())  # each image exactly once
+    assert not any(row["error"] for row in _parquet_rows(out))
+
+
+def test_batch_command_runs_on_the_cluster(tmp_path, checkpoints, serve_ports):
     images = tmp_path / "images"
     _collection(images, range(2))
     out = tmp_path / "out.jsonl"
-    command = [sys.executable, "-m", "blip2_serve.serve.cli", "batch", "caption", str(images), "--model"]
-    command += [str(checkpoints["opt"]), "--out", str(out), "--address", ray.get_runtime_context().gcs_address]
-    command += ["--device", "cpu", "--dtype", "fp32", "--max-new-tokens", str(MAX_NEW_TOKENS)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ | {"RAY_AUTH_MODE": "disabled"})
+    command = _command(images, checkpoints["opt"], out, "--max-new-tokens", str(MAX_NEW_TOKENS))
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "3 rows written" in done.stdout and "1 with an error" in done.stdout, done.stdout
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
