@@ -385,6 +385,14 @@ class Summary:
     written: int = 0
     errors: int = 0
     seconds: float = 0.0
+    first_rows: int = 0  # the first batch written, and when (the models' start and the pipeline's fill before it)
+    first_s: float = 0.0
+
+    @property
+    def steady_rows_per_s(self) -> float:
+        """Rows a second once the first batch was out: what a long job runs at."""
+        rest = self.seconds - self.first_s
+        return (self.written - self.first_rows) / rest if rest > 0 and self.written > self.first_rows else 0.0
 
     def line(self, out: str) -> str:
         rate = self.written / self.seconds if self.seconds else 0.0
@@ -483,6 +491,8 @@ def run_batch(job: BatchJob, progress: bool = True) -> Summary:
             for row in written:
                 row["prompt"] = None
         writer.write(written)
+        if not summary.written:
+            summary.first_rows, summary.first_s = len(written), time.perf_counter() - started
         summary.written += len(written)
         summary.errors += sum(row["error"] is not None for row in written)
         bar.update(len(written))
