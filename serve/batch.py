@@ -388,12 +388,6 @@ class Summary:
     first_rows: int = 0  # the first batch written, and when (the models' start and the pipeline's fill before it)
     first_s: float = 0.0
 
-    @property
-    def steady_rows_per_s(self) -> float:
-        """Rows a second once the first batch was out: what a long job runs at."""
-        rest = self.seconds - self.first_s
-        return (self.written - self.first_rows) / rest if rest > 0 and self.written > self.first_rows else 0.0
-
     def line(self, out: str) -> str:
         rate = self.written / self.seconds if self.seconds else 0.0
         return (
@@ -465,6 +459,8 @@ def run_batch(job: BatchJob, progress: bool = True) -> Summary:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours below: rows, rows/s, errors
     context.print_on_execution_start = False
+    # Ray Data's advice to declare each actor's memory is for clusters it packs; it repeats every 30 s on a laptop
+    context.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
     _quiet_ray_data()
     actor_cpus, decode_cpus = _stage_cpus(job)
     for row in todo:
