@@ -324,8 +324,8 @@ class Writer:
     """OUT as Parquet part files in a folder (each written whole, then renamed in) or as one JSONL file (each batch's
     lines appended and synced); `done` is the (id, prompt) keys OUT already holds."""
 
-    def __init__(self, out: str, fmt: str):
-        self.out, self.format = Path(out), fmt
+    def __init__(self, out: str, fmt: str, task: str = "caption"):
+        self.out, self.format, self.task = Path(out), fmt, task
         self.done: set[tuple[str, str]] = set()
         self._run = uuid.uuid4().hex[:8]
         self._parts = 0
@@ -356,6 +356,17 @@ class Writer:
                 record = json.loads(line)
                 self.done.add((record["id"], record.get("prompt")))
 
+    def _schema(self):
+        """One schema for every part, whatever a batch holds (a batch of errors only has no text to type its
+        column), so that the folder reads as one table."""
+        import pyarrow as pa
+
+        common = [("id", pa.string()), ("image", pa.string()), ("prompt", pa.string())]
+        if self.task == "embed":
+            return pa.schema([*common, ("embedding", pa.list_(pa.float32())), ("error", pa.string())])
+        parameters = [("max_new_tokens", pa.int64()), ("num_beams", pa.int64())]
+        return pa.schema([*common, ("text", pa.string()), ("error", pa.string()), *parameters])
+
     def write(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
@@ -371,7 +382,7 @@ class Writer:
         self._parts += 1
         final = self.out / f"part-{self._run}-{self._parts:05d}.parquet"
         partial = final.with_suffix(".parquet.partial")
-        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), partial)
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows, schema=self._schema()), partial)
         os.replace(partial, final)
 
 
@@ -447,7 +458,7 @@ def run_batch(job: BatchJob, progress: bool = True) -> Summary:
     import ray
 
     started = time.perf_counter()
-    writer = Writer(job.out, job.format)
+    writer = Writer(job.out, job.format, job.task)
     listed = list_inputs(job.source)
     rows = expand_prompts(listed, job.prompts) if job.task == "caption" else [{**r, "prompt": None} for r in listed]
     todo = [r for r in rows if (r["id"], r["prompt"]) not in writer.done]

@@ -74,6 +74,11 @@ def test_batch_captions_a_folder_as_generate_does_and_resumes(tmp_path, checkpoi
     again = _parquet_rows(out)
     assert sorted(r["id"] for r in again) == sorted(set(paths) | set(more) | {"broken.jpg"})
     assert not list(out.glob("*.partial"))
+    import pyarrow.parquet
+
+    whole = pyarrow.parquet.read_table(out)  # the folder reads as one typed table (the 2nd part has no error text)
+    assert whole.num_rows == 8 and str(whole.schema.field("error").type) == "string"
+    assert str(whole.schema.field("max_new_tokens").type) == "int64"
 
 
 def test_batch_jsonl_manifest_questions_and_a_kill_mid_line(tmp_path, checkpoints, references, serve_ports):
@@ -129,6 +134,9 @@ def test_batch_embed_equals_the_retrieval_model(tmp_path, itm_checkpoint, serve_
     np.testing.assert_allclose(got, expected, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert rows["broken.jpg"]["embedding"] is None and rows["broken.jpg"]["error"]
+    import pyarrow.parquet
+
+    assert str(pyarrow.parquet.read_table(out).schema.field("embedding").type) == "list<element: float>"
 
 
 def _command(source, checkpoint, out, *extra) -> list[str]:
