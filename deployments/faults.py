@@ -18,6 +18,18 @@ class InjectedFault(RuntimeError):
     """The error `check` raises: it stands for any failure of the model on one input."""
 
 
+# `blip2-serve batch` with BLIP2_SERVE_BATCH_DIE_AFTER=<n> dies (os._exit, as a kill: no cleanup, no summary) right
+# after writing its n-th batch, so that a resume can be tested at a known point (a real kill lands anywhere).
+DIE_AFTER_ENV = "BLIP2_SERVE_BATCH_DIE_AFTER"
+
+
+def die_after(batches_written: int) -> None:
+    """End this process at once where BLIP2_SERVE_BATCH_DIE_AFTER asks for it after this many batches."""
+    wanted = os.environ.get(DIE_AFTER_ENV)
+    if wanted and batches_written >= int(wanted):
+        os._exit(137)
+
+
 def check(prompts: Iterable[str]) -> None:
     """Raise InjectedFault where a fault is asked for and one of `prompts` holds its marker."""
     marker = os.environ.get(ENV)
