@@ -31,14 +31,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from blip2_serve.clients.cli import IMAGE_SUFFIXES  # what `blip2-serve caption DIR` counts as an image
 from blip2_serve.clients.contract import DEFAULT_MAX_NEW_TOKENS
 from blip2_serve.deployments import faults
 from blip2_serve.deployments.config import ModelConfig
 from blip2_serve.deployments.images import ImageLimits
 
-logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 BATCH_ROWS = 16  # rows per vision batch and per generate call
 
@@ -326,10 +324,11 @@ class Writer:
     lines appended and synced); `done` is the (id, prompt) keys OUT already holds."""
 
     def __init__(self, out: str, fmt: str, task: str = "caption"):
-        self.out, self.format, self.task = Path(out), fmt, task
+        self.out, self.format = Path(out), fmt
         self.done: set[tuple[str, str]] = set()
         self._run = uuid.uuid4().hex[:8]
         self._parts = 0
+        self._schema = self._schema_of(task)
         if fmt == "parquet":
             self.out.mkdir(parents=True, exist_ok=True)
             self._read_parquet()
@@ -357,13 +356,14 @@ class Writer:
                 record = json.loads(line)
                 self.done.add((record["id"], record.get("prompt")))
 
-    def _schema(self):
+    @staticmethod
+    def _schema_of(task: str):
         """One schema for every part, whatever a batch holds (a batch of errors only has no text to type its
         column), so that the folder reads as one table."""
         import pyarrow as pa
 
         common = [("id", pa.string()), ("image", pa.string()), ("prompt", pa.string())]
-        if self.task == "embed":
+        if task == "embed":
             return pa.schema([*common, ("embedding", pa.list_(pa.float32())), ("error", pa.string())])
         parameters = [("max_new_tokens", pa.int64()), ("num_beams", pa.int64())]
         return pa.schema([*common, ("text", pa.string()), ("error", pa.string()), *parameters])
@@ -383,7 +383,7 @@ class Writer:
         self._parts += 1
         final = self.out / f"part-{self._run}-{self._parts:05d}.parquet"
         partial = final.with_suffix(".parquet.partial")
-        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows, schema=self._schema()), partial)
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows, schema=self._schema), partial)
         os.replace(partial, final)
 
 
@@ -497,9 +497,6 @@ def run_batch(job: BatchJob, progress: bool = True) -> Summary:
     batches = 0
     for batch in dataset.iter_batches(batch_size=job.batch_rows, batch_format="numpy", prefetch_batches=1):
         written = list(_rows_of(batch, job))
-        if job.task == "embed":
-            for row in written:
-                row["prompt"] = None
         writer.write(written)
         if not summary.written:
             summary.first_rows, summary.first_s = len(written), time.perf_counter() - started
