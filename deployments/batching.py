@@ -11,6 +11,7 @@ from typing import Awaitable, Callable, Generic, Sequence, TypeVar
 
 from blip2_serve.deployments.config import BatchConfig
 from blip2_serve.deployments.cores import CoreTurns, threads_here, turn_of
+from blip2_serve.deployments.types import BACKGROUND, INTERACTIVE
 
 logger = logging.getLogger(__name__)
 
@@ -26,22 +27,31 @@ class DynamicBatcher(Generic[T, R]):
     by then, and holds it until the model is free; requests that arrive a few milliseconds apart then run one by
     one behind each other (measured: 16 concurrent captions in 14 vision executions). Here a batch is formed when
     the model can take it, so the requests that arrived while it was busy run together.
+
+    Two priority classes: INTERACTIVE items (a client waits) and BACKGROUND ones (Batch API lines). A batch is formed
+    from the interactive items waiting; background items run only in a batch of their own, when no interactive item
+    waits, so that an interactive request never computes beside background work nor queues behind more than the one
+    background batch already running.
     """
 
     def __init__(self, run: Callable[[list[T]], Awaitable[list[R | BaseException]]], config: BatchConfig):
         self._run = run
         self.max_batch_size = config.max_batch_size
         self.wait_timeout_s = config.wait_timeout_s  # after an idle model's first arrival, wait this long for more
-        self._waiting: deque[tuple[T, asyncio.Future]] = deque()
+        self._queues: tuple[deque[tuple[T, asyncio.Future]], ...] = (deque(), deque())  # by priority class
         self._full = asyncio.Event()
         self._task: asyncio.Task | None = None
 
-    async def __call__(self, item: T) -> R:
+    @property
+    def waiting(self) -> int:
+        return sum(len(queue) for queue in self._queues)
+
+    async def __call__(self, item: T, priority: int = INTERACTIVE) -> R:
         """The result for `item`, or its error raised here (one bad item fails alone)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._waiting.append((item, future))
-        if len(self._waiting) >= self.max_batch_size:
+        self._queues[BACKGROUND if priority else INTERACTIVE].append((item, future))
+        if self.waiting >= self.max_batch_size:
             self._full.set()
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._drain())
@@ -49,8 +59,8 @@ class DynamicBatcher(Generic[T, R]):
 
     async def _drain(self) -> None:
         idle = True
-        while self._waiting:
-            if idle and self.wait_timeout_s and len(self._waiting) < self.max_batch_size:
+        while self.waiting:
+            if idle and self.wait_timeout_s and self.waiting < self.max_batch_size:
                 self._full.clear()
                 try:
                     await asyncio.wait_for(self._full.wait(), self.wait_timeout_s)
@@ -58,8 +68,9 @@ class DynamicBatcher(Generic[T, R]):
                     pass
             idle = False
             batch = []
-            while self._waiting and len(batch) < self.max_batch_size:
-                item, future = self._waiting.popleft()
+            queue = next(q for q in self._queues if q)  # interactive items first, never mixed with background ones
+            while queue and len(batch) < self.max_batch_size:
+                item, future = queue.popleft()
                 if not future.done():
                     batch.append((item, future))
             if not batch:

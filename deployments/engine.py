@@ -13,6 +13,7 @@ whatever it is batched with); beam search runs between steps as an exclusive job
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import queue
 import threading
@@ -132,7 +133,9 @@ class ContinuousBatcher:
         # on CPU, where the model keeps PyTorch's linear: greedy tokens from a faster, checked output projection
         self.head = GreedyHead.install(self.model)
         self._fast_logits = False  # whether the last forward's logits came from the head's fast GEMM
-        self._incoming: queue.Queue[Sequence] = queue.Queue()
+        # waiting sequences, interactive before background (GenerateRequest.priority), first come first served within
+        self._incoming: queue.PriorityQueue[tuple[int, int, Sequence]] = queue.PriorityQueue()
+        self._arrivals = itertools.count()
         self._handover = threading.Lock()  # held while sequences are handed over and while the engine takes them
         self._exclusive: queue.Queue[tuple[Callable, tuple, Future]] = queue.Queue()
         self._wake = threading.Event()
@@ -156,7 +159,7 @@ class ContinuousBatcher:
         generate 3.09 s; OPT's shared image prefix needs them in one admission too)."""
         with self._handover:
             for sequence in sequences:
-                self._incoming.put(sequence)
+                self._incoming.put((sequence.item.request.priority, next(self._arrivals), sequence))
         self._wake.set()
 
     def run_exclusive(self, fn: Callable, *args) -> Future:
@@ -217,7 +220,7 @@ class ContinuousBatcher:
         waiting = []
         with self._handover:
             while len(self._running) + len(waiting) < self.max_running and not self._incoming.empty():
-                waiting.append(self._incoming.get())
+                waiting.append(self._incoming.get()[2])
         if waiting:
             self._admit(waiting)
         if self._running:

@@ -34,11 +34,15 @@ class PayloadTooLarge(InvalidInput):
     http_status = 413
 
 
-class ModelNotFound(Blip2ServeError):
-    """The request names a model (or version) this server does not serve."""
+class NotFound(Blip2ServeError):
+    """The request names something this server does not have (a model, a Batch API file or batch)."""
 
     http_status = 404
     grpc_code = "NOT_FOUND"
+
+
+class ModelNotFound(NotFound):
+    """The request names a model (or version) this server does not serve."""
 
 
 class Unauthenticated(Blip2ServeError):

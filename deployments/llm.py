@@ -80,7 +80,7 @@ class LLMDeployment:
             if self._engine is not None and request.params.num_beams == 1:
                 result = await self._in_engine(prepared)
             else:
-                result = await self._batcher((prepared, time.perf_counter()))
+                result = await self._batcher((prepared, time.perf_counter()), request.priority)
             self._metrics.add("blip2_generated_tokens", len(result.token_ids))
             return result
 

@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # torch stays out of the edge's import path
 _DEFAULT = {spec.name: spec.default for spec in GENERATION_PARAMETERS}  # the contract's defaults
 
 
+INTERACTIVE, BACKGROUND = 0, 1  # priority classes of the stages' queues (GenerateRequest.priority)
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Per-request decoding settings, validated against the contract's ranges."""
@@ -181,12 +184,15 @@ class EncodedImage:
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """One image and one prompt to generate from. `prompt` "" means plain captioning."""
+    """One image and one prompt to generate from. `prompt` "" means plain captioning. `priority`: INTERACTIVE (a
+    client waits) or BACKGROUND (a Batch API line), which the stages' queues serve only when no interactive work
+    waits."""
 
     request_id: str
     image: EncodedImage | None
     prompt: str = ""
     params: GenerationParams = GenerationParams()
+    priority: int = 0  # INTERACTIVE
 
     def without_image(self) -> GenerateRequest:
         """The request as the LLM stage needs it: the image travels as ImageEmbeds instead."""

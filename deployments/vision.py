@@ -18,7 +18,7 @@ from blip2_serve.deployments.cores import cpu_turns as cpu_turns_for
 from blip2_serve.deployments.cores import vision_signal
 from blip2_serve.deployments.images import ImageLimits
 from blip2_serve.deployments.metrics import INTERNAL_LOGGING, MetricsRecorder
-from blip2_serve.deployments.types import EncodedImage, ImageEmbeds
+from blip2_serve.deployments.types import INTERACTIVE, EncodedImage, ImageEmbeds
 from blip2_serve.deployments.vision_encoder import VisionEncoder
 from ray import serve
 
@@ -49,10 +49,13 @@ class VisionDeployment:
         self._batcher = DynamicBatcher(self._embed_batch, batch)
         logger.info("vision stage ready (%s backend)", self._encoder.backend.name)
 
-    async def embed(self, image: EncodedImage) -> ImageEmbeds:
+    async def embed(self, image: EncodedImage, priority: int = INTERACTIVE) -> ImageEmbeds:
         """ImageEmbeds for one image; a bad image fails here, before it can join a batch. An image seen before
-        (same decoded pixels) comes from the cache without running the model."""
-        with self._metrics.request(), self._busy.busy() if self._busy is not None else nullcontext():
+        (same decoded pixels) comes from the cache without running the model. A BACKGROUND image (a Batch API
+        line) waits until no interactive image does, and does not hold the LLM stage back (`_busy` is for images
+        whose requests should join its running batch: interactive ones)."""
+        busy = self._busy.busy() if self._busy is not None and priority == INTERACTIVE else nullcontext()
+        with self._metrics.request(), busy:
             pixel_values, key = await asyncio.to_thread(self._encoder.preprocess.with_key, image)
             cached = self._cache.get(key) if self._cache is not None else None
             if self._cache is not None:
@@ -61,7 +64,7 @@ class VisionDeployment:
                 )
             if cached is not None:
                 return ImageEmbeds(cached, image.digest)
-            embeds = await self._batcher((pixel_values, time.perf_counter()))
+            embeds = await self._batcher((pixel_values, time.perf_counter()), priority)
             if self._cache is not None:
                 self._cache.put(key, embeds)
             return ImageEmbeds(embeds, image.digest)

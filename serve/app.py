@@ -49,7 +49,8 @@ def deployed_gpus(config: AppConfig) -> dict[str, float]:
 
 
 def build_app(config: AppConfig) -> Application:
-    """The BLIP-2 graph: Ingress holding handles to VisionDeployment and LLMDeployment (and RetrievalDeployment);
+    """The BLIP-2 graph: Ingress holding handles to VisionDeployment and LLMDeployment (and RetrievalDeployment,
+    and BatchJobs for OpenAI's Batch API);
     every replica records its metrics in this build's directory on its node, which the ingress renders at /metrics;
     a DrainCoordinator tells the ingress replicas when to drain."""
     metrics = new_directory(config.app_name)
@@ -98,6 +99,10 @@ def build_app(config: AppConfig) -> Application:
     options["logging_config"] = {"log_level": logging.getLevelName(chosen)}
     ingress = Ingress.options(**options)
     door = {"vision": vision, "llm": llm, "config": config, "retrieval": retrieval, "metrics_directory": metrics}
+    if config.server.batch_dir is not None:  # OpenAI's Batch API: one replica keeps the files and runs the batches
+        from blip2_serve.serve.batch_jobs import BatchJobs
+
+        door["batches"] = BatchJobs.bind(**door)
     return ingress.bind(DrainCoordinator.bind(), **door)
 
 

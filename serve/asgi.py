@@ -12,6 +12,7 @@ from typing import AsyncIterator, TypeVar
 from blip2_serve.deployments.errors import Blip2ServeError, InvalidInput, PayloadTooLarge, status_of
 from blip2_serve.serve.auth import is_public_path
 from blip2_serve.serve.frontdoor import FrontDoor
+from blip2_serve.serve.openai_codec import openai_error
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -22,15 +23,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 app = FastAPI(title="blip2-serve", docs_url=None, redoc_url=None)
-
-_OPENAI_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "invalid_request_error",
-    413: "invalid_request_error",
-    503: "service_unavailable",
-    504: "timeout",
-}
 
 
 def _is_openai_route(request: Request) -> bool:
@@ -49,13 +41,6 @@ def _headers_for(status: int) -> dict[str, str]:
     if status == 401:
         return {"www-authenticate": 'Bearer realm="blip2-serve"'}
     return {}
-
-
-def openai_error(status: int, message: str, code: str | None = None) -> dict:
-    """OpenAI's error object, as a response body or a stream's error event."""
-    return {
-        "error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"), "param": None, "code": code}
-    }
 
 
 def error_response(request: Request, status: int, message: str, code: str | None = None) -> Response:

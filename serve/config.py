@@ -145,6 +145,13 @@ class ServerConfig(BaseModel):
         MAX_NEW_TOKENS_LIMIT, ge=1, le=MAX_NEW_TOKENS_LIMIT
     )  # the most a request may ask for
     max_num_beams: int = Field(8, ge=1, le=16)  # beam search costs num_beams sequences of LLM work
+    # OpenAI's Batch API (/v1/files, /v1/batches; serve/batch_jobs.py): uploaded files, batches and their results
+    # live here (a local path, or a pyarrow URI such as s3://bucket/prefix on a cluster, where the Batches replica
+    # may restart on another node); None turns the API off. Created on first use.
+    batch_dir: str | None = "~/.cache/blip2-serve/batches"
+    batch_concurrency: int = Field(4, ge=1, le=256)  # Batch API lines in flight at once, over all batches
+    batch_max_requests: int = Field(50_000, ge=1)  # lines in one batch's input file (OpenAI's limit)
+    batch_max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024)  # one uploaded file (OpenAI's limit)
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> ServerConfig:

@@ -34,7 +34,7 @@ from blip2_serve.clients.contract import (
     RETRIEVAL_STAGE_MODEL,
     VISION_MODEL,
 )
-from blip2_serve.deployments.errors import Blip2ServeError, ModelNotFound, Unavailable, status_of
+from blip2_serve.deployments.errors import Blip2ServeError, ModelNotFound, NotFound, Unavailable, status_of
 from blip2_serve.deployments.metrics import MetricsRecorder
 from blip2_serve.deployments.metrics import render as render_metrics
 from blip2_serve.deployments.metrics import totals as metric_totals
@@ -94,10 +94,12 @@ class FrontDoor:
         config: AppConfig,
         retrieval: DeploymentHandle | None = None,
         metrics_directory: str | None = None,
+        batches: DeploymentHandle | None = None,
     ):
         self._vision = vision
         self._llm = llm
         self._retrieval = retrieval  # the Retrieval stage, when the config names a retrieval checkpoint
+        self._batches = batches  # the Batch API's replica (serve/batch_jobs.py), unless server.batch_dir is None
         self.config = config
         self.server = config.server
         self._limits = config.server.generation_limits()
@@ -169,7 +171,7 @@ class FrontDoor:
         if request.image is None:
             raise ValueError("GenerateRequest without an image reached the front door")
         self._limits.check(request.params)
-        return self._vision.embed.remote(request.image)
+        return self._vision.embed.remote(request.image, request.priority)
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         """Run one request through both stages; the stages batch it with concurrent requests."""
@@ -245,6 +247,14 @@ class FrontDoor:
     async def token_counts(self, texts: list[str]) -> list[int]:
         """How many tokens the retrieval model's tokenizer makes of each text (OpenAI's usage)."""
         return await _retriable(self._retrieval_stage(EMBED_TEXT_MODEL).token_counts.remote(texts))
+
+    # --- OpenAI's Batch API ---------------------------------------------------------------------------------------
+
+    async def batch_api(self, method: str, *args: Any) -> Any:
+        """Call the Batches replica (serve/batch_jobs.BatchJobs): files, batches; NotFound where the API is off."""
+        if self._batches is None:
+            raise NotFound("the Batch API is off on this server (server.batch_dir is null)")
+        return await _retriable(getattr(self._batches, method).remote(*args))
 
     # --- state ----------------------------------------------------------------------------------------------------
 

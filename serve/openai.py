@@ -14,10 +14,10 @@ from blip2_serve.clients.contract import EMBED_TEXT_MODEL
 from blip2_serve.deployments.errors import status_of
 from blip2_serve.serve import openai_codec as codec
 from blip2_serve.serve import schemas
-from blip2_serve.serve.asgi import front_door, openai_error, primed, read_body
+from blip2_serve.serve.asgi import front_door, primed, read_body
 from blip2_serve.serve.deadline import Deadline, deadline_s
 from blip2_serve.serve.frontdoor import FrontDoor
-from blip2_serve.serve.openai_codec import ChatCompletionRequest
+from blip2_serve.serve.openai_codec import ChatCompletionRequest, openai_error
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -46,10 +46,7 @@ async def openai_models(door: FrontDoor = Depends(front_door)) -> dict:
 async def chat_completions(request: Request, door: FrontDoor = Depends(front_door)) -> Response:
     server = door.server
     with door.counted():
-        chat = codec.ChatCompletionRequest.parse(await read_body(request, server.max_request_bytes))
-        generate = await codec.to_generate_request(
-            chat, server.model_name, server.image_limits(), tuple(server.image_url_allowlist), server.default_params()
-        )
+        chat, generate = await codec.parse_chat(await read_body(request, server.max_request_bytes), server)
         deadline = Deadline(deadline_s({}, request.headers))
         if not chat.stream:
             result = await deadline.run(door.generate(generate))

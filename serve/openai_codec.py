@@ -11,7 +11,7 @@ import base64
 import binascii
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal
+from typing import TYPE_CHECKING, Any, AsyncIterator, Literal
 
 import httpx
 import numpy as np
@@ -21,6 +21,9 @@ from blip2_serve.deployments.errors import InvalidInput, ModelNotFound
 from blip2_serve.deployments.images import ImageLimits, check_image
 from blip2_serve.deployments.types import EncodedImage, GenerateChunk, GenerateRequest, GenerateResult, GenerationParams
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+if TYPE_CHECKING:
+    from blip2_serve.serve.config import ServerConfig
 
 # Fields this server does not implement; sending them with a non-default value is a 400, not silently ignored.
 _UNSUPPORTED = {
@@ -204,6 +207,14 @@ async def to_generate_request(
     return GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", image, prompt, chat.params(defaults))
 
 
+async def parse_chat(raw: bytes, server: ServerConfig) -> tuple[ChatCompletionRequest, GenerateRequest]:
+    """A chat completion request's body, checked and parsed, and the GenerateRequest it asks for (its image loaded
+    within the server's limits)."""
+    chat = ChatCompletionRequest.parse(raw)
+    limits, allowlist = server.image_limits(), tuple(server.image_url_allowlist)
+    return chat, await to_generate_request(chat, server.model_name, limits, allowlist, server.default_params())
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -305,3 +316,20 @@ def embeddings(model: str, vectors: np.ndarray, token_counts: list[int], encodin
         data.append({"object": "embedding", "index": index, "embedding": embedding})
     usage = {"prompt_tokens": sum(token_counts), "total_tokens": sum(token_counts)}
     return {"object": "list", "data": data, "model": model, "usage": usage}
+
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+def openai_error(status: int, message: str, code: str | None = None) -> dict:
+    """OpenAI's error object, as a response body or a stream's error event."""
+    return {
+        "error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"), "param": None, "code": code}
+    }

@@ -88,7 +88,13 @@ class ServedApp:
 
 
 # Small limits so that oversize requests are cheap to send; model stages on no CPU reservation (2-core box).
-TEST_SERVER = {"max_request_bytes": 2 * 1024 * 1024, "max_image_bytes": 1024 * 1024, "max_image_pixels": 4_000_000}
+# No Batch API replica in the shared graphs (tests/test_openai_batch.py deploys its own; the CLI tests run the default).
+TEST_SERVER = {
+    "max_request_bytes": 2 * 1024 * 1024,
+    "max_image_bytes": 1024 * 1024,
+    "max_image_pixels": 4_000_000,
+    "batch_dir": None,
+}
 # The suite compares served answers with transformers on the CPU, in fp32: pinned, so that a GPU host runs the
 # same comparison (with device "auto" the stages would take the GPU and fp16).
 TEST_MODEL = {"device": "cpu", "dtype": "fp32"}

@@ -88,3 +88,23 @@ def test_wait_timeout_gathers_the_first_arrivals_of_an_idle_model():
         return model.batches
 
     assert asyncio.run(main()) == [[0, 1]]
+
+
+def test_interactive_items_go_first_and_never_share_a_batch_with_background_ones():
+    """Batch API lines (BACKGROUND) wait while interactive items do, and run in batches of their own."""
+    from blip2_serve.deployments.types import BACKGROUND
+
+    async def main():
+        model = Model(seconds=0.1)
+        batcher = DynamicBatcher(model.run, BatchConfig(max_batch_size=4))
+        calls = [asyncio.create_task(batcher(0, BACKGROUND))]  # runs alone: the model was idle
+        await asyncio.sleep(0.02)
+        calls += [asyncio.create_task(batcher(i, BACKGROUND)) for i in (1, 2, 3)]  # queued first ...
+        calls += [asyncio.create_task(batcher(i)) for i in (10, 11)]  # ... but these run first
+        await asyncio.sleep(0.02)
+        calls.append(asyncio.create_task(batcher(12)))
+        calls.append(asyncio.create_task(batcher(4, BACKGROUND)))
+        await asyncio.gather(*calls)
+        return model.batches
+
+    assert asyncio.run(main()) == [[0], [10, 11, 12], [1, 2, 3, 4]]

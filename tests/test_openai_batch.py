@@ -1,0 +1,179 @@
+"""OpenAI's Batch API on the server (serve/openai_batch.py, serve/batch_jobs.py), driven with the openai package
+unchanged: upload, create, poll, download; per-line errors; cancel; a Batches replica killed half way."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import TEST_SERVER, deploy_graph
+from tests.helpers import image_bytes
+from tests.test_openai import client_for, user
+
+pytestmark = pytest.mark.serve
+
+FINISHED = ("completed", "failed", "cancelled", "expired")
+
+
+@pytest.fixture(scope="module")
+def batch_app(serve_ports, checkpoints, tmp_path_factory):
+    """The OPT graph with the Batch API on, its files in a fresh directory."""
+    batch_dir = tmp_path_factory.mktemp("batches")
+    server = {**TEST_SERVER, "batch_dir": str(batch_dir), "batch_concurrency": 4}
+    app = deploy_graph(serve_ports, checkpoints["opt"], "opt", "batchapi", server=server)
+    yield app
+    from ray import serve
+
+    serve.delete(app.name)
+
+
+def _chat_line(custom_id: str, seed: int, question: str | None, max_tokens: int = 6) -> dict:
+    body = {"model": "blip2", "messages": [user(question, image_bytes(seed))], "max_tokens": max_tokens}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def _upload(client: openai.OpenAI, lines: list, tmp_path) -> str:
+    path = tmp_path / "input.jsonl"
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    with path.open("rb") as stream:
+        return client.files.create(file=stream, purpose="batch").id
+
+
+def _wait(client: openai.OpenAI, batch_id: str, until=lambda b: b.status in FINISHED, timeout_s: float = 180):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if until(batch):
+            return batch
+        assert time.monotonic() < deadline, f"batch still {batch.status}: {batch.request_counts}"
+        time.sleep(0.2)
+
+
+def _lines(client: openai.OpenAI, file_id: str | None) -> list[dict]:
+    if file_id is None:
+        return []
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+def test_a_batch_of_chat_lines_answers_as_one_by_one_and_keeps_bad_lines_as_errors(batch_app, tmp_path):
+    client = client_for(batch_app)
+    lines = [_chat_line(f"req-{i}", i, None if i % 2 else "what is in the picture?") for i in range(20)]
+    lines.insert(7, '{"custom_id": "broken", "method": "POST", "url": ')  # cut JSON: an error line
+    bad_model = _chat_line("wrong-model", 3, None)
+    bad_model["body"]["model"] = "gpt-4o"  # the request's own 404, in the error file
+    lines.append(bad_model)
+    input_id = _upload(client, lines, tmp_path)
+    assert client.files.retrieve(input_id).purpose == "batch"
+
+    created = client.batches.create(input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert created.status in ("validating", "in_progress") and created.input_file_id == input_id
+    batch = _wait(client, created.id)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (22, 20, 2)
+    assert batch.completed_at and batch.in_progress_at and batch.finalizing_at
+
+    outputs = _lines(client, batch.output_file_id)
+    assert [o["custom_id"] for o in outputs] == [f"req-{i}" for i in range(20)]  # input order
+    for output in outputs:
+        line = next(x for x in lines if isinstance(x, dict) and x["custom_id"] == output["custom_id"])
+        alone = client.chat.completions.create(**line["body"])
+        assert output["response"]["status_code"] == 200 and output["error"] is None
+        assert output["response"]["body"]["choices"][0]["message"]["content"] == alone.choices[0].message.content
+
+    errors = {e["custom_id"]: e for e in _lines(client, batch.error_file_id)}
+    assert set(errors) == {None, "wrong-model"}
+    assert errors[None]["error"]["code"] == "invalid_json" and "line 8" in errors[None]["error"]["message"]
+    assert errors["wrong-model"]["response"]["status_code"] == 404
+    assert "gpt-4o" in errors["wrong-model"]["response"]["body"]["error"]["message"]
+
+    with pytest.raises(openai.BadRequestError, match="status 'completed'"):
+        client.batches.cancel(batch.id)
+    assert batch.id in [b.id for b in client.batches.list(limit=100)]
+
+
+def test_cancel_stops_a_batch_and_keeps_what_finished(batch_app, tmp_path):
+    client = client_for(batch_app)
+    lines = [_chat_line(f"c-{i}", 100 + i, "describe it", max_tokens=24) for i in range(40)]
+    created = client.batches.create(
+        input_file_id=_upload(client, lines, tmp_path), endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    _wait(client, created.id, until=lambda b: b.request_counts.completed >= 1)
+    cancelling = client.batches.cancel(created.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    batch = _wait(client, created.id, timeout_s=60)
+    assert batch.status == "cancelled" and batch.cancelled_at
+    done = batch.request_counts.completed
+    assert 1 <= done < 40 and batch.request_counts.total == 40
+    assert len(_lines(client, batch.output_file_id)) == done
+    assert client.batches.cancel(created.id).status == "cancelled"  # again: as it is
+    with pytest.raises(openai.NotFoundError, match="No such Batch"):
+        client.batches.cancel("batch_" + "0" * 32)
+
+
+def test_a_killed_batches_replica_resumes_and_runs_each_line_once(batch_app, tmp_path):
+    """The replica that runs batches dies half way (as in a crash or a node lost); Serve starts another, which takes
+    the batch up from what was kept: every line answered exactly once."""
+    import ray
+
+    client = client_for(batch_app)
+    lines = [_chat_line(f"k-{i}", 200 + i, None, max_tokens=16) for i in range(24)]
+    created = client.batches.create(
+        input_file_id=_upload(client, lines, tmp_path), endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    before = _wait(client, created.id, until=lambda b: b.request_counts.completed >= 4)
+    assert before.status == "in_progress" and before.request_counts.completed < 20, before
+    time.sleep(0.6)  # one flush: what finished is kept
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "batchapi#Batches" in a["name"]]
+    assert len(replicas) == 1, replicas
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+
+    def retrieved(batch_id):
+        try:
+            return client.batches.retrieve(batch_id)
+        except (openai.APIStatusError, openai.APIConnectionError):
+            return None  # the replica is being replaced
+
+    deadline = time.monotonic() + 180
+    while (batch := retrieved(created.id)) is None or batch.status not in FINISHED:
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.5)
+    assert batch.status == "completed" and batch.request_counts.completed == 24, batch
+    outputs = _lines(client, batch.output_file_id)
+    assert sorted(o["custom_id"] for o in outputs) == sorted(f"k-{i}" for i in range(24))
+
+
+@pytest.mark.parametrize(
+    "case, status, text",
+    [
+        ({"input_file_id": "file-missing", "endpoint": "/v1/chat/completions"}, 404, "No such File"),
+        ({"endpoint": "/v1/completions"}, 400, "endpoint"),
+        ({"completion_window": "1h"}, 400, "24h"),
+        ({"metadata": {"k": 1}}, 400, "metadata"),
+        ({"surprise": True}, 400, "unknown field"),
+    ],
+)
+def test_bad_create_requests_are_4xx_in_openai_shape(batch_app, tmp_path, case, status, text):
+    client = client_for(batch_app)
+    body = {"input_file_id": "", "endpoint": "/v1/chat/completions", "completion_window": "24h", **case}
+    if not body["input_file_id"]:
+        body["input_file_id"] = _upload(client, [_chat_line("x", 1, None)], tmp_path)
+    answer = httpx.post(f"{batch_app.http}/v1/batches", json=body, timeout=30)
+    assert answer.status_code == status, answer.text
+    assert text in answer.json()["error"]["message"]
+
+
+def test_a_file_that_cannot_be_a_batch_fails_it_with_the_reason(batch_app, tmp_path):
+    client = client_for(batch_app)
+    twice = [_chat_line("same", 1, None), _chat_line("same", 2, None)]
+    created = client.batches.create(
+        input_file_id=_upload(client, twice, tmp_path), endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    batch = _wait(client, created.id, timeout_s=60)
+    assert batch.status == "failed" and batch.failed_at
+    assert "custom_id 'same'" in batch.errors.data[0].message
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        client.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")
