@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.report import write_table
 from bench.run import _checkpoint
 from bench.scenarios import Baseline
 
@@ -115,13 +116,7 @@ def main() -> None:
             entry("blip2-serve batch (Ray Data, local, actors started in the time)", summary.seconds, batch_answers),
         ],
     }
-    name = f"batch-{args.size}-{args.llm}"
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
     lines = [
-        f"# bench: blip2-serve batch, {args.size} {args.llm} ({time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, "
-        f"commit {commit})",
-        "",
         f"Machine: {document['machine']}. {len(images)} images, greedy, max_new_tokens {args.max_new_tokens}.",
         "",
         "| scenario | seconds | images/s | images/s per core | / loop | answers = loop |",
@@ -138,8 +133,9 @@ def main() -> None:
         f"blip2-serve batch: its first {summary.first_rows} rows were on disk after {summary.first_s:.1f} s (actors "
         "started, models loaded, the pipeline filled), the rest after it.",
     ]
-    (Path(args.out) / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(
+        args.out, f"batch-{args.size}-{args.llm}", f"blip2-serve batch, {args.size} {args.llm}", document, lines
+    )
 
 
 if __name__ == "__main__":

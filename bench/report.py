@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 TARGETS = {  # summary key -> (comparison, bound, sizes it applies to, what it means)
@@ -157,3 +158,14 @@ def write(document: dict, stem: Path) -> None:
     stem.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(document))
     plot(document, stem.with_suffix(".png"))
+
+
+def write_table(out: str, name: str, title: str, document: dict, lines: list[str]) -> None:
+    """A side benchmark's result: `<out>/<name>.json` (the document) and `.md` (a dated title with the commit, then
+    `lines`), the markdown printed."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    text = [f"# bench: {title} ({stamp}, commit {document['commit']})", "", *lines]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
+    (Path(out) / f"{name}.md").write_text("\n".join(text) + "\n")
+    print("\n".join(text))

@@ -86,9 +86,9 @@ def _environment(checkpoint: Path) -> dict:
     }
 
 
-def _start_serve(checkpoint: Path, static: bool):
+def _start_serve(checkpoint: Path, static: bool, server: dict | None = None):
     """Ray + Serve on 127.0.0.1 with the default configuration (what `blip2-serve run --model` serves) at /c, and
-    where `static`, the same with static LLM scheduling at /s."""
+    where `static`, the same with static LLM scheduling at /s; `server`: settings of the server section."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from blip2_serve.serve.app import build_app, prepare_local_ray
@@ -106,6 +106,7 @@ def _start_serve(checkpoint: Path, static: bool):
             {
                 "model": {"checkpoint": str(checkpoint), "device": "cpu"},
                 "llm": {"scheduler": scheduler},
+                "server": server or {},
                 "app_name": name,
                 "route_prefix": f"/{name}",
             }

@@ -30,7 +30,6 @@ from blip2_serve.serve.batch_store import BatchStore, new_id
 from blip2_serve.serve.config import AppConfig
 from blip2_serve.serve.frontdoor import FrontDoor
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ def _line_error(line: int, custom_id: Any, code: str, message: str) -> dict[str,
     """A kept line for an input line that is not a request this batch can run."""
     output = {
         "id": new_id("batch_req_"),
-        "custom_id": custom_id if isinstance(custom_id, str) else None,
+        "custom_id": custom_id if isinstance(custom_id, str) and custom_id else None,
         "response": None,
         "error": {"code": code, "message": f"line {line + 1}: {message}"},
     }
@@ -170,21 +169,16 @@ class _Job:
     num_replicas=1,
     max_ongoing_requests=256,
     ray_actor_options={"num_cpus": 0},
-    logging_config=INTERNAL_LOGGING,
+    # Ray's own INFO lines of this replica (its handles' router start) are noise on the console
+    logging_config={**INTERNAL_LOGGING, "log_level": "WARNING"},
 )
 class BatchJobs:
     """Files and batches (OpenAI's objects), and the batches' runner."""
 
-    def __init__(
-        self,
-        vision: DeploymentHandle,
-        llm: DeploymentHandle,
-        config: AppConfig,
-        retrieval: DeploymentHandle | None = None,
-        metrics_directory: str | None = None,
-    ):
+    def __init__(self, config: AppConfig, **door: Any):
+        """`door`: the rest of FrontDoor's arguments (the stages' handles, the metrics directory)."""
         server = config.server.model_copy(update={"api_key_env": None})  # the edge checks keys; lines come from it
-        self.door = FrontDoor(vision, llm, config.model_copy(update={"server": server}), retrieval, metrics_directory)
+        self.door = FrontDoor(config=config.model_copy(update={"server": server}), **door)
         self.server = config.server
         self.store = BatchStore(config.server.batch_dir)
         self._lines = asyncio.Semaphore(config.server.batch_concurrency)  # over every batch

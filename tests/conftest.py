@@ -88,7 +88,7 @@ class ServedApp:
 
 
 # Small limits so that oversize requests are cheap to send; model stages on no CPU reservation (2-core box).
-# No Batch API replica in the shared graphs (tests/test_openai_batch.py deploys its own; the CLI tests run the default).
+# No Batch API replica in most shared graphs (retrieval_app has one; the CLI tests run the default configuration).
 TEST_SERVER = {
     "max_request_bytes": 2 * 1024 * 1024,
     "max_image_bytes": 1024 * 1024,
@@ -243,7 +243,9 @@ def itm_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def retrieval_app(serve_ports, checkpoints, itm_checkpoint) -> ServedApp:
-    """The OPT graph with the retrieval stage (a tiny ITM checkpoint)."""
+def retrieval_app(serve_ports, checkpoints, itm_checkpoint, tmp_path_factory) -> ServedApp:
+    """The OPT graph with the retrieval stage (a tiny ITM checkpoint) and OpenAI's Batch API (its files in a fresh
+    directory): every endpoint a batch line may name."""
     retrieval = {**TEST_STAGE, "model": {"checkpoint": str(itm_checkpoint), **TEST_MODEL}}
-    return deploy_graph(serve_ports, checkpoints["opt"], "opt", "retrieval", retrieval=retrieval)
+    server = {**TEST_SERVER, "batch_dir": str(tmp_path_factory.mktemp("batches"))}
+    return deploy_graph(serve_ports, checkpoints["opt"], "opt", "retrieval", retrieval=retrieval, server=server)

@@ -57,8 +57,15 @@ def test_http_routes_want_the_key_but_health(secured_app):
                 assert response.status_code == 401, (path, response.text)
                 assert response.headers["www-authenticate"].startswith("Bearer")
                 assert "API key" in response.json()["error"]
-        refused = http.post(base + "/v1/chat/completions", json={"model": "blip2", "messages": []})
-        assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+        for method, path in [
+            ("POST", "/v1/chat/completions"),
+            ("POST", "/v1/batches"),
+            ("GET", "/v1/batches/batch_x"),
+            ("POST", "/v1/files"),
+            ("GET", "/v1/files/file-x/content"),
+        ]:
+            refused = http.request(method, base + path, json={"model": "blip2", "messages": []})
+            assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error", path
         answered = http.post(base + "/v2/models/blip2/infer", headers=GOOD, json=_infer_body())
         assert answered.status_code == 200 and answered.json()["outputs"][0]["data"][0]
         assert http.get(base + "/metrics", headers=GOOD).status_code == 200

@@ -1,6 +1,7 @@
 """A two-node Ray cluster on this machine (`ray start --head`, and a second node with a custom resource): the LLM
 stage is pinned to the second node by that resource; the app goes on with Ray's `serve deploy` (through the
-dashboard) and with `blip2-serve run --address`, serves, and the nodes stop with their `ray start` processes."""
+dashboard) and with `blip2-serve run --address`, serves; `blip2-serve batch --address` captions a folder on the same
+cluster; the nodes stop with their `ray start` processes."""
 
 from __future__ import annotations
 
@@ -117,6 +118,20 @@ def test_two_node_cluster_with_the_llm_on_the_second_node(tmp_path, checkpoints)
         assert placed["nodes"][placed["llm_node"]].get("llm_node") == 1, placed
         assert len(placed["nodes"]) == 2
         subprocess.run([str(BIN / "serve"), "shutdown", "-y", "-a", dashboard_url], env=ENV, check=True)
+
+        # `blip2-serve batch --address`: the offline job's Ray Data pools on the same two nodes
+        photos = tmp_path / "photos"
+        photos.mkdir()
+        for index in range(6):
+            (photos / f"photo{index}.png").write_bytes(image_bytes(300 + index))
+        out = tmp_path / "captions.jsonl"
+        batch = [str(BIN / "blip2-serve"), "batch", "caption", str(photos), "--model", str(checkpoints["opt"])]
+        batch += ["--out", str(out), "--address", address, "--max-new-tokens", "4", "--quiet", "--dtype", "fp32"]
+        done = subprocess.run(batch, env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "6 rows written" in done.stdout, done.stdout + done.stderr[-3000:]
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert sorted(r["id"] for r in rows) == sorted(p.name for p in photos.iterdir()), rows
+        assert all(r["text"] and r["error"] is None for r in rows), rows
 
         # `blip2-serve run --address` joins the cluster, serves the same file, and leaves the cluster up on exit
         joined = subprocess.Popen(

@@ -10,7 +10,6 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import TEST_SERVER, deploy_graph
 from tests.helpers import image_bytes
 from tests.test_openai import client_for, user
 
@@ -19,16 +18,10 @@ pytestmark = pytest.mark.serve
 FINISHED = ("completed", "failed", "cancelled", "expired")
 
 
-@pytest.fixture(scope="module")
-def batch_app(serve_ports, checkpoints, tmp_path_factory):
-    """The OPT graph with the Batch API on, its files in a fresh directory."""
-    batch_dir = tmp_path_factory.mktemp("batches")
-    server = {**TEST_SERVER, "batch_dir": str(batch_dir), "batch_concurrency": 4}
-    app = deploy_graph(serve_ports, checkpoints["opt"], "opt", "batchapi", server=server)
-    yield app
-    from ray import serve
-
-    serve.delete(app.name)
+@pytest.fixture
+def batch_app(retrieval_app):
+    """The OPT graph with the retrieval stage and the Batch API on (tests/conftest.py)."""
+    return retrieval_app
 
 
 def _chat_line(custom_id: str, seed: int, question: str | None, max_tokens: int = 6) -> dict:
@@ -97,7 +90,7 @@ def test_a_batch_of_chat_lines_answers_as_one_by_one_and_keeps_bad_lines_as_erro
 
 def test_cancel_stops_a_batch_and_keeps_what_finished(batch_app, tmp_path):
     client = client_for(batch_app)
-    lines = [_chat_line(f"c-{i}", 100 + i, "describe it", max_tokens=24) for i in range(40)]
+    lines = [_chat_line(f"c-{i}", 100 + i, "describe it", max_tokens=24) for i in range(16)]
     created = client.batches.create(
         input_file_id=_upload(client, lines, tmp_path), endpoint="/v1/chat/completions", completion_window="24h"
     )
@@ -107,7 +100,7 @@ def test_cancel_stops_a_batch_and_keeps_what_finished(batch_app, tmp_path):
     batch = _wait(client, created.id, timeout_s=60)
     assert batch.status == "cancelled" and batch.cancelled_at
     done = batch.request_counts.completed
-    assert 1 <= done < 40 and batch.request_counts.total == 40
+    assert 1 <= done < 16 and batch.request_counts.total == 16
     assert len(_lines(client, batch.output_file_id)) == done
     assert client.batches.cancel(created.id).status == "cancelled"  # again: as it is
     with pytest.raises(openai.NotFoundError, match="No such Batch"):
@@ -127,7 +120,7 @@ def test_a_killed_batches_replica_resumes_and_runs_each_line_once(batch_app, tmp
     before = _wait(client, created.id, until=lambda b: b.request_counts.completed >= 4)
     assert before.status == "in_progress" and before.request_counts.completed < 20, before
     time.sleep(0.6)  # one flush: what finished is kept
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "batchapi#Batches" in a["name"]]
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "retrieval#Batches" in a["name"]]
     assert len(replicas) == 1, replicas
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
 
@@ -144,6 +137,31 @@ def test_a_killed_batches_replica_resumes_and_runs_each_line_once(batch_app, tmp
     assert batch.status == "completed" and batch.request_counts.completed == 24, batch
     outputs = _lines(client, batch.output_file_id)
     assert sorted(o["custom_id"] for o in outputs) == sorted(f"k-{i}" for i in range(24))
+
+
+def test_embedding_lines_answer_as_one_by_one(batch_app, tmp_path):
+    client = client_for(batch_app)
+    texts = ["a cat on a mat", ["two dogs", "a red car"], "an empty street at night"]
+    lines = [
+        {
+            "custom_id": f"e-{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "blip2_embed_text", "input": t},
+        }
+        for i, t in enumerate(texts)
+    ]
+    created = client.batches.create(
+        input_file_id=_upload(client, lines, tmp_path), endpoint="/v1/embeddings", completion_window="24h"
+    )
+    batch = _wait(client, created.id, timeout_s=60)
+    assert batch.status == "completed" and batch.request_counts.completed == 3, batch
+    for output, text in zip(_lines(client, batch.output_file_id), texts):
+        alone = client.embeddings.create(model="blip2_embed_text", input=text)
+        got = [row["embedding"] for row in output["response"]["body"]["data"]]
+        assert len(got) == len(alone.data)
+        for vector, expected in zip(got, alone.data):
+            assert max(abs(a - b) for a, b in zip(vector, expected.embedding)) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -177,3 +195,38 @@ def test_a_file_that_cannot_be_a_batch_fails_it_with_the_reason(batch_app, tmp_p
     assert "custom_id 'same'" in batch.errors.data[0].message
     with pytest.raises(openai.BadRequestError, match="purpose"):
         client.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")
+
+
+def test_input_lines_that_are_not_requests_become_error_lines_and_bad_files_are_refused():
+    from blip2_serve.deployments.errors import InvalidInput
+    from blip2_serve.serve.batch_jobs import parse_lines
+
+    good = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}
+    lines = [
+        json.dumps(good),
+        "",  # blank lines are skipped
+        "[1, 2]",
+        json.dumps({**good, "custom_id": ""}),
+        json.dumps({**good, "custom_id": "b", "method": "GET"}),
+        json.dumps({**good, "custom_id": "c", "url": "/v1/chat/completions"}),
+        json.dumps({**good, "custom_id": "d", "body": "x"}),
+        "[" * 100 + "]" * 100,  # deeper than the bounded parser takes
+    ]
+    requests, errors = parse_lines("\n".join(lines).encode(), "/v1/embeddings", 100)
+    assert requests == [(0, "a", {"input": "x"})]
+    assert [(e["line"], e["output"]["custom_id"], e["output"]["error"]["code"]) for e in errors] == [
+        (2, None, "invalid_request"),
+        (3, None, "invalid_request"),
+        (4, "b", "invalid_request"),
+        (5, "c", "invalid_request"),
+        (6, "d", "invalid_request"),
+        (7, None, "invalid_json"),
+    ]
+    for data, why in [
+        (b"\n\n", "no requests"),
+        (b"\xff\xfe", "UTF-8"),
+        ((json.dumps(good) + "\n") * 2, "also on line 1"),
+        ("\n".join(json.dumps({**good, "custom_id": str(i)}) for i in range(101)), "at most 100"),
+    ]:
+        with pytest.raises(InvalidInput, match=why):
+            parse_lines(data if isinstance(data, bytes) else data.encode(), "/v1/embeddings", 100)
