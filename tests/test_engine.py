@@ -127,6 +127,28 @@ def test_a_hand_over_is_admitted_in_one_prefill_while_the_engine_steps(parts):
     assert admissions == [1, 3], admissions
 
 
+def test_interactive_sequences_are_admitted_before_background_ones(parts):
+    """Batch API lines (BACKGROUND) queued first still wait for an interactive request when the batch is full."""
+    from blip2_serve.deployments.types import BACKGROUND
+
+    generator, embeds = parts
+    engine = ContinuousBatcher(generator, max_running=1)
+    admitted: list[str] = []
+    admit = engine._admit
+    engine._admit = lambda sequences: admitted.extend(s.item.request.request_id for s in sequences) or admit(sequences)
+    gate = threading.Event()
+    held = engine.run_exclusive(gate.wait, 60)  # everything below queues while the engine waits here
+    requests = [("b1", BACKGROUND), ("b2", BACKGROUND), ("i1", 0)]
+    futures = [
+        _submit(engine, generator.prepare(GenerateRequest(name, None, "", GenerationParams(max_new_tokens=2), p), e))
+        for (name, p), e in zip(requests, embeds)
+    ]
+    gate.set()
+    held.result(timeout=60)
+    [f.result(timeout=120) for f in futures]
+    assert admitted == ["i1", "b1", "b2"], admitted
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(parts):
     generator, embeds = parts
     params = GenerationParams(max_new_tokens=10, do_sample=True, seed=5, temperature=0.8, top_k=40)
