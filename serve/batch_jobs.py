@@ -23,7 +23,7 @@ from typing import Any
 from blip2_serve.clients.contract import EMBED_TEXT_MODEL
 from blip2_serve.deployments import jsonbody
 from blip2_serve.deployments.errors import InvalidInput, status_of
-from blip2_serve.deployments.metrics import INTERNAL_LOGGING
+from blip2_serve.deployments.metrics import INTERNAL_LOGGING, SHUTDOWN_POLL_S
 from blip2_serve.deployments.types import BACKGROUND
 from blip2_serve.serve import openai_codec as codec
 from blip2_serve.serve.batch_store import BatchStore, new_id
@@ -171,6 +171,7 @@ class _Job:
     ray_actor_options={"num_cpus": 0},
     # Ray's own INFO lines of this replica (its handles' router start) are noise on the console
     logging_config={**INTERNAL_LOGGING, "log_level": "WARNING"},
+    graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
 )
 class BatchJobs:
     """Files and batches (OpenAI's objects), and the batches' runner."""

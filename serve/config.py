@@ -21,6 +21,7 @@ from blip2_serve.clients.contract import (
 )
 from blip2_serve.deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
 from blip2_serve.deployments.images import ImageLimits
+from blip2_serve.deployments.metrics import SHUTDOWN_POLL_S
 from blip2_serve.deployments.types import GenerationLimits, GenerationParams
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -84,6 +85,7 @@ class StageConfig(BaseModel):
         options: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests or 2 * self.batch.max_batch_size,
             "max_queued_requests": self.max_queued_requests,
+            "graceful_shutdown_wait_loop_s": SHUTDOWN_POLL_S,
             "ray_actor_options": {"num_cpus": self.cpus_for(num_gpus, cpu_turns), "num_gpus": num_gpus},
         }
         if self.resources:
