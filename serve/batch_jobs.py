@@ -312,13 +312,14 @@ class BatchJobs:
         flusher = asyncio.ensure_future(self._flush_every(batch, job))
         stopped = asyncio.ensure_future(job.cancel.wait())
         expiry = max(0.0, batch["expires_at"] - time.time())
+        every_line = asyncio.gather(*lines)
         try:
             if lines:
-                await asyncio.wait([asyncio.gather(*lines), stopped], timeout=expiry, return_when="FIRST_COMPLETED")
+                await asyncio.wait([every_line, stopped], timeout=expiry, return_when="FIRST_COMPLETED")
         finally:
-            for task in [*lines, flusher, stopped]:
+            for task in [*lines, every_line, flusher, stopped]:
                 task.cancel()
-            await asyncio.gather(*lines, flusher, stopped, return_exceptions=True)
+            await asyncio.gather(*lines, every_line, flusher, stopped, return_exceptions=True)
         await self._keep(batch, job)
         if job.cancel.is_set() or batch["status"] == "cancelling":
             ending = {"status": "cancelled", "cancelled_at": int(time.time())}

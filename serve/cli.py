@@ -188,13 +188,11 @@ def run(args: argparse.Namespace) -> int:
     if ray.is_initialized():
         try:
             _drain(config)
-            if address != "local":  # a cluster we joined keeps its Serve (and other applications), not ours
-                serve.delete(config.app_name)
+            serve.delete(config.app_name)
         except Exception as exc:  # interrupted before Serve was up: nothing to delete
             logger.warning("could not delete the application: %s", exc)
-        # a local Ray goes, drained, with ray.shutdown below, its Serve with it: deleting the application first took
-        # 3 s (Serve stops deployments in tiers, a controller loop apart) and serve.shutdown only adds the raylet's
-        # lines about the controller's tasks it cut short
+        # a cluster we joined keeps its Serve (and other applications); a local one goes with ray.shutdown below
+        # (serve.shutdown there too only adds the raylet's lines about the controller's tasks it cut short)
     ray.shutdown()
     return 0
 

@@ -91,7 +91,9 @@ class _Server:
         import threading
 
         env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -112,8 +114,15 @@ class _Server:
             time.sleep(0.2)
 
     def stop(self, sig: int) -> int:
+        """Send `sig` to the server; its exit code. One that has not ended 120 s later is killed with all it started
+        (its own Ray: left running, later tests' `serve run` would join it) and fails the test."""
         self.process.send_signal(sig)
-        code = self.process.wait(timeout=120)
+        try:
+            code = self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+            raise AssertionError(f"still running 120 s after signal {sig}:\n{self.output[-3000:]}") from None
         self._reader.join(timeout=10)
         return code
 
@@ -439,7 +448,7 @@ def _ctrl_c(command: list[str], port: int, bound_s: float) -> tuple[int, float, 
             except ProcessLookupError:
                 pass
             process.wait(timeout=30)
-            subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+            # not `ray stop --force`: that ends every Ray on the machine, this session's own (and pytest with it)
         reader.join(timeout=10)
     return code, took, "".join(lines), caption
 
