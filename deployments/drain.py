@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from blip2_serve.deployments.metrics import INTERNAL_LOGGING, SHUTDOWN_POLL_S
+from blip2_serve.deployments.metrics import INTERNAL_LOGGING
 from ray import serve
 
 REPORT_S = 1.0  # how often each ingress replica reports what it holds
@@ -23,7 +23,6 @@ FRESH_S = 10.0  # a replica not heard from for this long is gone
     ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=1000,
     logging_config=INTERNAL_LOGGING,
-    graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
 )
 class DrainCoordinator:
     def __init__(self):

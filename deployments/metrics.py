@@ -239,9 +239,3 @@ def totals(directory: str | None) -> dict[str, dict[str, float]]:
 # (stage calls, readiness checks, drain reports) are not traffic. Logged, an idle server printed a line a second,
 # and every readiness probe two more.
 INTERNAL_LOGGING = {"enable_access_log": False}
-
-# How often a replica being stopped looks whether its requests are done (Ray's default: every 2 s). Serve stops an
-# application's deployments in tiers, each waiting at least one such period: Ctrl-C on `serve run` or `blip2-serve
-# run` took ~9 s with nothing in flight. A request still running is waited for all the same (up to Ray's
-# graceful_shutdown_timeout_s); only the polling is finer.
-SHUTDOWN_POLL_S = 0.2

@@ -23,7 +23,7 @@ from typing import Any
 from blip2_serve.clients.contract import EMBED_TEXT_MODEL
 from blip2_serve.deployments import jsonbody
 from blip2_serve.deployments.errors import InvalidInput, status_of
-from blip2_serve.deployments.metrics import INTERNAL_LOGGING, SHUTDOWN_POLL_S
+from blip2_serve.deployments.metrics import INTERNAL_LOGGING
 from blip2_serve.deployments.types import BACKGROUND
 from blip2_serve.serve import openai_codec as codec
 from blip2_serve.serve.batch_store import BatchStore, new_id
@@ -171,7 +171,6 @@ class _Job:
     ray_actor_options={"num_cpus": 0},
     # Ray's own INFO lines of this replica (its handles' router start) are noise on the console
     logging_config={**INTERNAL_LOGGING, "log_level": "WARNING"},
-    graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S,
 )
 class BatchJobs:
     """Files and batches (OpenAI's objects), and the batches' runner."""
@@ -181,7 +180,7 @@ class BatchJobs:
         server = config.server.model_copy(update={"api_key_env": None})  # the edge checks keys; lines come from it
         self.door = FrontDoor(config=config.model_copy(update={"server": server}), **door)
         self.server = config.server
-        self.store = BatchStore(config.server.batch_dir)
+        self.store = BatchStore(config.batch_location())
         self._lines = asyncio.Semaphore(config.server.batch_concurrency)  # over every batch
         self._live: dict[str, dict[str, Any]] = {}  # the Batch objects of running batches (kept: on each flush)
         self._jobs: dict[str, _Job] = {}

@@ -21,7 +21,6 @@ from blip2_serve.clients.contract import (
 )
 from blip2_serve.deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
 from blip2_serve.deployments.images import ImageLimits
-from blip2_serve.deployments.metrics import SHUTDOWN_POLL_S
 from blip2_serve.deployments.types import GenerationLimits, GenerationParams
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -85,7 +84,6 @@ class StageConfig(BaseModel):
         options: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests or 2 * self.batch.max_batch_size,
             "max_queued_requests": self.max_queued_requests,
-            "graceful_shutdown_wait_loop_s": SHUTDOWN_POLL_S,
             "ray_actor_options": {"num_cpus": self.cpus_for(num_gpus, cpu_turns), "num_gpus": num_gpus},
         }
         if self.resources:
@@ -147,10 +145,11 @@ class ServerConfig(BaseModel):
         MAX_NEW_TOKENS_LIMIT, ge=1, le=MAX_NEW_TOKENS_LIMIT
     )  # the most a request may ask for
     max_num_beams: int = Field(8, ge=1, le=16)  # beam search costs num_beams sequences of LLM work
-    # OpenAI's Batch API (/v1/files, /v1/batches; serve/batch_jobs.py): uploaded files, batches and their results
-    # live here (a local path, or a pyarrow URI such as s3://bucket/prefix on a cluster, where the Batches replica
-    # may restart on another node); None turns the API off. Created on first use.
-    batch_dir: str | None = "~/.cache/blip2-serve/batches"
+    # OpenAI's Batch API (/v1/files, /v1/batches; serve/batch_jobs.py), off unless set: uploaded files, batches and
+    # their results live under <batch_dir>/<app_name>-<http_port> (AppConfig.batch_location); a local path such as
+    # ~/.cache/blip2-serve/batches, or a pyarrow URI such as s3://bucket/prefix on a cluster, where the Batches
+    # replica may restart on another node. Created on first use.
+    batch_dir: str | None = None
     batch_concurrency: int = Field(4, ge=1, le=256)  # Batch API lines in flight at once, over all batches
     batch_max_requests: int = Field(50_000, ge=1)  # lines in one batch's input file (OpenAI's limit)
     batch_max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024)  # one uploaded file (OpenAI's limit)
@@ -203,6 +202,13 @@ class AppConfig(BaseModel):
     cpu_turns: bool = True
     app_name: str = "blip2"
     route_prefix: str = "/"
+
+    def batch_location(self) -> str | None:
+        """Where this server keeps its Batch API state: one folder per application and port under
+        server.batch_dir, so that two servers on one machine never take up each other's batches (each Batches
+        replica runs every unfinished batch it finds), and the same server started again finds its own."""
+        root = self.server.batch_dir
+        return None if root is None else f"{root.rstrip('/')}/{self.app_name}-{self.server.http_port}"
 
     def model_stage_env(self) -> dict[str, str] | None:
         """Environment variables of the model stages' processes: those of stages that take turns at the cores."""

@@ -230,3 +230,18 @@ def test_input_lines_that_are_not_requests_become_error_lines_and_bad_files_are_
     ]:
         with pytest.raises(InvalidInput, match=why):
             parse_lines(data if isinstance(data, bytes) else data.encode(), "/v1/embeddings", 100)
+
+
+def test_each_server_keeps_its_batches_apart():
+    """Every Batches replica takes up the unfinished batches it finds: two servers on one machine (the default
+    batch_dir) must not find each other's; the same server started again must find its own."""
+    from blip2_serve.serve.config import AppConfig
+
+    def location(**server):
+        return AppConfig.model_validate({"model": {"checkpoint": "x"}, "server": server}).batch_location()
+
+    home = "~/.cache/blip2-serve/batches"
+    assert location(batch_dir=home) == location(batch_dir=home) == f"{home}/blip2-8000"
+    assert location(batch_dir=home, http_port=8010) != location(batch_dir=home)
+    assert location(batch_dir="s3://b/p/") == "s3://b/p/blip2-8000"
+    assert location() is None  # off by default

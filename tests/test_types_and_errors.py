@@ -13,6 +13,7 @@ ERROR_TABLE = {
     errors.Blip2ServeError: (500, "INTERNAL"),
     errors.InvalidInput: (400, "INVALID_ARGUMENT"),
     errors.PayloadTooLarge: (413, "INVALID_ARGUMENT"),
+    errors.NotFound: (404, "NOT_FOUND"),
     errors.ModelNotFound: (404, "NOT_FOUND"),
     errors.Unavailable: (503, "UNAVAILABLE"),
     errors.Unauthenticated: (401, "UNAUTHENTICATED"),
