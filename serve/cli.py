@@ -130,13 +130,28 @@ def _drain(config) -> None:
     logger.warning("requests still in flight after %.0f s of draining: %s", config.server.drain_timeout_s, state)
 
 
+def _delete(app_name: str, timeout_s: float = 30.0) -> None:
+    """Delete the application, waiting for it at most `timeout_s`: Serve's own blocking delete waits forever for a
+    replica Ray could never place (seen: `--wait-for-resources` with a stage bigger than the node, then Ctrl-C)."""
+    import time
+
+    from ray import serve
+
+    serve.delete(app_name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while app_name in serve.status().applications:
+        if time.monotonic() > deadline:
+            logger.warning("application %r still being deleted after %.0f s; going on", app_name, timeout_s)
+            return
+        time.sleep(0.2)
+
+
 def run(args: argparse.Namespace) -> int:
     """Start Ray (local unless --address), deploy the graph, serve until SIGINT/SIGTERM (in-flight requests finish)."""
     import ray
     from blip2_serve.serve import placement
     from blip2_serve.serve.app import prepare_local_ray
     from blip2_serve.serve.checkpoints import CheckpointUnavailable
-    from ray import serve
 
     config, document = _config_from_args(args)
 
@@ -188,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     if ray.is_initialized():
         try:
             _drain(config)
-            serve.delete(config.app_name)
+            _delete(config.app_name)
         except Exception as exc:  # interrupted before Serve was up: nothing to delete
             logger.warning("could not delete the application: %s", exc)
         # a cluster we joined keeps its Serve (and other applications); a local one goes with ray.shutdown below
