@@ -73,16 +73,16 @@ def _resolved(config, document):
 
 
 def _deploy(config, document) -> None:
-    """Deploy and wait until running: a Serve config document the way `serve run FILE` does, else build_app."""
+    """Submit the application (a Serve config document the way `serve run FILE` does, else build_app) without
+    waiting for it: `_wait_running` waits."""
     from blip2_serve.serve.app import build_app, serve_options
     from ray import serve
 
     if document is None:
         serve.start(**serve_options(config), logging_config=_serve_logging())
-        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+        target = serve.RunTarget(target=build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+        serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
         return
-    import time
-
     from ray.serve._private import api as serve_api
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
@@ -95,13 +95,53 @@ def _deploy(config, document) -> None:
         proxy_location=schema.proxy_location,
     )
     client.deploy_apps(schema)
-    while True:  # until the application runs, or the controller says why not
-        status = serve.status().applications.get(config.app_name)
-        if status is not None and status.status == "RUNNING":
+
+
+class _Deployment:
+    """Deploy and wait until the application runs on a thread of its own, while the main thread watches `stop`,
+    which the signal handlers set: a signal is acted on at once, wherever Ray's calls wait (seen in CI: SIGINT not
+    acted on while the main thread waited inside serve.run for a replica Ray could not place)."""
+
+    def __init__(self, config, document, stop: threading.Event):
+        self.config, self.document, self.stop = config, document, stop
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._deploy, name="blip2-serve-deploy", daemon=True)
+
+    def _deploy(self) -> None:
+        import time
+
+        from ray import serve
+
+        try:
+            _deploy(self.config, self.document)
+            while not self.stop.is_set():  # until the application runs, or the controller says why not
+                status = serve.status().applications.get(self.config.app_name)
+                if status is not None and status.status == "RUNNING":
+                    return
+                if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                    raise ValueError(f"application {self.config.app_name!r} {status.status}: {status.message}")
+                time.sleep(0.5)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.errors.append(exc)
+
+    def run(self) -> bool:
+        """True once the application runs, False when stopped first; the deployment's own error is raised here."""
+        self.thread.start()
+        while self.thread.is_alive():
+            if self.stop.wait(0.2):
+                return False
+        if self.errors:
+            raise self.errors[0]
+        return True
+
+    def settle(self, timeout_s: float = 30.0) -> None:
+        """Before deleting: let a submission under way reach Serve (so that the delete finds it), and the thread end
+        (it must make no Ray call once Ray is shut down)."""
+        if self.thread.ident is None:
             return
-        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise ValueError(f"application {config.app_name!r} {status.status}: {status.message}")
-        time.sleep(0.5)
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            logger.warning("the application was still being submitted after %.0f s; going on", timeout_s)
 
 
 def _drain(config) -> None:
@@ -167,15 +207,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"blip2-serve: {exc}", file=sys.stderr, flush=True)
             return 2
     # a signal while starting (the proxy answers ready before serve.run returns) stops as cleanly as one later
+    stop, deployment = threading.Event(), None
     try:
         if address == "local":
             prepare_local_ray()
         for name in ("ray", "ray.serve"):  # Ray Serve's driver logger has a level of its own
             logging.getLogger(name).setLevel(_ray_level())
         num_cpus = args.num_cpus if address == "local" else None
+        signal.signal(signal.SIGTERM, interrupt)  # until ray.init puts its own handler in place
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, logging_level=_ray_level())
-        # ray.init installs its own SIGTERM handlers (sys.exit, then a crash dump and abort): ours goes back on top
-        signal.signal(signal.SIGTERM, interrupt)
+        # ray.init installs its own SIGTERM handlers (sys.exit, then a crash dump and abort): ours go on top; from
+        # here a signal only sets `stop`, which this thread watches (never an exception inside a Ray call)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         problems = [] if args.wait_for_resources else placement.check(config)
         if problems:
             for problem in problems:
@@ -183,18 +227,16 @@ def run(args: argparse.Namespace) -> int:
             ray.shutdown()
             return 2
         print(f"blip2-serve: Ray is up; starting the model stages of {config.model.checkpoint}", flush=True)
-        _deploy(config, document)
-        url = f"http://{config.server.host}:{config.server.http_port}{config.route_prefix.rstrip('/')}"
-        grpc = f", gRPC on port {config.server.grpc_port}" if config.server.grpc_port is not None else ""
-        print(
-            f"blip2-serve: model '{config.server.model_name}' ready at {url} "
-            f"(KServe v2: {url}/v2, OpenAI: {url}/v1{grpc})",
-            flush=True,
-        )
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
+        deployment = _Deployment(config, document, stop)
+        if not stop.is_set() and deployment.run():
+            url = f"http://{config.server.host}:{config.server.http_port}{config.route_prefix.rstrip('/')}"
+            grpc = f", gRPC on port {config.server.grpc_port}" if config.server.grpc_port is not None else ""
+            print(
+                f"blip2-serve: model '{config.server.model_name}' ready at {url} "
+                f"(KServe v2: {url}/v2, OpenAI: {url}/v1{grpc})",
+                flush=True,
+            )
+            stop.wait()
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's handler, for a SIGTERM inside ray.init
         pass
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal during shutdown does not cut it short
@@ -202,8 +244,11 @@ def run(args: argparse.Namespace) -> int:
     print("blip2-serve: shutting down", flush=True)
     if ray.is_initialized():
         try:
+            if deployment is not None:
+                deployment.settle()
             _drain(config)
-            _delete(config.app_name)
+            # on our own Ray, ray.shutdown below ends what is left: a replica Ray could not place takes Serve ~30 s
+            _delete(config.app_name, timeout_s=10.0 if address == "local" else 30.0)
         except Exception as exc:  # interrupted before Serve was up: nothing to delete
             logger.warning("could not delete the application: %s", exc)
         # a cluster we joined keeps its Serve (and other applications); a local one goes with ray.shutdown below

@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 import struct
+import subprocess
 import zlib
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a server started in its own session and everything it started: its process group and every
+    descendant, found before the kill (its own Ray's gcs_server, raylet and workers, which a later test's `serve run`
+    would otherwise join). Never `ray stop --force`: that ends every Ray on the machine, the suite's own."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    for victim in (process.pid, *(child.pid for child in descendants)):
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+    psutil.wait_procs(descendants, timeout=30)
 
 
 def image_bytes(index: int, size: tuple[int, int] = (48, 64), fmt: str = "PNG") -> bytes:
