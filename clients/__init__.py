@@ -1,6 +1,6 @@
 """The light client side of blip2-serve: the SDK and the model contract. Imports no torch, no ray, no server code.
 
-from blip2_serve.clients import Blip2Client, AsyncBlip2Client
+from blip2_serve import Blip2Client, AsyncBlip2Client  (the package re-exports this module's names)
 """
 
 from blip2_serve.clients.errors import (

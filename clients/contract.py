@@ -25,7 +25,7 @@ class TensorSpec:
     @property
     def triton_type(self) -> str:
         """The `data_type` a Triton model config uses for this datatype."""
-        return "TYPE_STRING" if self.datatype == "BYTES" else f"TYPE_{self.datatype}"
+        return "TYPE_STRING" if self.datatype == BYTES else f"TYPE_{self.datatype}"
 
     def metadata(self) -> dict:
         """The tensor in KServe v2 model metadata: its shape with the batch dimension (-1) first."""
@@ -45,11 +45,12 @@ class TensorSpec:
 
 
 # IMAGE: one encoded image file (PNG, JPEG, WebP, ...) per batch row; request shape [N, 1] (or [N]).
-IMAGE = TensorSpec("IMAGE", "BYTES", (1,))
+BYTES = "BYTES"  # KServe v2's datatype of every text and encoded-image tensor
+IMAGE = TensorSpec("IMAGE", BYTES, (1,))
 # PROMPT: UTF-8 text per row ([N, 1]), or one prompt for every row ([1, 1]); absent means captioning.
-PROMPT = TensorSpec("PROMPT", "BYTES", (1,), optional=True)
+PROMPT = TensorSpec("PROMPT", BYTES, (1,), optional=True)
 # TEXT: the generated text per row, without the prompt.
-TEXT = TensorSpec("TEXT", "BYTES", (1,))
+TEXT = TensorSpec("TEXT", BYTES, (1,))
 
 INPUTS = (IMAGE, PROMPT)
 OUTPUTS = (TEXT,)
@@ -64,7 +65,7 @@ RETRIEVAL_STAGE_MODEL = "blip2_retrieval"  # the retrieval checkpoint's stage (i
 EMBED_IMAGE_MODEL = "blip2_embed_image"  # IMAGE [N, 1] -> EMBEDDING [N, D]
 EMBED_TEXT_MODEL = "blip2_embed_text"  # TEXT [N, 1] -> EMBEDDING [N, D]
 ITM_MODEL = "blip2_itm"  # IMAGE [N, 1], TEXT [N, 1] (pairs row by row) -> ITM_SCORE [N, 1], ITC_SCORE [N, 1]
-TEXT_IN = TensorSpec("TEXT", "BYTES", (1,))
+TEXT_IN = TensorSpec("TEXT", BYTES, (1,))
 EMBEDDING = TensorSpec("EMBEDDING", "FP32", (-1,))
 ITM_SCORE = TensorSpec("ITM_SCORE", "FP32", (1,))  # the matching head's probability that the text fits the image
 ITC_SCORE = TensorSpec("ITC_SCORE", "FP32", (1,))  # the contrastive similarity (max over query tokens of cosine)
@@ -112,6 +113,8 @@ PARAMETERS_BY_NAME = {p.name: p for p in GENERATION_PARAMETERS}
 # settings (exporters/triton_settings.py) and the clients read them here.
 DEFAULT_MAX_NEW_TOKENS = PARAMETERS_BY_NAME["max_new_tokens"].default  # a request that names no max_new_tokens
 MAX_NEW_TOKENS_LIMIT = int(PARAMETERS_BY_NAME["max_new_tokens"].maximum)
+MAX_NUM_BEAMS = int(PARAMETERS_BY_NAME["num_beams"].maximum)  # what any server may allow
+DEFAULT_MAX_NUM_BEAMS = 8  # what a server allows unless configured (server.max_num_beams)
 MAX_PROMPT_TOKENS = 512  # prompt tokens a request may send (the image's query tokens not counted)
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # one encoded image file
 MAX_IMAGE_PIXELS = 40_000_000  # one decoded image, width x height (decompression bombs)

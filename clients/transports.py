@@ -9,7 +9,7 @@ import json
 from typing import Any, AsyncIterator
 
 import numpy as np
-from blip2_serve.clients.contract import IMAGE, PROMPT, TEXT
+from blip2_serve.clients.contract import BYTES, IMAGE, PROMPT, TEXT
 from blip2_serve.clients.errors import Blip2Error, ConnectionFailedError, error_for
 
 # Generation parameters that also exist in OpenAI's chat API, and their names there.
@@ -79,7 +79,7 @@ class _TritonTransport:
         """Any served model with BYTES [N, 1] inputs: its named outputs as numpy arrays."""
         inputs = []
         for name, values in tensors.items():
-            tensor = self._module.InferInput(name, [len(values), 1], "BYTES")
+            tensor = self._module.InferInput(name, [len(values), 1], BYTES)
             tensor.set_data_from_numpy(np.array([[v] for v in values], dtype=np.object_))
             inputs.append(tensor)
         requested = [self._module.InferRequestedOutput(name) for name in outputs]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from blip2_serve.clients.contract import STAGE_BATCH_SIZE
 from blip2_serve.deployments import faults
 from blip2_serve.deployments.cores import BusySignal, CoreTurns, threads_here, turn_of
 from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest
@@ -105,7 +106,7 @@ class ContinuousBatcher:
     def __init__(
         self,
         generator: LanguageGenerator,
-        max_running: int = 16,
+        max_running: int = STAGE_BATCH_SIZE,
         gather_s: float = 0.0,
         turns: CoreTurns | None = None,
         upstream: BusySignal | None = None,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blip2_serve.clients.contract import (
+    BYTES,
     IMAGE,
     INPUTS,
     MODEL_VERSION,
@@ -131,10 +132,10 @@ def decode_infer_request(
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise InvalidInput(f"input {name!r}: binary_data_size {size!r} does not fit the binary data")
-            elements = split_bytes_tensor(binary[offset : offset + size], name) if datatype == "BYTES" else []
+            elements = split_bytes_tensor(binary[offset : offset + size], name) if datatype == BYTES else []
             offset += size
         elif "data" in raw:
-            elements = _json_elements(name, raw["data"]) if datatype == "BYTES" else []
+            elements = _json_elements(name, raw["data"]) if datatype == BYTES else []
         else:
             raise InvalidInput(f"input {name!r} has neither 'data' nor binary_data_size")
         inputs[name] = InputTensor(name, str(datatype), shape, tuple(elements))
@@ -171,7 +172,7 @@ def decode_generate_request(body: bytes) -> InferRequest:
         if not isinstance(header[name], str):
             raise InvalidInput(f"{name} must be a string (IMAGE: base64 of the image file)")
         elements = _json_elements(name, [header[name]])
-        inputs[name] = InputTensor(name, "BYTES", (1,), tuple(elements))
+        inputs[name] = InputTensor(name, BYTES, (1,), tuple(elements))
     parameters = header.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidInput("'parameters' must be an object")
@@ -264,7 +265,7 @@ def encode_infer_response(
 
 def bytes_rows(tensor: InputTensor) -> int:
     """Rows of an [N] or [N, 1] BYTES input (checked against its elements)."""
-    return _rows(tensor, "BYTES")
+    return _rows(tensor, BYTES)
 
 
 def encode_fp32_response(model_name: str, infer: InferRequest, outputs: dict[str, Any]) -> tuple[bytes, dict[str, str]]:

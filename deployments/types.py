@@ -11,7 +11,14 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
-from blip2_serve.clients.contract import GENERATION_PARAMETERS, MAX_STOP, PARAMETERS_BY_NAME, ParamSpec
+from blip2_serve.clients.contract import (
+    GENERATION_PARAMETERS,
+    MAX_NEW_TOKENS_LIMIT,
+    MAX_NUM_BEAMS,
+    MAX_STOP,
+    PARAMETERS_BY_NAME,
+    ParamSpec,
+)
 from blip2_serve.deployments.errors import InvalidInput
 
 if TYPE_CHECKING:  # torch stays out of the edge's import path
@@ -155,8 +162,8 @@ def _stop_strings(spec: ParamSpec, raw: Any) -> tuple[str, ...]:
 class GenerationLimits:
     """What one server lets a request ask for (server config), checked before any model work."""
 
-    max_new_tokens: int = 1024
-    max_num_beams: int = 16
+    max_new_tokens: int = MAX_NEW_TOKENS_LIMIT
+    max_num_beams: int = MAX_NUM_BEAMS
 
     def check(self, params: GenerationParams) -> None:
         if params.max_new_tokens > self.max_new_tokens:

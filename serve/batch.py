@@ -32,13 +32,13 @@ from typing import Any, Iterator
 
 import numpy as np
 from blip2_serve.clients.cli import IMAGE_SUFFIXES  # what `blip2-serve caption DIR` counts as an image
-from blip2_serve.clients.contract import DEFAULT_MAX_NEW_TOKENS
+from blip2_serve.clients.contract import DEFAULT_MAX_NEW_TOKENS, STAGE_BATCH_SIZE
 from blip2_serve.deployments import faults
 from blip2_serve.deployments.config import ModelConfig
 from blip2_serve.deployments.images import ImageLimits
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
-BATCH_ROWS = 16  # rows per vision batch and per generate call
+BATCH_ROWS = STAGE_BATCH_SIZE  # rows per vision batch and per generate call, as the served stages batch
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from blip2_serve.clients.contract import DEFAULT_MAX_NEW_TOKENS
+from blip2_serve.clients.contract import DEFAULT_MAX_NEW_TOKENS, MAX_BATCH_SIZE
 
 logger = logging.getLogger("blip2_serve")
 
@@ -457,7 +457,7 @@ def parser() -> argparse.ArgumentParser:
     repo.add_argument("--model", required=True, help="checkpoint directory or hub name")
     repo.add_argument("--out", required=True, help="repository directory (replaced)")
     repo.add_argument("--vision", choices=["python", "onnxruntime"], default="python")
-    repo.add_argument("--max-batch", type=int, default=8)
+    repo.add_argument("--max-batch", type=int, default=MAX_BATCH_SIZE)
     repo.add_argument("--instances", type=int, default=1, help="instances of each model")
     repo.add_argument("--env-path", help="Python environment the Python backend runs in (default: this one)")
     repo.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")

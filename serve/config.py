@@ -11,10 +11,12 @@ from typing import Any, Literal
 
 from blip2_serve.clients.contract import (
     DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_NUM_BEAMS,
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
     MAX_IMAGES_PER_REQUEST,
     MAX_NEW_TOKENS_LIMIT,
+    MAX_NUM_BEAMS,
     MAX_PROMPT_TOKENS,
     MODEL_NAME,
     STAGE_BATCH_SIZE,
@@ -144,7 +146,8 @@ class ServerConfig(BaseModel):
     max_new_tokens_limit: int = Field(
         MAX_NEW_TOKENS_LIMIT, ge=1, le=MAX_NEW_TOKENS_LIMIT
     )  # the most a request may ask for
-    max_num_beams: int = Field(8, ge=1, le=16)  # beam search costs num_beams sequences of LLM work
+    # beam search costs num_beams sequences of LLM work
+    max_num_beams: int = Field(DEFAULT_MAX_NUM_BEAMS, ge=1, le=MAX_NUM_BEAMS)
     # OpenAI's Batch API (/v1/files, /v1/batches; serve/batch_jobs.py), off unless set: uploaded files, batches and
     # their results live under <batch_dir>/<app_name>-<http_port> (AppConfig.batch_location); a local path such as
     # ~/.cache/blip2-serve/batches, or a pyarrow URI such as s3://bucket/prefix on a cluster, where the Batches

@@ -13,7 +13,9 @@ from typing import Any
 from blip2_serve.serve.config import AppConfig, StageConfig
 
 IMPORT_PATH = "blip2_serve.serve.app:app_builder"
-SERVICER_FUNCTIONS = ["blip2_serve.serve.grpc_protos.add_servicer"]
+# Ray Serve's gRPC proxy calls this to register the service (grpc_options.grpc_servicer_functions), written once
+SERVICER_FUNCTION = "blip2_serve.serve.grpc_protos.add_servicer"
+SERVICER_FUNCTIONS = [SERVICER_FUNCTION]
 
 
 def stage_gpus(stage: StageConfig, config: AppConfig) -> float | None:

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 
 import grpc
 import numpy as np
-from blip2_serve.clients.contract import IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, RETRIEVAL_OUTPUTS, TEXT
+from blip2_serve.clients.contract import BYTES, IMAGE, INPUTS, MODEL_VERSION, OUTPUTS, RETRIEVAL_OUTPUTS, TEXT
 from blip2_serve.deployments import kserve
 from blip2_serve.deployments.errors import InvalidInput, Unauthenticated, Unavailable, Unimplemented, status_of
 from blip2_serve.deployments.types import GenerateResult
@@ -24,15 +24,13 @@ from blip2_serve.serve import metadata, retrieval
 from blip2_serve.serve.asgi import primed
 from blip2_serve.serve.auth import PUBLIC_GRPC_METHODS
 from blip2_serve.serve.deadline import Deadline, deadline_s, within
+from blip2_serve.serve.deploy_config import SERVICER_FUNCTION  # noqa: F401 - Ray's gRPC proxy registers it
 from blip2_serve.serve.frontdoor import FrontDoor
 from blip2_serve.serve.grpc_protos import model_config_pb2
 from blip2_serve.serve.grpc_protos import service_pb2 as pb
 from google.protobuf import json_format
 
 logger = logging.getLogger(__name__)
-
-# Ray Serve's gRPC proxy calls this to register the service (serve.start(grpc_options=...)).
-SERVICER_FUNCTION = "blip2_serve.serve.grpc_protos.add_servicer"
 
 
 def _parameter(value: pb.InferParameter) -> Any:
@@ -57,7 +55,7 @@ def infer_request_from_grpc(
             elements = kserve.split_bytes_tensor(request.raw_input_contents[index], tensor.name)
         else:
             elements = list(tensor.contents.bytes_contents)
-        if tensor.datatype != "BYTES":
+        if tensor.datatype != BYTES:
             elements = []  # the datatype check names the problem
         inputs[tensor.name] = kserve.InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), tuple(elements))
     for output in request.outputs:

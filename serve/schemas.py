@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from blip2_serve.clients.contract import EMBED_TEXT_MODEL, GENERATION_PARAMETERS, ParamSpec
+from blip2_serve.clients.contract import BYTES, EMBED_TEXT_MODEL, GENERATION_PARAMETERS, IMAGE, PROMPT, TEXT, ParamSpec
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 
@@ -43,9 +43,9 @@ GenerationParameters = create_model(
 class InferInputTensor(BaseModel):
     """One input tensor: IMAGE (base64 of the encoded image file, BYTES) and PROMPT (text, BYTES), rows x 1."""
 
-    name: Literal["IMAGE", "PROMPT", "TEXT"]
+    name: Literal[IMAGE.name, PROMPT.name, TEXT.name]  # type: ignore[valid-type]  (the contract's names)
     shape: list[int] = Field(min_length=1, max_length=2)
-    datatype: Literal["BYTES"]
+    datatype: Literal[BYTES]  # type: ignore[valid-type]
     data: list[str] | None = None
     parameters: dict[str, Any] | None = None  # binary_data_size: where the binary extension carries the data
 

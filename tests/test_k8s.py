@@ -107,13 +107,14 @@ def test_pod_templates_match_the_kubernetes_schemas():
 
 
 def test_serve_config_is_rays_and_ours():
-    from blip2_serve.serve.deploy_config import IMPORT_PATH, app_config_of
+    from blip2_serve.serve.deploy_config import IMPORT_PATH, SERVICER_FUNCTIONS, app_config_of
     from ray.serve.schema import ServeDeploySchema
 
     serve_config = yaml.safe_load(_manifest()["spec"]["serveConfigV2"])
     schema = ServeDeploySchema.model_validate(serve_config)
     (application,) = schema.applications
     assert application.import_path == IMPORT_PATH
+    assert serve_config["grpc_options"]["grpc_servicer_functions"] == SERVICER_FUNCTIONS  # the gRPC service's home
     config = app_config_of(serve_config)  # what app_builder will be given, validated as it will be
     assert config.model.checkpoint == "Salesforce/blip2-opt-2.7b" and config.model.device == "cuda"
     assert config.server.host == "0.0.0.0" and config.server.api_key_env

@@ -87,7 +87,7 @@ def test_layers_import_downwards_only():
 
 
 # A request's path: adapter (+ its codec) -> front door -> stage. Only the front door holds the stages' handles.
-ADAPTERS = ("serve/http.py", "serve/openai.py", "serve/grpc.py")
+ADAPTERS = ("serve/http.py", "serve/openai.py", "serve/openai_batch.py", "serve/grpc.py")
 CODECS = ("deployments/kserve.py", "serve/openai_codec.py", "serve/retrieval.py")
 
 
@@ -109,10 +109,10 @@ def test_every_route_and_rpc_receives_the_typed_front_door():
     use the Ingress's `door`, and no route depends on anything else of the replica."""
     import inspect
 
-    from blip2_serve.serve import asgi, grpc, http, openai
+    from blip2_serve.serve import asgi, grpc, http, openai, openai_batch
     from blip2_serve.serve.frontdoor import FrontDoor
 
-    routes = [r for router in (http.router, openai.router) for r in router.routes]
+    routes = [r for router in (http.router, openai.router, openai_batch.router) for r in router.routes]
     assert len(routes) > 20
     with_door = 0
     for route in routes:
