@@ -7,6 +7,7 @@ import os
 import signal
 import struct
 import subprocess
+import sys
 import zlib
 from functools import cached_property
 from pathlib import Path
@@ -15,16 +16,30 @@ import numpy as np
 from PIL import Image
 
 
-def kill_tree(process: subprocess.Popen) -> None:
+def stacks_of(pid: int) -> str:
+    """What a hung process is doing: py-spy's dump of its Python threads (empty where py-spy cannot attach)."""
+    import shutil
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    try:
+        dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(no stack dump: {exc})"
+    return dump.stdout + dump.stderr
+
+
+def kill_tree(process: subprocess.Popen) -> str:
     """SIGKILL a server started in its own session and everything it started: its process group and every
     descendant, found before the kill (its own Ray's gcs_server, raylet and workers, which a later test's `serve run`
-    would otherwise join). Never `ray stop --force`: that ends every Ray on the machine, the suite's own."""
+    would otherwise join). Never `ray stop --force`: that ends every Ray on the machine, the suite's own. Returns the
+    server's stacks, taken before the kill, for the failure message."""
     import psutil
 
     try:
         descendants = psutil.Process(process.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         descendants = []
+    stacks = stacks_of(process.pid) if process.poll() is None else ""
     for victim in (process.pid, *(child.pid for child in descendants)):
         try:
             os.kill(victim, signal.SIGKILL)
@@ -36,6 +51,7 @@ def kill_tree(process: subprocess.Popen) -> None:
         pass
     process.wait(timeout=30)
     psutil.wait_procs(descendants, timeout=30)
+    return stacks
 
 
 def image_bytes(index: int, size: tuple[int, int] = (48, 64), fmt: str = "PNG") -> bytes:

@@ -120,8 +120,8 @@ class _Server:
         try:
             code = self.process.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            kill_tree(self.process)
-            raise AssertionError(f"still running 120 s after signal {sig}:\n{self.output[-3000:]}") from None
+            stacks = kill_tree(self.process)
+            raise AssertionError(f"still running 120 s after signal {sig}:\n{self.output[-3000:]}\n{stacks}") from None
         self._reader.join(timeout=10)
         return code
 
@@ -430,7 +430,7 @@ def _ctrl_c(command: list[str], port: int, bound_s: float) -> tuple[int, float, 
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
     server = type("Started", (), {"process": process, "output": property(lambda self: "".join(lines))})()
-    code = None
+    code, stacks = None, ""
     try:
         caption = _wait_and_caption(port, server)
         pressed = time.monotonic()
@@ -442,9 +442,9 @@ def _ctrl_c(command: list[str], port: int, bound_s: float) -> tuple[int, float, 
         took = time.monotonic() - pressed
     finally:
         if process.poll() is None or code is None:
-            kill_tree(process)
+            stacks = kill_tree(process)  # what it was doing when it did not end
         reader.join(timeout=10)
-    return code, took, "".join(lines), caption
+    return code, took, "".join(lines) + stacks, caption
 
 
 def test_ctrl_c_ends_the_server_every_time(tmp_path, checkpoints):
@@ -467,6 +467,6 @@ def test_ctrl_c_ends_the_server_every_time(tmp_path, checkpoints):
     for command, bound_s in runners:
         for attempt in range(5):
             code, took, output, caption = _ctrl_c(command, port, bound_s)
-            assert code == 0 and took < bound_s, (command[:2], attempt, code, round(took, 1), output[-3000:])
+            assert code == 0 and took < bound_s, (command[:2], attempt, code, round(took, 1), output[-8000:])
             captions.add(caption)
     assert len(captions) == 1, captions
