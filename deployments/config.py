@@ -29,6 +29,10 @@ class ModelConfig(BaseModel):
     # for Flan-T5 ones, whose greedy answers the different rounding changed (bench: 3 of 5 questions, 14 of 16
     # captions equal to transformers' on the realistic T5; every OPT answer equal). deployments/loading.py.
     cpu_linear: CpuLinear = "auto"
+    # Greedy tokens on CPU (continuous engine): "bf16" takes them from a bf16 screen of the output projection, each
+    # argmax proven against the exact logits (deployments/head.py: half the bytes of the biggest matmul of a decode
+    # step); "off" from the full fp32 projection.
+    greedy_screen: Literal["bf16", "off"] = "bf16"
     local_files_only: bool = False  # never contact the hub (HF_HUB_OFFLINE=1 does the same)
     trust_remote_code: bool = False  # run Python shipped in a checkpoint: only when flagged (BLIP-2 needs none)
 

@@ -131,8 +131,9 @@ class ContinuousBatcher:
         self.gather_s = gather_s
         self.model = generator.model.language_model
         self._cache_argument = _cache_argument(self.model)
-        # on CPU, where the model keeps PyTorch's linear: greedy tokens from a faster, checked output projection
-        self.head = GreedyHead.install(self.model)
+        # on CPU: greedy tokens from a bf16 screen of the output projection, checked (deployments/head.py); a model
+        # that packs its layers had its head installed when it was loaded
+        self.head = GreedyHead.install(self.model) if generator.config.greedy_screen == "bf16" else None
         self._fast_logits = False  # whether the last forward's logits came from the head's fast GEMM
         # waiting sequences, interactive before background (GenerateRequest.priority), first come first served within
         self._incoming: queue.PriorityQueue[tuple[int, int, Sequence]] = queue.PriorityQueue()

@@ -81,6 +81,7 @@ class LanguageGenerator:
     """The language half of a checkpoint with its tokenizer; no Ray, so other backends can reuse it."""
 
     def __init__(self, config: ModelConfig, max_prompt_tokens: int = MAX_PROMPT_TOKENS):
+        self.config = config
         self.tokenizer = load_processor(config).tokenizer
         self.model, self.device, self.dtype = load_language_model(config)
         blip2 = self.model.config

@@ -1,20 +1,21 @@
-"""The language model's output projection for the continuous engine on CPU: greedy tokens from a fast GEMM, exact.
+"""The language model's output projection on CPU: greedy tokens from a bf16 screen of the logits, exact.
 
-At a decode step the vocabulary projection is the biggest matmul: Flan-T5's is 2048 x 32128 (263 MB in fp32), and
-PyTorch's CPU linear, which repacks the weight on every call, takes 53 ms for a 16-row step on 2 cores where oneDNN's
-GEMM on a weight packed once takes 13 ms (1 row: 14 -> 10 ms). But a faster GEMM rounds differently, and a greedy
-token must stay the one transformers picks. So the engine takes the fast logits and proves each row's argmax:
+At a decode step the vocabulary projection is the biggest single matmul (OPT's 2560 x 50272 is 515 MB in fp32, a
+step of one sequence reads every byte of it), and on a CPU a few rows of it are bound by memory, not by arithmetic.
+The engine takes its greedy tokens from a screen instead: the same product in bf16 (half the bytes; measured on 2
+cores, one row 20.3 ms as oneDNN fp32 -> 11.4 ms as oneDNN bf16, 16 rows 35.3 -> 28.3 ms), and proves each row's
+argmax. With x^ = bf16(x) and w^_j = bf16(w_j), both known, the screen's value s_j (fp32 accumulation of exact
+products, rounded to bf16 once) is within
 
-    |fast_j - exact_j| <= gamma_K * ||x|| * ||w_j||  (an fp32 dot product of K terms, gamma_K = K u / (1 - K u))
+    b_j = ||x^|| * ||w^_j - w_j|| + ||x^ - x|| * ||w_j|| + gamma_2K * ||x^|| * ||w^_j|| + u |s_j| / (1 - u)
 
-Where the fast top two are further apart than twice that bound, the fast argmax is the exact one. Otherwise the
-columns that could still be the maximum (within twice the bound of the fast maximum) are recomputed in float64 and
-the largest taken: the argmax of the exact logits (PyTorch's own fp32 logits differ from those only by their own
-rounding, which batch composition already changes). Rows that need whole logits (sampling, penalties) get PyTorch's
-linear, as before.
-
-Used where the model's other layers keep PyTorch's linear (`cpu_linear` torch, or auto for Flan-T5: packing every
-layer changed T5's answers); an OPT checkpoint packs its whole model (deployments/loading.py) and needs none.
+of the exact logit x . w_j (u = 2^-8, bf16's unit roundoff; gamma_2K bounds the fp32 accumulation, counted as if
+the products were summed in pairs as well). So every token whose screen value plus its bound reaches the best
+screen value minus its bound may be the maximum; those few (about ten of 50272 for a random model) are recounted in
+float64 and the largest taken: the argmax of the exact logits. PyTorch's own fp32 logits differ from those only by
+their own rounding (which the batch's composition already changes), as do oneDNN's. Rows that need whole logits
+(sampling, penalties) and every forward outside the engine's greedy steps get the full projection: PyTorch's linear,
+or the packed oneDNN one where the model packs its layers (deployments/loading.py, OPT).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 UNIT_ROUNDOFF = 2.0**-24  # fp32
+BF16_ROUNDOFF = 2.0**-8
 
 
 def without_banned(logits: torch.Tensor, rows: list[int], banned: dict[int, list[int]] | None) -> torch.Tensor:
@@ -42,72 +44,102 @@ def without_banned(logits: torch.Tensor, rows: list[int], banned: dict[int, list
 
 
 class GreedyHead(nn.Module):
-    """Wraps the output projection `linear`; PyTorch's linear unless the engine turns `fast` on for its forwards."""
+    """Wraps the output projection `linear`: the full projection (`packed` in oneDNN's layout when the model packs
+    its layers, else PyTorch's linear) unless the engine turns `fast` on for its forwards, then the bf16 screen."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, packed: bool = False):
         super().__init__()
         self.linear = linear
-        self.packed = PackedLinear(linear)  # the same weight, packed once for oneDNN (deployments/loading.py)
+        self.packed = PackedLinear(linear) if packed else None  # the same weight, packed once (loading.py)
         weight = linear.weight.detach()
-        self.max_row_norm = float(weight.norm(dim=1).max())
+        screen = weight.to(torch.bfloat16)
+        self.screen = PackedLinear.of(screen)  # bf16 products, fp32 accumulation, bf16 out; the bias added in fp32
+        # the weights' part of the bound, for the worst row: ||w^_j - w_j|| + gamma_2K ||w^_j|| and ||w_j||
         features = weight.shape[1]
-        self.gamma = features * UNIT_ROUNDOFF / (1 - features * UNIT_ROUNDOFF)
+        gamma = 2 * features * UNIT_ROUNDOFF / (1 - 2 * features * UNIT_ROUNDOFF)
+        screened, exact = screen.double(), weight.double()
+        self.weight_slack = float(((screened - exact).norm(dim=1) + gamma * screened.norm(dim=1)).max())
+        self.max_row_norm = float(exact.norm(dim=1).max())
+        self.max_bias = 0.0 if linear.bias is None else float(linear.bias.detach().abs().max())
         self.fast = False
         self.inputs: torch.Tensor | None = None  # [B, K]: the last fast call's input, last position
-        self.checked = 0  # rows whose argmax needed a float64 recount
+        self.checked = 0  # candidate tokens recounted in float64, over all rows
         self.rows = 0
 
     @classmethod
-    def install(cls, model: nn.Module) -> GreedyHead | None:
+    def install(cls, model: nn.Module, packed: bool = False) -> GreedyHead | None:
         """Put a GreedyHead in place of `model`'s output projection where it helps: a plain fp32 nn.Linear on CPU
-        with oneDNN available (not already packed, quantized or on a GPU); returns it, or None."""
+        with oneDNN available (not quantized or on a GPU); returns it, or None. `packed`: the full projection in
+        oneDNN's layout too (the model's other layers are packed: deployments/loading.py)."""
         head = model.get_output_embeddings()
-        if isinstance(head, GreedyHead):  # a second engine on the same model
+        if isinstance(head, GreedyHead):  # a second engine on the same model, or installed when it was loaded
             return head
         if (
             type(head) is not nn.Linear
             or head.weight.device.type != "cpu"
             or head.weight.dtype != torch.float32
             or not torch.backends.mkldnn.is_available()
+            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()
         ):
             return None
-        greedy = cls(head)
+        greedy = cls(head, packed=packed)
         model.set_output_embeddings(greedy)
-        logger.info("output projection %s: greedy tokens from oneDNN's GEMM, checked", tuple(head.weight.shape))
+        logger.info("output projection %s: greedy tokens from a bf16 screen, checked", tuple(head.weight.shape))
         return greedy
 
     @property
     def weight(self) -> torch.Tensor:  # what code that reads model.get_output_embeddings().weight expects
         return self.linear.weight
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole projection in fp32: oneDNN's packed GEMM where the model packs its layers, else PyTorch's."""
+        return self.packed(x) if self.packed is not None else self.linear(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast:
-            return self.linear(x)
+            return self.full(x)
         self.inputs = x[:, -1] if x.dim() == 3 else x
-        return self.packed(x)
+        screen = self.screen(x.to(torch.bfloat16)).float()
+        return screen if self.linear.bias is None else screen + self.linear.bias
 
     def exact(self, rows: list[int]) -> torch.Tensor:
-        """PyTorch's logits `[len(rows), V]` for rows of the last fast call (sampling and processors read these)."""
-        return self.linear(self.inputs[rows])
+        """The full logits `[len(rows), V]` for rows of the last fast call (sampling and processors read these)."""
+        return self.full(self.inputs[rows])
+
+    def margin(self, inputs: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """`(slack [R, 1], relative)`: each screen value of a row of `inputs [R, K]` is within slack + relative * |its
+        value| of the exact logit (float64)."""
+        screened = inputs.to(torch.bfloat16).double()
+        rounded = (screened - inputs.double()).norm(dim=-1)
+        # the screen's rounding to bf16 is relative to s_j = fast_j - bias_j, so at most |fast_j| + max |bias|; the
+        # fp32 addition of the bias is one fp32 rounding more
+        relative = BF16_ROUNDOFF / (1 - BF16_ROUNDOFF) + 2 * UNIT_ROUNDOFF
+        slack = screened.norm(dim=-1) * self.weight_slack + rounded * self.max_row_norm + relative * self.max_bias
+        return slack.unsqueeze(1), relative
 
     def greedy(
         self, logits: torch.Tensor, rows: list[int], banned: dict[int, list[int]] | None = None
     ) -> dict[int, int]:
-        """The exact argmax of each of `rows` of the last fast call's `logits [B, V]`, leaving out a row's `banned`
-        tokens (end-of-sequence before a minimum length)."""
+        """The exact argmax of each of `rows` of the last fast call's screen `logits [B, V]`, leaving out a row's
+        `banned` tokens (end-of-sequence before a minimum length)."""
         inputs = self.inputs[rows]
-        fast = without_banned(logits, rows, banned)
-        top = fast.topk(2, dim=-1)
-        bound = self.gamma * inputs.norm(dim=-1) * self.max_row_norm
-        tokens = top.indices[:, 0].tolist()
-        unsure = (top.values[:, 0] - top.values[:, 1] <= 2 * bound).nonzero().flatten().tolist()
-        self.rows += len(rows)
-        self.checked += len(unsure)
+        fast = without_banned(logits, rows, banned).double()  # the screen's values, banned ones at -inf
+        slack, relative = self.margin(inputs)
+        best = fast.max(dim=-1, keepdim=True).values
+        floor = best - slack - relative * best.abs()  # the exact maximum is at least this
+        reach = fast + slack + relative * fast.abs()  # each exact logit is at most this (banned: nan, never taken)
         weight, bias = self.linear.weight, self.linear.bias
-        for index in unsure:
-            candidates = (fast[index] >= top.values[index, 0] - 2 * bound[index]).nonzero().flatten()
+        tokens = []
+        for index in range(len(rows)):
+            candidates = (reach[index] >= floor[index]).nonzero().flatten()
             exact = inputs[index].double() @ weight[candidates].double().T
             if bias is not None:
                 exact = exact + bias[candidates].double()
-            tokens[index] = int(candidates[int(exact.argmax())])
+            tokens.append(int(candidates[int(exact.argmax())]))
+            self.checked += len(candidates)
+        self.rows += len(rows)
         return dict(zip(rows, tokens))

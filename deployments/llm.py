@@ -222,9 +222,9 @@ class LLMDeployment:
                 "deferred_s": round(self._engine.deferred_s, 3),
                 "max_running_seen": self._engine.max_running_seen,
                 "split_prefills": self._engine.split_prefills,
-                # greedy rows through the fast output projection, and those whose argmax needed a recount
+                # greedy rows through the bf16 screen of the output projection, and the candidate tokens recounted
                 "head_rows": self._engine.head.rows if self._engine.head is not None else None,
-                "head_recounted": self._engine.head.checked if self._engine.head is not None else None,
+                "head_candidates": self._engine.head.checked if self._engine.head is not None else None,
                 "running": self._engine.running,
             }
         where = {"pid": os.getpid(), "node_id": _node_id()}

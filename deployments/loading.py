@@ -152,6 +152,16 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
 
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
+        """A PackedLinear of a bare weight [out, in] (fp32 or bf16) and bias."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features = weight.shape[1], weight.shape[0]
+        module.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        module.register_buffer("bias", None if bias is None else bias.detach())
+        return module
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
@@ -170,13 +180,21 @@ def packs_linear_layers(config: ModelConfig, blip2_config, device: torch.device)
 def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.device) -> nn.Module:
     """Every plain `nn.Linear` of a CPU model in fp32/bf16 as a PackedLinear, where packs_linear_layers says so.
 
-    Quantized layers (subclasses of nn.Linear) stay as they are; a weight shared with an embedding (OPT's output
-    projection) gets its own packed copy, so the model holds that matrix twice (0.5 GB for OPT-2.7B in fp32).
+    Quantized layers (subclasses of nn.Linear) stay as they are. The language model's output projection becomes a
+    GreedyHead (deployments/head.py) holding a packed copy and a bf16 one beside the plain weight it shares with
+    the embedding: that matrix is held 2.5 times (1.3 GB for OPT-2.7B).
     """
     if not packs_linear_layers(config, model.config, device):
         return model
+    language_model = getattr(model, "language_model", None)
+    if language_model is not None and config.greedy_screen == "bf16":  # the head packed, its bf16 screen beside it
+        from blip2_serve.deployments.head import GreedyHead
+
+        GreedyHead.install(language_model, packed=True)
     replaced = 0
     for parent in list(model.modules()):
+        if type(parent).__name__ == "GreedyHead":  # it keeps the plain weight for its exact recount
+            continue
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16):
                 setattr(parent, name, PackedLinear(child))
