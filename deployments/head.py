@@ -127,19 +127,27 @@ class GreedyHead(nn.Module):
         """The exact argmax of each of `rows` of the last fast call's screen `logits [B, V]`, leaving out a row's
         `banned` tokens (end-of-sequence before a minimum length)."""
         inputs = self.inputs[rows]
-        fast = without_banned(logits, rows, banned).double()  # the screen's values, banned ones at -inf
+        whole = rows == list(range(logits.shape[0])) and not any((banned or {}).values())
+        fast = logits if whole else without_banned(logits, rows, banned)  # the screen's values, banned at -inf
         slack, relative = self.margin(inputs)
-        best = fast.max(dim=-1, keepdim=True).values
+        best = fast.max(dim=-1, keepdim=True).values.double()
         floor = best - slack - relative * best.abs()  # the exact maximum is at least this
-        reach = fast + slack + relative * fast.abs()  # each exact logit is at most this (banned: nan, never taken)
+        # token j may be the maximum where its exact logit can reach the floor: fast_j + slack + relative |fast_j| >=
+        # floor, i.e. (that side being increasing in fast_j) fast_j >= bar, one comparison on the screen's values
+        need = floor - slack
+        bar = torch.where(need >= 0, need / (1 + relative), need / (1 - relative))
+        bar32 = bar.float()
+        bar32 = torch.where(bar32.double() > bar, torch.nextafter(bar32, torch.tensor(-float("inf"))), bar32)
+        row_of, token_of = (fast >= bar32).nonzero(as_tuple=True)
         weight, bias = self.linear.weight, self.linear.bias
-        tokens = []
-        for index in range(len(rows)):
-            candidates = (reach[index] >= floor[index]).nonzero().flatten()
-            exact = inputs[index].double() @ weight[candidates].double().T
-            if bias is not None:
-                exact = exact + bias[candidates].double()
-            tokens.append(int(candidates[int(exact.argmax())]))
-            self.checked += len(candidates)
+        exact = (inputs[row_of].double() * weight[token_of].double()).sum(dim=-1)  # each candidate's logit, float64
+        if bias is not None:
+            exact = exact + bias[token_of].double()
+        tokens: list[int | None] = [None] * len(rows)
+        best_exact: list[float] = [-float("inf")] * len(rows)
+        for row, token, value in zip(row_of.tolist(), token_of.tolist(), exact.tolist()):
+            if tokens[row] is None or value > best_exact[row]:  # ties: the lowest token id, as argmax takes
+                tokens[row], best_exact[row] = token, value
+        self.checked += len(token_of)
         self.rows += len(rows)
         return dict(zip(rows, tokens))
