@@ -290,6 +290,13 @@ def test_the_fast_output_projection_keeps_the_exact_argmax():
         banned = head.greedy(fast, [0, 1], {0: [exact[0]], 1: []})
         assert banned[0] != exact[0] and banned[1] == exact[1]
         assert torch.equal(head.exact([0, 4]), linear(inputs[[0, 4]]))  # whole rows: PyTorch's own logits
+        # beside a packed projection, the screen takes a few rows only; more take the packed logits' own argmax
+        packed = GreedyHead(linear, packed=True)
+        packed.fast = True
+        assert packed(inputs[:4]).dtype == torch.float32 and packed.screened
+        full = packed(inputs[:8])
+        assert not packed.screened and torch.equal(full, packed.full(inputs[:8]))
+        assert list(packed.greedy(full, list(range(8))).values()) == full.argmax(-1).tolist()
 
 
 def test_t5_engine_uses_the_checked_output_projection(checkpoints):
