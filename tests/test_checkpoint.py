@@ -64,14 +64,22 @@ def test_cpu_linear_layers_are_packed_for_onednn_where_the_answers_stay_equal(ch
     with the rounding), unless "onednn" is asked; "torch" never packs."""
     import torch
     from blip2_serve.deployments.config import ModelConfig
+    from blip2_serve.deployments.head import GreedyHead
     from blip2_serve.deployments.loading import PackedLinear, load_language_model, load_vision
     from torch import nn
 
     def kinds(llm: str, cpu_linear: str) -> set[type]:
+        """The module types of both halves; a GreedyHead's own plain weight (kept for its exact recount) left out."""
         settings = ModelConfig(checkpoint=str(checkpoints[llm]), device="cpu", cpu_linear=cpu_linear)
-        return {type(m) for load in (load_vision, load_language_model) for m in load(settings)[0].modules()}
+        found = set()
+        for load in (load_vision, load_language_model):
+            model = load(settings)[0]
+            inner = {id(m.linear) for m in model.modules() if isinstance(m, GreedyHead)}
+            found |= {type(m) for m in model.modules() if id(m) not in inner}
+        return found
 
-    assert PackedLinear in kinds("opt", "auto") and nn.Linear not in kinds("opt", "auto")
+    opt = kinds("opt", "auto")  # the output projection: a GreedyHead, packed, with its bf16 screen
+    assert PackedLinear in opt and GreedyHead in opt and nn.Linear not in opt
     assert PackedLinear not in kinds("t5", "auto") and PackedLinear in kinds("t5", "onednn")
     assert PackedLinear not in kinds("opt", "torch")
     linear = nn.Linear(24, 40)
