@@ -148,19 +148,20 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        self._pack(linear.weight, linear.bias)
 
     @classmethod
     def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
         """A PackedLinear of a bare weight [out, in] (fp32 or bf16) and bias."""
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module.in_features, module.out_features = weight.shape[1], weight.shape[0]
-        module.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
-        module.register_buffer("bias", None if bias is None else bias.detach())
+        module._pack(weight, bias)
         return module
+
+    def _pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        self.register_buffer("bias", None if bias is None else bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
