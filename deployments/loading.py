@@ -142,8 +142,10 @@ class PackedLinear(nn.Module):
 
     PyTorch's CPU linear calls a GEMM that repacks the weight on every call; at the few rows of a decode step that
     repacking costs more than the product (measured on 2 cores, 2560 -> 10240: 1 row 6.0 -> 4.6 ms, 16 rows
-    20.4 -> 5.6 ms; a vision batch of 8 x 257 rows 652 -> 529 ms). Results differ from PyTorch's by rounding only
-    (about 1e-6 relative), as a different batch size already makes them differ.
+    20.4 -> 5.6 ms). At a vision batch's thousands of rows it does not pay: the realistic vision tower over 8 images
+    took 3.21 s packed against 2.69 s with PyTorch's GEMM (medians of 6, alternated; 1 image 0.364 / 0.381 s), so
+    `auto` packs the language model only. Results differ from PyTorch's by rounding only (about 1e-6 relative), as a
+    different batch size already makes them differ.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -170,22 +172,26 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def packs_linear_layers(config: ModelConfig, blip2_config, device: torch.device) -> bool:
-    """Whether a CPU model's linear layers become PackedLinear: `cpu_linear` "onednn", or "auto" with an OPT (decoder-
-    only) language model, both halves alike (the vision stage's rounding reaches the language model too)."""
+def packs_linear_layers(config: ModelConfig, blip2_config, device: torch.device, half: str) -> bool:
+    """Whether the linear layers of a CPU model's `half` ("vision" or "language") become PackedLinear: `cpu_linear`
+    "onednn" (both halves), or "auto" for the language model of an OPT (decoder-only) checkpoint. The vision half
+    keeps PyTorch's GEMM under "auto": packing was slower at its row counts (PackedLinear), and unpacked its
+    embeddings are the ones transformers computes."""
     if device.type != "cpu" or config.cpu_linear == "torch" or not torch.backends.mkldnn.is_available():
         return False
-    return config.cpu_linear == "onednn" or bool(getattr(blip2_config, "use_decoder_only_language_model", False))
+    if config.cpu_linear == "onednn":
+        return True
+    return half == "language" and bool(getattr(blip2_config, "use_decoder_only_language_model", False))
 
 
-def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.device) -> nn.Module:
-    """Every plain `nn.Linear` of a CPU model in fp32/bf16 as a PackedLinear, where packs_linear_layers says so.
+def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.device, half: str) -> nn.Module:
+    """Every plain `nn.Linear` of a CPU model's `half` in fp32/bf16 as a PackedLinear where packs_linear_layers says.
 
     Quantized layers (subclasses of nn.Linear) stay as they are. The language model's output projection becomes a
     GreedyHead (deployments/head.py) holding a packed copy and a bf16 one beside the plain weight it shares with
     the embedding: that matrix is held 2.5 times (1.3 GB for OPT-2.7B).
     """
-    if not packs_linear_layers(config, model.config, device):
+    if not packs_linear_layers(config, model.config, device, half):
         return model
     language_model = getattr(model, "language_model", None)
     if language_model is not None and config.greedy_screen == "bf16":  # the head packed, its bf16 screen beside it
@@ -205,11 +211,11 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
 
 
 def load_vision(config: ModelConfig) -> tuple[Blip2VisionConnector, torch.device, torch.dtype]:
-    """The vision half on its device, in eval mode, its linear layers packed on CPU (pack_linear_layers)."""
+    """The vision half on its device, in eval mode (its linear layers packed on CPU only with cpu_linear onednn)."""
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
     model = _from_pretrained(Blip2VisionConnector, config, dtype=dtype)
-    return pack_linear_layers(model.to(device).eval(), config, device), device, dtype
+    return pack_linear_layers(model.to(device).eval(), config, device, "vision"), device, dtype
 
 
 def _quantization_config(config: ModelConfig, dtype: torch.dtype):
@@ -239,4 +245,4 @@ def load_language_model(config: ModelConfig) -> tuple[Blip2LanguageModel, torch.
     model = _from_pretrained(Blip2LanguageModel, config, dtype=dtype, **kwargs)
     if quantization is None:
         model = model.to(device)
-    return pack_linear_layers(model.eval(), config, device), device, dtype
+    return pack_linear_layers(model.eval(), config, device, "language"), device, dtype

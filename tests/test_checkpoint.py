@@ -59,29 +59,29 @@ def test_processor_without_num_query_tokens_is_refused(checkpoints, tmp_path):
 
 
 def test_cpu_linear_layers_are_packed_for_onednn_where_the_answers_stay_equal(checkpoints):
-    """cpu_linear "auto" (default): every plain Linear of both halves of an OPT checkpoint becomes a PackedLinear,
-    whose output equals nn.Linear's to rounding; a T5 checkpoint keeps PyTorch's layers (its greedy answers moved
-    with the rounding), unless "onednn" is asked; "torch" never packs."""
+    """cpu_linear "auto" (default): every plain Linear of an OPT checkpoint's language model becomes a PackedLinear,
+    whose output equals nn.Linear's to rounding, while its vision half keeps PyTorch's (packing was slower at a
+    vision batch's rows); a T5 checkpoint keeps PyTorch's layers (its greedy answers moved with the rounding),
+    unless "onednn" is asked, which packs both halves; "torch" never packs."""
     import torch
     from blip2_serve.deployments.config import ModelConfig
     from blip2_serve.deployments.head import GreedyHead
     from blip2_serve.deployments.loading import PackedLinear, load_language_model, load_vision
     from torch import nn
 
-    def kinds(llm: str, cpu_linear: str) -> set[type]:
-        """The module types of both halves; a GreedyHead's own plain weight (kept for its exact recount) left out."""
+    def kinds(llm: str, cpu_linear: str, load) -> set[type]:
+        """The module types of one half; a GreedyHead's own plain weight (kept for its exact recount) left out."""
         settings = ModelConfig(checkpoint=str(checkpoints[llm]), device="cpu", cpu_linear=cpu_linear)
-        found = set()
-        for load in (load_vision, load_language_model):
-            model = load(settings)[0]
-            inner = {id(m.linear) for m in model.modules() if isinstance(m, GreedyHead)}
-            found |= {type(m) for m in model.modules() if id(m) not in inner}
-        return found
+        model = load(settings)[0]
+        inner = {id(m.linear) for m in model.modules() if isinstance(m, GreedyHead)}
+        return {type(m) for m in model.modules() if id(m) not in inner}
 
-    opt = kinds("opt", "auto")  # the output projection: a GreedyHead, packed, with its bf16 screen
+    opt = kinds("opt", "auto", load_language_model)  # the output projection: a GreedyHead, packed, with its screen
     assert PackedLinear in opt and GreedyHead in opt and nn.Linear not in opt
-    assert PackedLinear not in kinds("t5", "auto") and PackedLinear in kinds("t5", "onednn")
-    assert PackedLinear not in kinds("opt", "torch")
+    assert nn.Linear in kinds("opt", "auto", load_vision) and PackedLinear not in kinds("opt", "auto", load_vision)
+    for load in (load_vision, load_language_model):
+        assert PackedLinear not in kinds("t5", "auto", load) and PackedLinear in kinds("t5", "onednn", load)
+        assert PackedLinear in kinds("opt", "onednn", load) and PackedLinear not in kinds("opt", "torch", load)
     linear = nn.Linear(24, 40)
     packed_layer = PackedLinear(linear)
     x = torch.randn(3, 5, 24)
