@@ -115,6 +115,14 @@ def markdown(document: dict) -> str:
             "",
             "Serving overhead, where it goes (p50, model idle): " + ", ".join(f"{k} {v}" for k, v in profile.items()),
         ]
+    summary = document["summary"]
+    if "baseline_drift" in summary:
+        peer = f", the peer's {summary['peer_drift']}" if summary.get("peer_drift") is not None else ""
+        lines += [
+            "",
+            "The loop and the peer ran before and after the served rows (each alone on the machine); every ratio is "
+            f"against the mean of both runs. Time after / before: the loop's p50 {summary['baseline_drift']}{peer}.",
+        ]
     if document["targets"]:
         lines += ["", "| target | measured | bound | applies to this size | met |", "|---|---|---|---|---|"]
         for t in document["targets"]:

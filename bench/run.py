@@ -136,8 +136,11 @@ def _start_triton(checkpoint: Path, cache: Path):
     raise RuntimeError("tritonserver did not become ready")
 
 
-def peer_rows(checkpoint: str, sets: dict, max_new_tokens: int, expected: dict, warmup: bytes) -> list[dict]:
-    """The LitServe peer (bench/peer.py) alone on the machine: each concurrency's jobs, as the served rows get."""
+def peer_rows(
+    checkpoint: str, sets: dict, max_new_tokens: int, expected: dict, warmup: bytes, when: str = ""
+) -> list[dict]:
+    """The LitServe peer (bench/peer.py) alone on the machine: each concurrency's jobs, as the served rows get.
+    `when`: "" before the served rows, "after" when run again after them (the variant says so)."""
     port = _free_port()
     process = start_peer(checkpoint, port)
     rows = []
@@ -147,11 +150,45 @@ def peer_rows(checkpoint: str, sets: dict, max_new_tokens: int, expected: dict, 
                 f"http://127.0.0.1:{port}", jobs, concurrency, max_new_tokens, warmup=warmup
             )
             rows.append(
-                row("peer", "litserve, batched generate", latencies, wall, answers, expected[concurrency], concurrency)
+                row(
+                    "peer",
+                    "litserve, batched generate" + (f", {when}" if when else ""),
+                    latencies,
+                    wall,
+                    answers,
+                    expected[concurrency],
+                    concurrency,
+                )
             )
     finally:
         stop_peer(process)
     return rows
+
+
+def served_ratios(results: list[dict]) -> dict:
+    """The served rows against the loop's and the peer's, each the mean of its run before and after the served
+    rows (`*_drift`: after / before, how much the machine's speed moved meanwhile)."""
+    baseline = [r for r in results if r["scenario"] == "baseline"]
+    served = {r["concurrency"]: r for r in results if r["scenario"] == "served"}
+    base_rps = sum(r["throughput_rps"] for r in baseline) / len(baseline)
+    base_p50 = sum(r["p50_ms"] for r in baseline) / len(baseline)
+    ratios = {
+        "captioning_throughput_c16_over_baseline": round(served[16]["throughput_rps"] / base_rps, 2),
+        "serving_overhead_c1_p50_ms": round(served[1]["p50_ms"] - base_p50, 2),
+        "c1_p50_over_baseline": round(served[1]["p50_ms"] / base_p50, 3),
+        "baseline_drift": round(baseline[-1]["p50_ms"] / baseline[0]["p50_ms"], 3),
+    }
+    peer: dict[int, list[dict]] = {}
+    for r in results:
+        if r["scenario"] == "peer":
+            peer.setdefault(r["concurrency"], []).append(r)
+    if peer:
+        peer_rps = sum(r["throughput_rps"] for r in peer[16]) / len(peer[16])
+        peer_p50 = sum(r["p50_ms"] for r in peer[1]) / len(peer[1])
+        ratios["captioning_throughput_c16_over_peer"] = round(served[16]["throughput_rps"] / peer_rps, 2)
+        ratios["c1_p50_over_peer"] = round(served[1]["p50_ms"] / peer_p50, 3)
+        ratios["peer_drift"] = round(peer[16][-1]["seconds"] / peer[16][0]["seconds"], 3)
+    return ratios
 
 
 def run(
@@ -175,8 +212,6 @@ def run(
     latencies, wall, answers = baseline.run(sets[1] + sets[16], max_new_tokens)
     expected = {1: answers[:images], 16: answers[images:]}
     results.append(row("baseline", "model card loop", latencies, wall, answers, answers))
-    base_rps = results[-1]["throughput_rps"]
-    base_p50 = results[-1]["p50_ms"]
 
     if "peer" in scenarios:
         results += peer_rows(str(checkpoint), sets, max_new_tokens, expected, warmup)
@@ -205,16 +240,6 @@ def run(
                     **profile,
                 )
             )
-        served = {r["concurrency"]: r for r in results if r["scenario"] == "served"}
-        summary["captioning_throughput_c16_over_baseline"] = round(served[16]["throughput_rps"] / base_rps, 2)
-        summary["serving_overhead_c1_p50_ms"] = round(served[1]["p50_ms"] - base_p50, 2)
-        summary["c1_p50_over_baseline"] = round(served[1]["p50_ms"] / base_p50, 3)
-        peer = {r["concurrency"]: r for r in results if r["scenario"] == "peer"}
-        if peer:
-            summary["captioning_throughput_c16_over_peer"] = round(
-                served[16]["throughput_rps"] / peer[16]["throughput_rps"], 2
-            )
-            summary["c1_p50_over_peer"] = round(served[1]["p50_ms"] / peer[1]["p50_ms"], 3)
         summary["overhead_profile"] = overhead_profile(f"http://{url}", "c", warmup)
     if "streaming" in scenarios:
         latencies, wall, answers, extra = openai_streams(f"http://127.0.0.1:{port}/c", streamed, max_new_tokens)
@@ -256,9 +281,19 @@ def run(
             throughput[variant] = sum(lengths) / wall
         summary["mixed_continuous_over_static"] = round(throughput["continuous"] / throughput["static"], 2)
     if port is not None:
+        import ray
         from ray import serve
 
         serve.shutdown()
+        ray.shutdown()  # nothing of Ray's left running beside the rows after this
+    if "served" in scenarios:
+        # This machine's speed drifts by 10-20% over minutes, and the served rows come after the baseline's and the
+        # peer's: the loop and the peer run again now, alone as before, and each ratio is against the mean of both.
+        latencies, wall, answers = baseline.run(sets[1] + sets[16], max_new_tokens)
+        results.append(row("baseline", "model card loop, after", latencies, wall, answers, expected[1] + expected[16]))
+        if "peer" in scenarios:
+            results += peer_rows(str(checkpoint), sets, max_new_tokens, expected, warmup, when="after")
+        summary.update(served_ratios(results))
     if "triton" in scenarios:
         process, triton_url = _start_triton(checkpoint, cache)
         try:

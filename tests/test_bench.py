@@ -49,6 +49,9 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
         ("served", 16),
         ("multi_question", 1),
         ("multi_question", 1),
+        ("baseline", 1),  # the loop and the peer again after the served rows: the ratios are against both runs
+        ("peer", 1),
+        ("peer", 16),
     ]
     assert all(r["valid"] for r in document["results"]), document["results"]
     assert document["commit"] and document["versions"]["torch"] and "wide x" in document["checkpoint"]["llm"]
@@ -58,9 +61,12 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
         "c1_p50_over_baseline",
         "serving_overhead_c1_p50_ms",
         "five_questions_speedup",
+        "baseline_drift",
+        "peer_drift",
     }
     assert summary <= set(document["summary"])
     served = [r for r in document["results"] if r["scenario"] == "served"]
     assert all(r["vision_executions"] >= 1 and r["llm_steps"] >= 1 for r in served)  # the profile behind each row
     assert (out / "tiny-opt.md").read_text().startswith("# bench: tiny opt")
     assert (out / "tiny-opt.png").stat().st_size > 10_000
+
