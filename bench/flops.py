@@ -19,6 +19,7 @@ from __future__ import annotations
 from blip2_serve.exporters.tiny import SIZES
 
 PROPORTION_TOLERANCE = 0.25  # the bound: each part's share of the LLM's work within 25% of the real model's
+TINY_VOCAB = 600  # make_tiny_checkpoint's tokenizer size where SIZES names no vocabulary (the "tiny" shapes)
 
 
 def _vision(shape: dict) -> tuple[float, int]:
@@ -46,7 +47,7 @@ def _qformer(shape: dict, vision_tokens: int, llm_hidden: int) -> float:
 
 def _opt(shape: dict, prompt_tokens: int, new_tokens: int) -> float:
     o = shape["opt"]
-    h, f, layers, vocab = o["hidden_size"], o["ffn_dim"], o["num_hidden_layers"], o["vocab_size"]
+    h, f, layers, vocab = o["hidden_size"], o["ffn_dim"], o["num_hidden_layers"], o.get("vocab_size", TINY_VOCAB)
     prefill = shape["num_query_tokens"] + prompt_tokens
     dense = 4 * h * h + 2 * h * f  # per token per layer
     macs = layers * (prefill * dense + prefill * prefill * h)  # attention over the prompt, causal (~half of 2*P^2*h)
@@ -58,7 +59,7 @@ def _opt(shape: dict, prompt_tokens: int, new_tokens: int) -> float:
 
 def _t5(shape: dict, prompt_tokens: int, new_tokens: int) -> float:
     t = shape["t5"]
-    d, inner, ff, vocab = t["d_model"], t["d_kv"] * t["num_heads"], t["d_ff"], t["vocab_size"]
+    d, inner, ff, vocab = t["d_model"], t["d_kv"] * t["num_heads"], t["d_ff"], t.get("vocab_size", TINY_VOCAB)
     encoded = shape["num_query_tokens"] + prompt_tokens
     encoder = t["num_layers"] * encoded * (4 * d * inner + 3 * d * ff + 2 * encoded * inner)
     decoder = t["num_decoder_layers"] * 2 * encoded * d * inner  # cross-attention k, v, once

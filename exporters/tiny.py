@@ -121,20 +121,21 @@ def _t5_tokenizer(vocab_size: int, corpus: list[str]):
     )
 
 
-def _reinitialise(model, seed: int) -> None:
-    """Give every weight a visible variance: the default init makes every image give the same caption."""
+def _reinitialise(model, seed: int, device: str = "cpu") -> None:
+    """Give every weight a visible variance: the default init makes every image give the same caption. The numbers
+    are drawn on `device` (a CPU generator's draws differ from a GPU's: the same seed gives other weights there)."""
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name.lower():
                 centre = 1.0 if name.endswith("weight") else 0.0
-                param.copy_(centre + 0.1 * torch.randn(param.shape, generator=gen))
+                param.copy_(centre + 0.1 * torch.randn(param.shape, generator=gen, device=device))
             else:
                 # std 2/sqrt(fan_in), measured: smaller gives one repeated token for every image.
                 std = 2.0 / max(1, param.shape[-1]) ** 0.5 if param.dim() >= 2 else 0.1
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
+                param.copy_(torch.randn(param.shape, generator=gen, device=device) * std)
 
 
 # Shapes. "tiny": a few kilobytes of weights, for tests. "full": the published shapes of Salesforce/blip2-opt-2.7b
@@ -227,12 +228,16 @@ def make_tiny_checkpoint(
     size: str = "tiny",
     vocab_size: int = 600,
     seed: int = 0,
+    dtype: str = "fp32",
+    device: str = "cpu",
 ) -> Path:
     """Write a small random BLIP-2 checkpoint (safetensors + processor + tokenizer) to `out_dir`.
 
     Loads through `Blip2ForConditionalGeneration.from_pretrained(out_dir)` and `Blip2Processor.from_pretrained`,
     exactly as a hub checkpoint does. `size` picks the shapes (SIZES); for "medium" the tokenizer is trained to the
-    published vocabulary size on a corpus with made-up words, so that generated ids decode to text.
+    published vocabulary size on a corpus with made-up words, so that generated ids decode to text. `dtype` (fp32,
+    fp16, bf16) is what the weights are saved in; `device` where they are made ("cuda" for the published shapes:
+    seconds there against many minutes on a CPU).
     """
     import torch
     from transformers import (
@@ -296,10 +301,14 @@ def make_tiny_checkpoint(
         num_query_tokens=num_query_tokens,
         image_token_index=image_token_index,
     )
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, not {dtype!r}")
     torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(config).eval()
-    _reinitialise(model, seed)
-    model.save_pretrained(out)
+    with torch.device(device):
+        model = Blip2ForConditionalGeneration(config).eval()
+    _reinitialise(model, seed, device)
+    model.to(dtypes[dtype]).save_pretrained(out)
     processor.save_pretrained(out)
     logger.info("wrote a tiny BLIP-2 (%s) checkpoint to %s", llm, out)
     return out

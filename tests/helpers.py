@@ -99,8 +99,9 @@ def new_tokens(output_row: list[int], input_length: int, decoder_only: bool, eos
 class Reference:
     """Blip2ForConditionalGeneration.generate exactly as the model card runs it."""
 
-    def __init__(self, checkpoint: Path):
+    def __init__(self, checkpoint: Path, dtype=None):
         self.checkpoint = checkpoint
+        self.dtype = dtype  # a torch dtype to load in (the model card's `torch_dtype`), else the checkpoint's fp32
 
     @cached_property
     def processor(self):
@@ -112,7 +113,8 @@ class Reference:
     def model(self):
         from transformers import Blip2ForConditionalGeneration
 
-        return Blip2ForConditionalGeneration.from_pretrained(self.checkpoint).eval()
+        extra = {"dtype": self.dtype} if self.dtype is not None else {}
+        return Blip2ForConditionalGeneration.from_pretrained(self.checkpoint, **extra).eval()
 
     @property
     def decoder_only(self) -> bool:
@@ -131,6 +133,7 @@ class Reference:
             text = prompts if prompts is not None else [""] * len(pil)
             inputs = self.processor(images=pil, text=text, padding=True, return_tensors="pt")
             input_length = inputs["input_ids"].shape[1]
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)  # as the model card: inputs.to(dtype)
         with torch.inference_mode():
             output = self.model.generate(**inputs, **kwargs)
         eos = self.model.language_model.generation_config.eos_token_id

@@ -70,3 +70,28 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
     assert (out / "tiny-opt.md").read_text().startswith("# bench: tiny opt")
     assert (out / "tiny-opt.png").stat().st_size > 10_000
 
+
+def test_device_check_dry_run_measures_every_part_and_matches_transformers(tmp_path):
+    """`python -m bench.device_check --dry-run`: the GPU script's own code at tiny shapes on CPU (fp32), so that a
+    lent GPU's few minutes are not spent finding its bugs. fp32 on CPU: every answer equals transformers'."""
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.device_check", "--dry-run", "--out", str(out), "--work", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads((out / "device-check-dry-run.json").read_text())
+    assert [part["llm"] for part in document["checks"]] == ["opt", "t5"]
+    assert document["rates"]["copy_gb_s"] > 0 and document["rates"]["matmul_tflop_s"] > 0
+    for part in document["checks"]:
+        assert [row["batch"] for row in part["vision"]] == [1, 8, 32]
+        assert all(row["images_per_s"] > 0 and 0 < row["of_floor"] for row in part["vision"])
+        assert [row["running"] for row in part["decode"]] == [1, 8, 32, 64]
+        assert all(row["step_ms"] > 0 and row["prefill_ms"] > 0 for row in part["decode"]), part["decode"]
+        parity = part["parity"]
+        assert parity["equal"] == parity["images"] == 8, parity
+        assert len(set(parity["served"])) > 1  # the images give different answers: the comparison means something
+    assert (out / "device-check-dry-run.md").read_text().startswith("# device check")

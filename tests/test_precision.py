@@ -47,3 +47,38 @@ def test_bitsandbytes_quantized_llm(checkpoints, quantization, layer):
     fc1 = generator.model.language_model.model.decoder.layers[0].fc1
     assert type(fc1).__name__ == layer
     assert len(tokens) == 6
+
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_served_tokens_equal_transformers_in_the_same_precision(checkpoints, llm, dtype):
+    """Precision parity on CPU: the vision stage and the continuous-batching engine in `dtype`, four images admitted
+    together, give each image the greedy tokens of transformers' `generate` loaded in the same dtype (the model
+    card's `torch_dtype`), one image at a time. fp16 and bitsandbytes are checked on a GPU (bench/device_check.py)."""
+    from concurrent.futures import Future
+
+    from blip2_serve.deployments.engine import ContinuousBatcher, Sequence
+
+    from tests.helpers import Reference
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = ModelConfig(checkpoint=str(checkpoints[llm]), dtype=dtype, device="cpu")
+    vision, generator = VisionEncoder(model), LanguageGenerator(model)
+    assert generator.dtype == vision.backend.dtype == torch_dtype
+    pictures = [image_bytes(60 + i) for i in range(4)]
+    embeds = vision.encode([vision.preprocess(check_image(data)) for data in pictures])
+    engine = ContinuousBatcher(generator, max_running=4)
+    futures = []
+    sequences = []
+    for index, embedding in enumerate(embeds):
+        request = GenerateRequest(f"p{index}", None, "", GenerationParams(max_new_tokens=10))
+        future: Future = Future()
+        futures.append(future)
+        sequences.append(Sequence(generator.prepare(request, embedding), on_done=future.set_result))
+    engine.submit_many(sequences)
+    served = [list(future.result(timeout=120).token_ids) for future in futures]
+
+    reference = Reference(checkpoints[llm], dtype=torch_dtype)
+    expected = [reference.generate([data], None, max_new_tokens=10)[0] for data in pictures]
+    assert served == expected
+    assert len({tuple(tokens) for tokens in expected}) > 1  # the images differ in what they give

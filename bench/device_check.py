@@ -1,0 +1,395 @@
+"""`python -m bench.device_check`: one run on a GPU at the published shapes of blip2-opt-2.7b and blip2-flan-t5-xl.
+
+GPU time is scarce (a lent machine, minutes at a time), so everything a GPU should tell us comes from one script, in
+one process, without Ray or a network (the GPU machine has torch and transformers but not Ray): for each language
+model it builds a random-weight checkpoint at the full published shapes (exporters/tiny.py, size "full", written in
+the run's dtype), then runs the vision stage (deployments/vision_encoder.py) and the LLM engine
+(deployments/engine.py) in-process and writes one JSON + Markdown:
+- vision images/s by batch, against the compute floor (bench/flops.py's FLOPs at the device's measured matmul rate);
+- decode step ms by running batch, against the memory floor (the language model's weight bytes at the device's
+  measured copy bandwidth), and prefill ms;
+- parity: the engine's greedy answers against transformers' `generate` in the same dtype on the same device, over 8
+  images (an agreement rate: fp16 kernels need not be bitwise equal across batch shapes);
+- int8 / int4 (bitsandbytes, where installed): memory and agreement with the fp16 answers;
+- peak device memory.
+
+    python -m bench.device_check                 # on a GPU: full shapes, fp16 (must end within ~8 minutes on an H200)
+    python -m bench.device_check --dry-run       # the same code at tiny shapes on CPU, fp32 (CI runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+VISION_BATCHES = (1, 8, 32)
+DECODE_BATCHES = (1, 8, 32, 64)
+PARITY_IMAGES = 8
+NEW_TOKENS = 20
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def device_rates(device: str, dtype) -> dict:
+    """The device's own ceilings, measured here: copy bandwidth (GB/s, bytes read + written) and matmul TFLOP/s."""
+    import torch
+
+    n = (1 << 28) if device.startswith("cuda") else (1 << 22)  # 1 GiB / 16 MiB of fp32
+    source = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    _sync(device)
+    started, repeats = time.perf_counter(), 10
+    for _ in range(repeats):
+        target.copy_(source)
+    _sync(device)
+    bandwidth = 2 * source.numel() * 4 * repeats / (time.perf_counter() - started) / 1e9
+    size = 8192 if device.startswith("cuda") else 256
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    a @ b
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    tflops = 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
+    del source, target, a, b
+    return {"copy_gb_s": round(bandwidth, 1), "matmul_tflop_s": round(tflops, 2)}
+
+
+def _images(count: int, size: int) -> list:
+    """`count` distinct synthetic pictures as the vision stage receives them (EncodedImage)."""
+    from blip2_serve.deployments.images import check_image
+    from blip2_serve.exporters.int8_report import sample_images
+
+    return [check_image(data) for data in sample_images(count, size=size)]
+
+
+def vision_rows(encoder, images: list, device: str, gflop_per_image: float, tflops: float) -> list[dict]:
+    """images/s of the vision stage (tower + Q-Former + projection) at each batch size, best of 3."""
+    pixels = [encoder.preprocess(image) for image in images]
+    rows = []
+    for batch in VISION_BATCHES:
+        chunk = (pixels * (batch // len(pixels) + 1))[:batch]
+        encoder.encode(chunk)  # warm-up (kernel selection, allocator)
+        times = []
+        for _ in range(3):
+            _sync(device)
+            started = time.perf_counter()
+            encoder.encode(chunk)
+            _sync(device)
+            times.append(time.perf_counter() - started)
+        best = min(times)
+        floor_s = batch * gflop_per_image / (tflops * 1e3)
+        rows.append(
+            {
+                "batch": batch,
+                "ms": round(1000 * best, 2),
+                "images_per_s": round(batch / best, 1),
+                "compute_floor_ms": round(1000 * floor_s, 2),
+                "of_floor": round(floor_s / best, 3),
+            }
+        )
+    return rows
+
+
+def _run_engine(engine, generator, embeds: list, max_new_tokens: int, prompts: list[str] | None = None) -> list:
+    """Submit one sequence per embedding at once; the results in order."""
+    from blip2_serve.deployments.engine import Sequence
+    from blip2_serve.deployments.types import GenerateRequest, GenerationParams
+
+    futures, sequences = [], []
+    for index, embedding in enumerate(embeds):
+        prompt = prompts[index] if prompts else ""
+        request = GenerateRequest(f"d{index}", None, prompt, GenerationParams(max_new_tokens=max_new_tokens))
+        future: Future = Future()
+        futures.append(future)
+        sequences.append(Sequence(generator.prepare(request, embedding), on_done=future.set_result))
+    engine.submit_many(sequences)
+    results = [future.result(timeout=600) for future in futures]
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
+
+
+def decode_rows(engine, generator, embedding, device: str, weight_bytes: int, bandwidth_gb_s: float) -> list[dict]:
+    """Decode step ms (median over the steps at that running batch) and prefill ms, by running batch."""
+    steps: list[tuple[int, float]] = []
+    engine.on_step = lambda running, seconds: steps.append((running, seconds))
+    _run_engine(engine, generator, [embedding] * 2, 4)  # warm-up
+    rows = []
+    floor_ms = 1000 * weight_bytes / (bandwidth_gb_s / 2 * 1e9)  # a step reads every weight once (copy: read+write)
+    for batch in DECODE_BATCHES:
+        _sync(device)
+        started = time.perf_counter()
+        _run_engine(engine, generator, [embedding] * batch, 1)
+        _sync(device)
+        prefill_ms = 1000 * (time.perf_counter() - started)
+        steps.clear()
+        _run_engine(engine, generator, [embedding] * batch, NEW_TOKENS)
+        full = [seconds for running, seconds in steps if running == batch]
+        step_ms = 1000 * statistics.median(full) if full else None
+        rows.append(
+            {
+                "running": batch,
+                "prefill_ms": round(prefill_ms, 2),
+                "step_ms": round(step_ms, 3) if step_ms is not None else None,
+                "memory_floor_ms": round(floor_ms, 3),
+                "of_floor": round(floor_ms / step_ms, 3) if step_ms else None,
+                "tokens_per_s": round(batch / step_ms * 1000, 1) if step_ms else None,
+            }
+        )
+    engine.on_step = None
+    return rows
+
+
+def reference_answers(checkpoint: Path, images: list, device: str, dtype, quantization: str = "none") -> list[str]:
+    """transformers' Blip2ForConditionalGeneration.generate over the images as one batch, greedy, the model card's
+    way (T5 takes text=""), in `dtype` on `device`, optionally quantized by bitsandbytes."""
+    import torch
+    from PIL import Image
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    kwargs: dict = {"dtype": dtype}
+    if quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if quantization == "int8"
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        )
+        kwargs["device_map"] = {"": device}
+    processor = Blip2Processor.from_pretrained(checkpoint)
+    model = Blip2ForConditionalGeneration.from_pretrained(checkpoint, **kwargs).eval()
+    if quantization == "none":
+        model = model.to(device)
+    pictures = [Image.open(io.BytesIO(image.data)).convert("RGB") for image in images]
+    decoder_only = bool(model.config.use_decoder_only_language_model)
+    if decoder_only:
+        inputs = processor(images=pictures, return_tensors="pt")
+        start = model.config.num_query_tokens + 1
+    else:
+        inputs = processor(images=pictures, text=[""] * len(pictures), return_tensors="pt")
+        start = 0
+    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=NEW_TOKENS)
+    if decoder_only:
+        output = output[:, start:]
+    answers = [text.strip() for text in processor.batch_decode(output, skip_special_tokens=True)]
+    del model
+    return answers
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _versions() -> dict:
+    import importlib.metadata as metadata
+
+    versions = {}
+    for name in ("torch", "transformers", "bitsandbytes", "onnxruntime"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _weight_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def check(llm: str, dry_run: bool, work: Path, rates: dict) -> dict:
+    """Everything for one language model: its checkpoint, vision, decode, parity, quantization."""
+    import torch
+    from blip2_serve.deployments.config import ModelConfig
+    from blip2_serve.deployments.engine import ContinuousBatcher
+    from blip2_serve.deployments.generator import LanguageGenerator
+    from blip2_serve.deployments.vision_encoder import VisionEncoder
+    from blip2_serve.exporters.tiny import make_tiny_checkpoint
+
+    from bench.flops import caption_flops
+
+    device = "cpu" if dry_run else "cuda"
+    dtype_name, dtype = ("fp32", torch.float32) if dry_run else ("fp16", torch.float16)
+    size = "tiny" if dry_run else "full"
+    started = time.perf_counter()
+    checkpoint = make_tiny_checkpoint(work / f"{size}-{llm}", llm, size=size, dtype=dtype_name, device=device)
+    built_s = time.perf_counter() - started
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = ModelConfig(checkpoint=str(checkpoint), device=device, dtype=dtype_name)
+    encoder = VisionEncoder(model)
+    picture_size = 224 if not dry_run else 32
+    images = _images(PARITY_IMAGES, picture_size)
+    flops = caption_flops(size, llm, NEW_TOKENS)  # GFLOP per image of each part
+    vision = vision_rows(encoder, images, device, flops["vision"] + flops["qformer"], rates["matmul_tflop_s"])
+    embeds = encoder.encode([encoder.preprocess(image) for image in images])
+    generator = LanguageGenerator(model)
+    engine = ContinuousBatcher(generator, max_running=max(DECODE_BATCHES))
+    language_model = generator.model.language_model
+    decode = decode_rows(engine, generator, embeds[0], device, _weight_bytes(language_model), rates["copy_gb_s"])
+    served = [r.text for r in _run_engine(engine, generator, embeds, NEW_TOKENS)]
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    del engine, generator, encoder, language_model
+    expected = reference_answers(checkpoint, images, device, dtype)
+    parity = {
+        "dtype": dtype_name,
+        "images": len(images),
+        "equal": sum(a == b for a, b in zip(served, expected)),
+        "served": served,
+        "transformers": expected,
+    }
+    quantized = {}
+    for quantization in ("int8", "int4"):
+        if dry_run:
+            quantized[quantization] = {"skipped": "dry run (bitsandbytes' CPU backend is not what a GPU runs)"}
+            continue
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            quantized[quantization] = {"skipped": "bitsandbytes is not installed on this machine"}
+            continue
+        q_model = ModelConfig(checkpoint=str(checkpoint), device=device, dtype=dtype_name, quantization=quantization)
+        q_generator = LanguageGenerator(q_model)
+        q_bytes = torch.cuda.memory_allocated()
+        q_engine = ContinuousBatcher(q_generator, max_running=PARITY_IMAGES)
+        answers = [r.text for r in _run_engine(q_engine, q_generator, embeds, NEW_TOKENS)]
+        quantized[quantization] = {
+            "llm_weight_bytes": _weight_bytes(q_generator.model.language_model),
+            "allocated_bytes": q_bytes,
+            "equal_to_fp16": sum(a == b for a, b in zip(answers, served)),
+            "images": len(answers),
+        }
+        del q_engine, q_generator
+    return {
+        "llm": llm,
+        "size": size,
+        "checkpoint_built_s": round(built_s, 1),
+        "vision": vision,
+        "decode": decode,
+        "parity": parity,
+        "quantized": quantized,
+        "peak_device_bytes": peak,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def markdown(document: dict) -> str:
+    lines = [
+        f"# device check ({document['measured_at']}, commit {document['commit'][:10]})",
+        "",
+        f"Machine: {document['machine']}. Measured ceilings: copy {document['rates']['copy_gb_s']} GB/s, matmul "
+        f"{document['rates']['matmul_tflop_s']} TFLOP/s ({document['dtype']}). Whole run {document['seconds']} s.",
+    ]
+    for part in document["checks"]:
+        lines += [
+            "",
+            f"## {part['llm']} ({part['size']} shapes; checkpoint built in {part['checkpoint_built_s']} s)",
+            "",
+            "| vision batch | ms | images/s | compute floor ms | of floor |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['batch']} | {r['ms']} | {r['images_per_s']} | {r['compute_floor_ms']} | {r['of_floor']} |"
+            for r in part["vision"]
+        ]
+        lines += [
+            "",
+            "| running | prefill ms | decode step ms | memory floor ms | of floor | tokens/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['running']} | {r['prefill_ms']} | {r['step_ms']} | {r['memory_floor_ms']} | {r['of_floor']} | "
+            f"{r['tokens_per_s']} |"
+            for r in part["decode"]
+        ]
+        parity = part["parity"]
+        lines += [
+            "",
+            f"Parity ({parity['dtype']}): {parity['equal']}/{parity['images']} answers equal to transformers' "
+            f"`generate` in the same dtype on the same device. Peak device memory: {part['peak_device_bytes']}.",
+        ]
+        for name, q in part["quantized"].items():
+            if "skipped" in q:
+                lines.append(f"- {name}: skipped ({q['skipped']})")
+            else:
+                lines.append(
+                    f"- {name}: LLM weights {q['llm_weight_bytes']} bytes, {q['equal_to_fp16']}/{q['images']} "
+                    "answers equal to the fp16 ones"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.device_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU in fp32 (what CI runs)")
+    parser.add_argument("--llm", default="opt,t5", help="comma-separated: opt, t5")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--commit", default=None, help="the commit measured (where the tree travels without .git)")
+    parser.add_argument("--work", default=None, help="where to write the checkpoints (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("no CUDA device here: run on a GPU, or pass --dry-run")
+    device = "cpu" if args.dry_run else "cuda"
+    dtype = torch.float32 if args.dry_run else torch.float16
+    started = time.perf_counter()
+    rates = device_rates(device, dtype)
+    logger.info("device ceilings: %s", rates)
+    with tempfile.TemporaryDirectory(dir=args.work) as work:
+        checks = []
+        for llm in [name for name in args.llm.split(",") if name]:
+            checks.append(check(llm, args.dry_run, Path(work), rates))
+            logger.info("%s done after %.0f s", llm, time.perf_counter() - started)
+    document = {
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "commit": args.commit or _commit(),
+        "versions": _versions(),
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+        "dtype": "fp32" if args.dry_run else "fp16",
+        "rates": rates,
+        "checks": checks,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "device-check-dry-run" if args.dry_run else "device-check"
+    (out / f"{name}.json").write_text(json.dumps(document, indent=2))
+    (out / f"{name}.md").write_text(markdown(document))
+    print(markdown(document))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
