@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command to run on a lent GPU machine (no Ray, no network there), from the repository root:
 #   device run, carry [".whl"]:  COMMIT=<sha> bash bench/device_check.sh
-# .whl/ holds what that machine lacks, downloaded here for its Python 3.12 (see bench/README.md, "GPU"): pydantic
+# .whl/ holds what that machine lacks, downloaded here for its Python 3.12 (README.md, "On a GPU"): pydantic
 # and its parts, transformers (this project needs >= 5.20; that image has 5.17) and bitsandbytes (int8 / int4).
 # Writes device-check.{json,md} and the log to $OUT (the device tool brings them back), else to bench/results.
 set -euo pipefail

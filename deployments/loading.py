@@ -210,11 +210,16 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
     return model
 
 
+def _attention(config: ModelConfig) -> dict:
+    """from_pretrained's `attn_implementation`, where the config names one (else transformers' default)."""
+    return {} if config.attn_implementation == "auto" else {"attn_implementation": config.attn_implementation}
+
+
 def load_vision(config: ModelConfig) -> tuple[Blip2VisionConnector, torch.device, torch.dtype]:
     """The vision half on its device, in eval mode (its linear layers packed on CPU only with cpu_linear onednn)."""
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
-    model = _from_pretrained(Blip2VisionConnector, config, dtype=dtype)
+    model = _from_pretrained(Blip2VisionConnector, config, dtype=dtype, **_attention(config))
     return pack_linear_layers(model.to(device).eval(), config, device, "vision"), device, dtype
 
 
@@ -239,7 +244,7 @@ def load_language_model(config: ModelConfig) -> tuple[Blip2LanguageModel, torch.
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
     quantization = _quantization_config(config, dtype)
-    kwargs = {}
+    kwargs = _attention(config)
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": str(device)})
     model = _from_pretrained(Blip2LanguageModel, config, dtype=dtype, **kwargs)

@@ -87,3 +87,37 @@ def test_cpu_linear_layers_are_packed_for_onednn_where_the_answers_stay_equal(ch
     x = torch.randn(3, 5, 24)
     with torch.inference_mode():
         torch.testing.assert_close(packed_layer(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_implementation_reaches_every_tower_and_keeps_tokens(checkpoints):
+    """model.attn_implementation: "auto" leaves transformers' choice (SDPA), "eager" reaches the vision tower, the
+    Q-Former's and the language model's config alike, and both give the same greedy tokens (tiny OPT)."""
+    from blip2_serve.deployments.config import ModelConfig
+    from blip2_serve.deployments.generator import LanguageGenerator
+    from blip2_serve.deployments.images import check_image
+    from blip2_serve.deployments.loading import load_language_model, load_vision
+    from blip2_serve.deployments.types import GenerateRequest, GenerationParams
+    from blip2_serve.deployments.vision_encoder import VisionEncoder
+
+    from tests.helpers import image_bytes
+
+    def implementations(attention: str) -> set[str]:
+        settings = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", attn_implementation=attention)
+        vision, language = load_vision(settings)[0], load_language_model(settings)[0]
+        return {
+            vision.config.vision_config._attn_implementation,
+            language.config.text_config._attn_implementation,
+            language.language_model.config._attn_implementation,
+        }
+
+    assert implementations("auto") == {"sdpa"}
+    assert implementations("eager") == {"eager"}
+
+    def tokens(attention: str) -> list[list[int]]:
+        settings = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", attn_implementation=attention)
+        vision, generator = VisionEncoder(settings), LanguageGenerator(settings)
+        embeds = vision.encode([vision.preprocess(check_image(image_bytes(70 + i))) for i in range(3)])
+        request = GenerateRequest("a", None, "", GenerationParams(max_new_tokens=8))
+        return [list(r.token_ids) for r in generator.run([generator.prepare(request, e) for e in embeds])]
+
+    assert tokens("eager") == tokens("sdpa")
