@@ -33,8 +33,9 @@ class ModelConfig(BaseModel):
     cpu_linear: CpuLinear = "auto"
     # Greedy tokens on CPU (continuous engine): "bf16" takes them from a bf16 screen of the output projection, each
     # argmax proven against the exact logits (deployments/head.py: half the bytes of the biggest matmul of a decode
-    # step); "off" from the full fp32 projection.
-    greedy_screen: Literal["bf16", "off"] = "bf16"
+    # step); "off" from the full fp32 projection; "auto": bf16 where the projection is big enough for the screen
+    # to pay (deployments/head.SCREEN_MIN_WEIGHTS: every published BLIP-2, not the tiny test checkpoints).
+    greedy_screen: Literal["auto", "bf16", "off"] = "auto"
     # Attention kernels, passed to from_pretrained as `attn_implementation`: "auto" is transformers' choice (SDPA
     # where the model supports it), "flash_attention_2" needs the flash-attn package and a GPU. Measured on 2 CPU
     # cores, realistic OPT, one process, medians of 4 alternated runs: vision over 8 images 2.75 s SDPA / 3.22 s

@@ -28,7 +28,7 @@ from blip2_serve.clients.contract import STAGE_BATCH_SIZE
 from blip2_serve.deployments import faults
 from blip2_serve.deployments.cores import BusySignal, CoreTurns, threads_here, turn_of
 from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest
-from blip2_serve.deployments.head import GreedyHead, without_banned
+from blip2_serve.deployments.head import GreedyHead, screen_wanted, without_banned
 from blip2_serve.deployments.text import TextAssembler
 from blip2_serve.deployments.types import GenerateResult
 from transformers import (
@@ -133,7 +133,8 @@ class ContinuousBatcher:
         self._cache_argument = _cache_argument(self.model)
         # on CPU: greedy tokens from a bf16 screen of the output projection, checked (deployments/head.py); a model
         # that packs its layers had its head installed when it was loaded
-        self.head = GreedyHead.install(self.model) if generator.config.greedy_screen == "bf16" else None
+        screened = screen_wanted(generator.config.greedy_screen, self.model)
+        self.head = GreedyHead.install(self.model) if screened else None
         self._fast_logits = False  # whether the last forward's logits came from the head's fast GEMM
         # waiting sequences, interactive before background (GenerateRequest.priority), first come first served within
         self._incoming: queue.PriorityQueue[tuple[int, int, Sequence]] = queue.PriorityQueue()

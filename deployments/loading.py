@@ -193,11 +193,11 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
     """
     if not packs_linear_layers(config, model.config, device, half):
         return model
-    language_model = getattr(model, "language_model", None)
-    if language_model is not None and config.greedy_screen == "bf16":  # the head packed, its bf16 screen beside it
-        from blip2_serve.deployments.head import GreedyHead
+    from blip2_serve.deployments.head import GreedyHead, screen_wanted
 
-        GreedyHead.install(language_model, packed=True)
+    language_model = getattr(model, "language_model", None)
+    if language_model is not None and screen_wanted(config.greedy_screen, language_model):
+        GreedyHead.install(language_model, packed=True)  # the head packed, its bf16 screen beside it
     replaced = 0
     for parent in list(model.modules()):
         if type(parent).__name__ == "GreedyHead":  # it keeps the plain weight for its exact recount

@@ -71,7 +71,9 @@ def test_cpu_linear_layers_are_packed_for_onednn_where_the_answers_stay_equal(ch
 
     def kinds(llm: str, cpu_linear: str, load) -> set[type]:
         """The module types of one half; a GreedyHead's own plain weight (kept for its exact recount) left out."""
-        settings = ModelConfig(checkpoint=str(checkpoints[llm]), device="cpu", cpu_linear=cpu_linear)
+        settings = ModelConfig(
+            checkpoint=str(checkpoints[llm]), device="cpu", cpu_linear=cpu_linear, greedy_screen="bf16"
+        )
         model = load(settings)[0]
         inner = {id(m.linear) for m in model.modules() if isinstance(m, GreedyHead)}
         return {type(m) for m in model.modules() if id(m) not in inner}

@@ -19,7 +19,7 @@ from tests.helpers import image_bytes
 
 @pytest.fixture(scope="module", params=["opt", "t5"])
 def parts(request, checkpoints):
-    model = ModelConfig(checkpoint=str(checkpoints[request.param]), device="cpu")
+    model = ModelConfig(checkpoint=str(checkpoints[request.param]), device="cpu", greedy_screen="bf16")  # as served
     vision, generator = VisionEncoder(model), LanguageGenerator(model)
     embeds = vision.encode([vision.preprocess(check_image(image_bytes(800 + i))) for i in range(6)])
     return generator, embeds
@@ -302,7 +302,7 @@ def test_the_fast_output_projection_keeps_the_exact_argmax():
 def test_t5_engine_uses_the_checked_output_projection(checkpoints):
     """On CPU a Flan-T5 engine takes greedy tokens through the checked bf16 screen and they equal generate's (OPT's
     engine does too: its tokens are compared with generate's across tests/test_engine.py and tests/test_parity.py)."""
-    model = ModelConfig(checkpoint=str(checkpoints["t5"]), device="cpu")
+    model = ModelConfig(checkpoint=str(checkpoints["t5"]), device="cpu", greedy_screen="bf16")
     vision, generator = VisionEncoder(model), LanguageGenerator(model)
     embeds = vision.encode([vision.preprocess(check_image(image_bytes(850 + i))) for i in range(4)])
     prepared = [
@@ -315,5 +315,10 @@ def test_t5_engine_uses_the_checked_output_projection(checkpoints):
     futures = [_submit(engine, item) for item in prepared]
     assert [f.result(timeout=120).token_ids for f in futures] == alone
     assert engine.head.rows >= 4 and engine.head.packed is None  # T5 keeps PyTorch's linear for whole rows
-    opt = LanguageGenerator(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu"))
+    opt = LanguageGenerator(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", greedy_screen="bf16"))
     assert ContinuousBatcher(opt).head.packed is not None  # OPT packs its layers, the head's whole rows too
+    # "auto" (the default) leaves a projection as small as the tiny checkpoints' unscreened: the proof would cost
+    # more than the bytes it saves
+    auto = LanguageGenerator(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu"))
+    assert ContinuousBatcher(auto).head is None
+    assert type(auto.model.language_model.get_output_embeddings()).__name__ == "PackedLinear"
