@@ -306,8 +306,9 @@ def markdown(document: dict) -> str:
     lines = [
         f"# device check ({document['measured_at']}, commit {document['commit'][:10]})",
         "",
-        f"Machine: {document['machine']}. Measured ceilings: copy {document['rates']['copy_gb_s']} GB/s, matmul "
-        f"{document['rates']['matmul_tflop_s']} TFLOP/s ({document['dtype']}). Whole run {document['seconds']} s.",
+        f"Device: {document['device']}; machine: {document['machine']}. Measured ceilings: copy "
+        f"{document['rates']['copy_gb_s']} GB/s, matmul {document['rates']['matmul_tflop_s']} TFLOP/s "
+        f"({document['dtype']}). Whole run {document['seconds']} s.",
     ]
     for part in document["checks"]:
         lines += [
