@@ -73,7 +73,7 @@ def device_rates(device: str, dtype) -> dict:
     _sync(device)
     tflops = 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
     del source, target, a, b
-    return {"copy_gb_s": round(bandwidth, 1), "matmul_tflop_s": round(tflops, 2)}
+    return {"copy_gb_s": float(f"{bandwidth:.4g}"), "matmul_tflop_s": float(f"{tflops:.4g}")}  # never rounded to 0
 
 
 def _images(count: int, size: int) -> list:
@@ -106,7 +106,7 @@ def vision_rows(encoder, images: list, device: str, gflop_per_image: float, tflo
                 "ms": round(1000 * best, 2),
                 "images_per_s": round(batch / best, 1),
                 "compute_floor_ms": round(1000 * floor_s, 2),
-                "of_floor": round(floor_s / best, 3),
+                "of_floor": float(f"{floor_s / best:.3g}"),  # significant digits: tiny shapes are far off
             }
         )
     return rows
@@ -155,7 +155,7 @@ def decode_rows(engine, generator, embedding, device: str, weight_bytes: int, ba
                 "prefill_ms": round(prefill_ms, 2),
                 "step_ms": round(step_ms, 3) if step_ms is not None else None,
                 "memory_floor_ms": round(floor_ms, 3),
-                "of_floor": round(floor_ms / step_ms, 3) if step_ms else None,
+                "of_floor": float(f"{floor_ms / step_ms:.3g}") if step_ms else None,
                 "tokens_per_s": round(batch / step_ms * 1000, 1) if step_ms else None,
             }
         )
