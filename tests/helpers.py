@@ -99,9 +99,10 @@ def new_tokens(output_row: list[int], input_length: int, decoder_only: bool, eos
 class Reference:
     """Blip2ForConditionalGeneration.generate exactly as the model card runs it."""
 
-    def __init__(self, checkpoint: Path, dtype=None):
+    def __init__(self, checkpoint: Path, dtype=None, quantization=None):
         self.checkpoint = checkpoint
         self.dtype = dtype  # a torch dtype to load in (the model card's `torch_dtype`), else the checkpoint's fp32
+        self.quantization = quantization  # a BitsAndBytesConfig, loaded on CPU
 
     @cached_property
     def processor(self):
@@ -114,6 +115,8 @@ class Reference:
         from transformers import Blip2ForConditionalGeneration
 
         extra = {"dtype": self.dtype} if self.dtype is not None else {}
+        if self.quantization is not None:
+            extra.update(quantization_config=self.quantization, device_map={"": "cpu"})
         return Blip2ForConditionalGeneration.from_pretrained(self.checkpoint, **extra).eval()
 
     @property

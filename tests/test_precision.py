@@ -82,3 +82,36 @@ def test_served_tokens_equal_transformers_in_the_same_precision(checkpoints, llm
     expected = [reference.generate([data], None, max_new_tokens=10)[0] for data in pictures]
     assert served == expected
     assert len({tuple(tokens) for tokens in expected}) > 1  # the images differ in what they give
+
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_tokens_equal_transformers_with_the_same_bitsandbytes_config(checkpoints, llm, quantization):
+    """bitsandbytes parity on CPU: the LLM stage quantized by `quantization` gives transformers' greedy tokens from
+    the model loaded with the same BitsAndBytesConfig, its vision tower, Q-Former and projection left unquantized as
+    the stage leaves them (quantization is the LLM stage's alone), the output projection too (bitsandbytes' default)."""
+    from transformers import BitsAndBytesConfig
+
+    from tests.helpers import Reference
+
+    skip = ["vision_model", "qformer", "language_projection", "lm_head"]
+    config = (
+        BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+        if quantization == "int8"
+        else BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32,
+            llm_int8_skip_modules=skip,
+        )
+    )
+    vision, generator, _ = _run(checkpoints[llm], "fp32", {"quantization": quantization})
+    pictures = [image_bytes(60 + i) for i in range(4)]
+    embeds = vision.encode([vision.preprocess(check_image(data)) for data in pictures])
+    request = GenerateRequest("q", None, "", GenerationParams(max_new_tokens=10))
+    served = [list(generator.run([generator.prepare(request, e)])[0].token_ids) for e in embeds]
+    reference = Reference(checkpoints[llm], quantization=config)
+    assert type(reference.model.language_model.get_output_embeddings()).__name__ == "Linear"
+    expected = [reference.generate([data], None, max_new_tokens=10)[0] for data in pictures]
+    assert served == expected
+    assert len({tuple(tokens) for tokens in expected}) > 1
