@@ -163,27 +163,15 @@ def decode_rows(engine, generator, embedding, device: str, weight_bytes: int, ba
     return rows
 
 
-def reference_answers(checkpoint: Path, images: list, device: str, dtype, quantization: str = "none") -> list[str]:
+def reference_answers(checkpoint: Path, images: list, device: str, dtype) -> list[str]:
     """transformers' Blip2ForConditionalGeneration.generate over the images as one batch, greedy, the model card's
-    way (T5 takes text=""), in `dtype` on `device`, optionally quantized by bitsandbytes."""
+    way (T5 takes text=""), in `dtype` on `device`."""
     import torch
     from PIL import Image
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    kwargs: dict = {"dtype": dtype}
-    if quantization != "none":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True)
-            if quantization == "int8"
-            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-        )
-        kwargs["device_map"] = {"": device}
     processor = Blip2Processor.from_pretrained(checkpoint)
-    model = Blip2ForConditionalGeneration.from_pretrained(checkpoint, **kwargs).eval()
-    if quantization == "none":
-        model = model.to(device)
+    model = Blip2ForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype).eval().to(device)
     pictures = [Image.open(io.BytesIO(image.data)).convert("RGB") for image in images]
     decoder_only = bool(model.config.use_decoder_only_language_model)
     if decoder_only:

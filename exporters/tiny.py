@@ -301,7 +301,8 @@ def make_tiny_checkpoint(
         num_query_tokens=num_query_tokens,
         image_token_index=image_token_index,
     )
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    from blip2_serve.deployments.loading import _DTYPES as dtypes  # the names ModelConfig.dtype takes
+
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, not {dtype!r}")
     torch.manual_seed(seed)
