@@ -27,7 +27,7 @@ import torch
 from blip2_serve.clients.contract import STAGE_BATCH_SIZE
 from blip2_serve.deployments import faults
 from blip2_serve.deployments.cores import BusySignal, CoreTurns, threads_here, turn_of
-from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest
+from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest, step_logprobs
 from blip2_serve.deployments.head import GreedyHead, screen_wanted, without_banned
 from blip2_serve.deployments.text import TextAssembler
 from blip2_serve.deployments.types import GenerateResult
@@ -59,6 +59,8 @@ class Sequence:
     rng: torch.Generator | None = None
     processors: LogitsProcessorList = field(default_factory=LogitsProcessorList)
     assembler: TextAssembler | None = None  # only when the request has stop strings
+    # (token, log-probability, ((token, log-probability), ...)) per generated token, where the request asks
+    logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     queued_s: float = 0.0  # from submit to the start of its prefill
 
@@ -254,6 +256,7 @@ class ContinuousBatcher:
             sequence.rng = torch.Generator(device=self.generator.device)
             sequence.rng.manual_seed(params.seed if params.seed is not None else torch.seed())
         sequence.processors = processors
+        sequence.logprobs = [] if sequence.item.request.logprobs is not None else None
         if params.stop:
             sequence.assembler = TextAssembler(self.generator.tokenizer, params.stop)
         if self.generator.decoder_only:  # what history-based processors see, as in generate: no padding
@@ -421,8 +424,9 @@ class ContinuousBatcher:
     @staticmethod
     def _plain(sequence: Sequence) -> bool:
         """Whether the sequence's next token is an argmax (no processors or sampling; end-of-sequence left out
-        while it is under its minimum length)."""
-        return not (sequence.processors or sequence.item.request.params.do_sample)
+        while it is under its minimum length) and it asks for no log-probabilities (which need exact logits)."""
+        request = sequence.item.request
+        return not (sequence.processors or request.params.do_sample or request.logprobs is not None)
 
     def _banned(self, sequence: Sequence) -> list[int]:
         """Tokens the sequence may not take next: end-of-sequence while under its minimum length."""
@@ -462,7 +466,10 @@ class ContinuousBatcher:
             params = sequence.item.request.params
             too_short = len(sequence.generated) < params.min_new_tokens
             if row not in greedy:
-                scores = (exact[row] if row in exact else logits[row]).unsqueeze(0).float()
+                raw = exact[row] if row in exact else logits[row]
+                # the model's own distribution, before the minimum length's ban and the processors change scores
+                logp = raw.float().log_softmax(-1) if sequence.logprobs is not None else None
+                scores = raw.unsqueeze(0).float()
                 if too_short:
                     scores[:, list(self.generator.eos_ids)] = -float("inf")
                 if sequence.processors:
@@ -473,6 +480,8 @@ class ContinuousBatcher:
                     token = int(scores.argmax(-1))
             else:
                 token = greedy[row]
+            if sequence.logprobs is not None:
+                sequence.logprobs.append(step_logprobs(logp, token, sequence.item.request.logprobs))
             sequence.generated.append(token)
             sequence.history.append(token)
             if sequence.on_tokens is not None:
@@ -494,7 +503,7 @@ class ContinuousBatcher:
             return
         for sequence in finished:
             try:
-                sequence.on_done(self.generator.result(sequence.item, sequence.generated))
+                sequence.on_done(self.generator.result(sequence.item, sequence.generated, sequence.logprobs))
             except Exception as exc:
                 sequence.on_done(exc)
         gone = {id(sequence) for sequence in finished}

@@ -22,7 +22,7 @@ from blip2_serve.deployments.config import ModelConfig
 from blip2_serve.deployments.errors import InvalidInput
 from blip2_serve.deployments.loading import load_language_model, load_processor
 from blip2_serve.deployments.text import final_text
-from blip2_serve.deployments.types import GenerateRequest, GenerateResult
+from blip2_serve.deployments.types import GenerateRequest, GenerateResult, TokenLogprob
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -58,6 +58,8 @@ class PromptEncoder:
         """The prompt's token ids (special tokens included); raises InvalidInput for one the model cannot take."""
         if streaming and request.params.num_beams > 1:
             raise InvalidInput("streaming generates one token at a time: num_beams must be 1")
+        if request.logprobs is not None and request.params.num_beams > 1:
+            raise InvalidInput("log-probabilities are given for num_beams 1 only")
         # A token is rarely over 32 characters: a longer prompt is refused before it costs a tokenizer pass.
         if len(request.prompt) > 32 * self.max_prompt_tokens:
             raise InvalidInput(
@@ -158,13 +160,25 @@ class LanguageGenerator:
         kwargs = params.generate_kwargs(max_new_tokens)
         if params.stop:
             kwargs["tokenizer"] = self.tokenizer
+        wanted = [item.request.logprobs for item in batch]
+        if any(k is not None for k in wanted):  # the raw logits of every step (the model's own distribution)
+            extra = {**extra, "return_dict_in_generate": True, "output_logits": True}
         output = language_model.generate(**inputs, **kwargs, **extra)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
         # OPT returns prompt + new tokens; T5 returns the decoder start token + new tokens.
-        new_tokens = output[:, input_ids.shape[1] :] if self.decoder_only else output[:, 1:]
-        return [self.result(item, row.tolist()) for item, row in zip(batch, new_tokens)]
+        new_tokens = sequences[:, input_ids.shape[1] :] if self.decoder_only else sequences[:, 1:]
+        results = []
+        for row, (item, tokens) in enumerate(zip(batch, new_tokens)):
+            logprobs = None
+            if wanted[row] is not None:
+                steps = [logits[row].float().log_softmax(-1) for logits in output.logits]
+                logprobs = [step_logprobs(logp, int(t), wanted[row]) for logp, t in zip(steps, tokens)]
+            results.append(self.result(item, tokens.tolist(), logprobs))
+        return results
 
-    def result(self, item: PreparedRequest, tokens: list[int]) -> GenerateResult:
-        """The result of generated `tokens`: cut after the first end-of-sequence, text cut before a stop string."""
+    def result(self, item: PreparedRequest, tokens: list[int], logprobs: list | None = None) -> GenerateResult:
+        """The result of generated `tokens`: cut after the first end-of-sequence, text cut before a stop string.
+        `logprobs`: (token, log-probability, alternatives) per token, where the request asked for them."""
         tokens = tokens[: item.request.params.max_new_tokens]
         finish_reason = "length"
         for position, token in enumerate(tokens):
@@ -172,9 +186,23 @@ class LanguageGenerator:
                 tokens, finish_reason = tokens[: position + 1], "stop"
                 break
         text, stopped = final_text(self.tokenizer, tokens, item.request.params.stop)
+        scored = None
+        if item.request.logprobs is not None:
+            scored = tuple(self._token_logprob(*entry) for entry in (logprobs or [])[: len(tokens)])
         return GenerateResult(
-            item.request.request_id, text, tuple(tokens), self.prompt_tokens(item), "stop" if stopped else finish_reason
+            item.request.request_id,
+            text,
+            tuple(tokens),
+            self.prompt_tokens(item),
+            "stop" if stopped else finish_reason,
+            scored,
         )
+
+    def _token_logprob(self, token: int, logprob: float, top: tuple[tuple[int, float], ...]) -> TokenLogprob:
+        def text(token_id: int) -> str:
+            return self.tokenizer.decode([token_id])
+
+        return TokenLogprob(token, text(token), logprob, tuple((t, text(t), p) for t, p in top))
 
     def prompt_tokens(self, item: PreparedRequest) -> int:
         """What the language model reads: the image tokens and the prompt's tokens."""
@@ -186,6 +214,14 @@ class LanguageGenerator:
         streamer = _TokenStreamer(on_tokens)
         stopping = StoppingCriteriaList([_Cancelled(cancelled)])
         return self.generate([item], streamer=streamer, stopping_criteria=stopping)[0]
+
+
+def step_logprobs(logp: torch.Tensor, token: int, top: int) -> tuple[int, float, tuple[tuple[int, float], ...]]:
+    """`token`'s log-probability in `logp [vocab]` (the model's raw distribution, log-softmaxed: before any
+    processor) and the `top` most likely tokens with theirs, most likely first."""
+    best = logp.topk(top) if top else None
+    alternatives = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
+    return token, float(logp[token]), alternatives
 
 
 class _TokenStreamer(BaseStreamer):

@@ -200,6 +200,9 @@ class GenerateRequest:
     prompt: str = ""
     params: GenerationParams = GenerationParams()
     priority: int = 0  # INTERACTIVE
+    # None: no log-probabilities; k >= 0: each generated token's log-probability under the model and the k most
+    # likely tokens at its step (OpenAI's logprobs / top_logprobs), in GenerateResult.logprobs
+    logprobs: int | None = None
 
     def without_image(self) -> GenerateRequest:
         """The request as the LLM stage needs it: the image travels as ImageEmbeds instead."""
@@ -223,6 +226,26 @@ class GenerateResult:
     token_ids: tuple[int, ...]
     prompt_tokens: int  # what the language model read: image tokens + prompt tokens
     finish_reason: str  # "stop" (end of sequence or a stop string) or "length" (max_new_tokens reached)
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token of token_ids, where the request asked
+
+    @property
+    def score(self) -> float | None:
+        """The mean log-probability of the generated tokens (end-of-sequence included): what ranks captions of
+        one image; None where the request asked for no log-probabilities."""
+        if self.logprobs is None:
+            return None
+        return sum(t.logprob for t in self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (its own distribution: before temperature, top-k/p and
+    repetition penalty, as vLLM's default), with the `top` most likely tokens of its step, most likely first."""
+
+    token_id: int
+    text: str  # the token decoded alone
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (token id, text, log-probability)
 
 
 @dataclass(frozen=True)

@@ -366,8 +366,8 @@ class BatchJobs:
             chat, generate = await codec.parse_chat(raw, server)
             if chat.stream:
                 raise InvalidInput("'stream' is not supported in a batch")
-            result = await door.generate(replace(generate, priority=BACKGROUND))
-        return codec.completion(server.model_name, result)
+            results = await codec.choices(door, chat, replace(generate, priority=BACKGROUND))
+        return codec.completion(server.model_name, results, generate.request_id, bool(chat.logprobs))
 
     async def _embeddings(self, raw: bytes) -> dict[str, Any]:
         door = self.door

@@ -49,8 +49,8 @@ async def chat_completions(request: Request, door: FrontDoor = Depends(front_doo
         chat, generate = await codec.parse_chat(await read_body(request, server.max_request_bytes), server)
         deadline = Deadline(deadline_s({}, request.headers))
         if not chat.stream:
-            result = await deadline.run(door.generate(generate))
-            return JSONResponse(codec.completion(server.model_name, result))
+            results = await deadline.run(codec.choices(door, chat, generate))
+            return JSONResponse(codec.completion(server.model_name, results, generate.request_id, bool(chat.logprobs)))
         stream = await deadline.run(primed(door.stream(generate)))
     return _sse(codec.chunks(server.model_name, deadline.stream(stream), chat.include_usage))
 

@@ -11,6 +11,7 @@ import base64
 import binascii
 import time
 import uuid
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, AsyncIterator, Literal
 
 import httpx
@@ -24,14 +25,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 if TYPE_CHECKING:
     from blip2_serve.serve.config import ServerConfig
+    from blip2_serve.serve.frontdoor import FrontDoor
+
+MAX_CHOICES = 16  # `n`: the samples of one request, admitted together into one engine batch (STAGE_BATCH_SIZE)
+MAX_TOP_LOGPROBS = 20  # OpenAI's own bound for top_logprobs
 
 # Fields this server does not implement; sending them with a non-default value is a 400, not silently ignored.
 _UNSUPPORTED = {
     "tools": None,
     "tool_choice": None,
     "functions": None,
-    "logprobs": False,
-    "top_logprobs": None,
     "logit_bias": None,
     "presence_penalty": 0,
     "frequency_penalty": 0,
@@ -55,6 +58,8 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     user: str | None = None
     response_format: dict[str, Any] | None = None
 
@@ -68,13 +73,34 @@ class ChatCompletionRequest(BaseModel):
         for name, default in _UNSUPPORTED.items():
             if (request.model_extra or {}).get(name, default) not in (default, None):
                 raise InvalidInput(f"'{name}' is not supported by this server")
-        if request.n not in (None, 1):
-            raise InvalidInput("'n' must be 1: this server returns one choice")
+        if request.n is not None and not 1 <= request.n <= MAX_CHOICES:
+            raise InvalidInput(f"'n' must be between 1 and {MAX_CHOICES}, not {request.n}")
+        if request.top_logprobs is not None:
+            if not request.logprobs:
+                raise InvalidInput("'top_logprobs' needs 'logprobs': true")
+            if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise InvalidInput(f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}")
+        if request.stream and request.choices > 1:
+            raise InvalidInput("'n' above 1 is not supported with stream: true on this server")
+        if request.stream and request.logprobs:
+            raise InvalidInput("'logprobs' is not supported with stream: true on this server")
         if request.response_format not in (None, {"type": "text"}):
             raise InvalidInput("'response_format' must be text")
         if request.stream_options is not None and not request.stream:
             raise InvalidInput("'stream_options' is only allowed with stream: true")
         return request
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        """GenerateRequest.logprobs: the top count where logprobs are asked, 0 (each token's own, for the choices'
+        scores) where several choices are, else None (none computed)."""
+        if self.logprobs:
+            return self.top_logprobs or 0
+        return 0 if self.choices > 1 else None
 
     @property
     def include_usage(self) -> bool:
@@ -203,8 +229,36 @@ async def to_generate_request(
     if chat.model != model_name:
         raise ModelNotFound(f"The model '{chat.model}' does not exist; this server serves '{model_name}'")
     prompt, url = conversation_prompt(chat.messages)
+    params = chat.params(defaults)
+    if chat.wanted_logprobs is not None and params.num_beams > 1:
+        raise InvalidInput("'logprobs' and 'n' above 1 need num_beams 1 (this server's default is beam search)")
     image = await load_image(url, limits, allowlist)
-    return GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", image, prompt, chat.params(defaults))
+    return GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", image, prompt, params, logprobs=chat.wanted_logprobs)
+
+
+def choice_requests(chat: ChatCompletionRequest, request: GenerateRequest) -> list[GenerateRequest]:
+    """The requests behind `n` choices: one where they would all be equal (greedy decoding: the one result is
+    repeated), else one per choice, a seeded request's choice i seeded with seed + i (reproducible as a whole)."""
+    if chat.choices == 1 or not request.params.do_sample:
+        return [request]
+    seed = request.params.seed
+    return [
+        replace(
+            request,
+            request_id=f"{request.request_id}-{index}",
+            params=replace(request.params, seed=None if seed is None else (seed + index) % 2**63),
+        )
+        for index in range(chat.choices)
+    ]
+
+
+async def choices(door: FrontDoor, chat: ChatCompletionRequest, request: GenerateRequest) -> list[GenerateResult]:
+    """The results of a chat completion's `n` choices; several samples go in one call (one image: the vision stage
+    encodes it once, the engine admits the samples together)."""
+    requests = choice_requests(chat, request)
+    if len(requests) == 1:
+        return [await door.generate(requests[0])] * chat.choices
+    return await door.generate_many(requests)
 
 
 async def parse_chat(raw: bytes, server: ServerConfig) -> tuple[ChatCompletionRequest, GenerateRequest]:
@@ -223,22 +277,42 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion(model: str, result: GenerateResult) -> dict[str, Any]:
-    """A `chat.completion` object."""
+def _token(token_id: int, text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def logprobs_content(result: GenerateResult) -> dict[str, Any]:
+    """OpenAI's `logprobs` object of a choice: each token, its log-probability and the most likely alternatives."""
     return {
-        "id": result.request_id,
+        "content": [
+            {**_token(t.token_id, t.text, t.logprob), "top_logprobs": [_token(*alt) for alt in t.top]}
+            for t in result.logprobs or ()
+        ],
+        "refusal": None,
+    }
+
+
+def completion(model: str, results: list[GenerateResult], request_id: str, logprobs: bool = False) -> dict[str, Any]:
+    """A `chat.completion` object with a choice per result; `score` (the mean token log-probability, which ranks
+    the choices) where log-probabilities were computed, their tokens where `logprobs` was asked."""
+    choices = []
+    for index, result in enumerate(results):
+        choice = {
+            "index": index,
+            "message": {"role": "assistant", "content": result.text, "refusal": None},
+            "logprobs": logprobs_content(result) if logprobs else None,
+            "finish_reason": result.finish_reason,
+        }
+        if result.score is not None:
+            choice["score"] = result.score
+        choices.append(choice)
+    return {
+        "id": request_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": result.finish_reason,
-            }
-        ],
-        "usage": usage(result.prompt_tokens, len(result.token_ids)),
+        "choices": choices,
+        "usage": usage(results[0].prompt_tokens, sum(len(r.token_ids) for r in results)),
     }
 
 

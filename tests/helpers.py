@@ -125,6 +125,14 @@ class Reference:
 
     def generate(self, images: list[bytes], prompts: list[str] | None, **kwargs) -> list[list[int]]:
         """New token ids per image; `prompts=None` is captioning (T5 needs text="": see NOTES-models.md)."""
+        return [tokens for tokens, _ in self.scored(images, prompts, False, **kwargs)]
+
+    def logprobs(self, images: list[bytes], prompts: list[str] | None, **kwargs) -> list[tuple[list[int], list[float]]]:
+        """(new token ids, each one's log-probability) per image: transformers' compute_transition_scores over the
+        raw logits of every step (output_logits), normalized."""
+        return self.scored(images, prompts, True, **kwargs)
+
+    def scored(self, images, prompts, with_logprobs: bool, **kwargs) -> list[tuple[list[int], list[float] | None]]:
         import torch
 
         pil = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
@@ -137,11 +145,18 @@ class Reference:
             inputs = self.processor(images=pil, text=text, padding=True, return_tensors="pt")
             input_length = inputs["input_ids"].shape[1]
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)  # as the model card: inputs.to(dtype)
+        if with_logprobs:
+            kwargs.update(return_dict_in_generate=True, output_logits=True)
         with torch.inference_mode():
             output = self.model.generate(**inputs, **kwargs)
+        sequences = output.sequences if with_logprobs else output
         eos = self.model.language_model.generation_config.eos_token_id
         eos_ids = {eos} if isinstance(eos, int) else set(eos)
-        return [new_tokens(row.tolist(), input_length, self.decoder_only, eos_ids) for row in output]
+        rows = [new_tokens(row.tolist(), input_length, self.decoder_only, eos_ids) for row in sequences]
+        if not with_logprobs:
+            return [(row, None) for row in rows]
+        scores = self.model.compute_transition_scores(sequences, output.logits, normalize_logits=True)
+        return [(row, scores[index, : len(row)].tolist()) for index, row in enumerate(rows)]
 
     def text(self, tokens: list[int]) -> str:
         return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()

@@ -167,6 +167,57 @@ def test_seeded_sampling_does_not_depend_on_the_batch(parts):
     assert alone == again
 
 
+def test_log_probabilities_beside_plain_greedy_rows(parts):
+    """Rows that ask for log-probabilities (exact logits) decode in one batch with plain greedy rows (the checked
+    fast projection) and join it at different times: every row keeps its tokens, and each asked row's
+    log-probabilities are those of the model's raw distribution for the request alone (generate's output_logits:
+    before the repetition penalty and the minimum length's ban), with its top alternatives, most likely first."""
+    generator, embeds = parts
+    rows = [  # (prompt, max_new_tokens, logprobs, repetition_penalty, min_new_tokens)
+        ("", 10, None, 1.0, 0),
+        ("a", 8, 3, 1.0, 0),
+        ("Question: what is it? Answer:", 12, None, 1.0, 0),
+        ("b c", 9, 0, 1.4, 0),
+        ("", 7, 5, 1.0, 7),
+    ]
+    prepared = [
+        generator.prepare(
+            GenerateRequest(
+                f"r{i}",
+                None,
+                prompt,
+                GenerationParams(max_new_tokens=n, repetition_penalty=penalty, min_new_tokens=least),
+                logprobs=k,
+            ),
+            embeds[i],
+        )
+        for i, (prompt, n, k, penalty, least) in enumerate(rows)
+    ]
+    alone = [generator.run([p])[0] for p in prepared]
+    engine = ContinuousBatcher(generator, max_running=8)
+    futures = []
+    for item in prepared:
+        futures.append(_submit(engine, item))
+        time.sleep(0.002)
+    results = [f.result(timeout=120) for f in futures]
+    assert engine.max_running_seen > 1
+    for (_, _, k, penalty, least), got, want in zip(rows, results, alone):
+        assert got.token_ids == want.token_ids
+        if k is None:
+            assert got.logprobs is None and got.score is None
+            continue
+        assert len(got.logprobs) == len(got.token_ids) == len(want.logprobs)
+        for mine, theirs in zip(got.logprobs, want.logprobs):
+            assert mine.token_id == theirs.token_id and mine.logprob <= 0
+            assert abs(mine.logprob - theirs.logprob) < 1e-4, (mine, theirs)
+            assert len(mine.top) == k and [t[0] for t in mine.top] == [t[0] for t in theirs.top]
+            assert [t[2] for t in mine.top] == sorted((t[2] for t in mine.top), reverse=True)
+            assert mine.text == generator.tokenizer.decode([mine.token_id])
+            if mine.top and penalty == 1.0 and not least:  # greedy on the raw distribution: the chosen one is first
+                assert mine.top[0][0] == mine.token_id and mine.top[0][2] == mine.logprob
+        assert got.score == sum(t.logprob for t in got.logprobs) / len(got.logprobs)
+
+
 def test_cancelled_sequence_leaves_at_the_next_step(parts):
     generator, embeds = parts
     item = generator.prepare(

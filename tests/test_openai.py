@@ -7,6 +7,7 @@ import base64
 import json
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -174,6 +175,82 @@ def test_stop_and_seeded_sampling(apps):
     assert sampled[0] == sampled[1]
 
 
+def test_logprobs_equal_transformers_transition_scores(app, references):
+    """`logprobs` + `top_logprobs` over the openai package: each token's log-probability is the one transformers'
+    compute_transition_scores gives greedy generate's tokens (raw logits, normalized), the alternatives come most
+    likely first with the chosen token at their head, and `score` is the mean (what ranks captions)."""
+    client, reference, image = client_for(app), references[app.llm], image_bytes(72)
+    reply = client.chat.completions.create(
+        model="blip2", messages=[user(None, image)], max_tokens=8, logprobs=True, top_logprobs=3
+    )
+    tokens, expected = reference.logprobs([image], None, max_new_tokens=8)[0]
+    choice = reply.choices[0]
+    assert choice.message.content == reference.text(tokens)
+    content = choice.logprobs.content
+    assert len(content) == len(tokens) == len(expected)
+    tokenizer = reference.processor.tokenizer
+    for entry, token, logprob in zip(content, tokens, expected):
+        assert entry.token == tokenizer.decode([token]) and bytes(entry.bytes) == entry.token.encode()
+        assert abs(entry.logprob - logprob) < 1e-4, (entry, logprob)
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == entry.logprob
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+    assert abs(choice.model_extra["score"] - sum(expected) / len(expected)) < 1e-4
+    plain = client.chat.completions.create(model="blip2", messages=[user(None, image)], max_tokens=8)
+    assert plain.choices[0].logprobs is None and "score" not in plain.choices[0].model_extra
+
+
+def test_n_choices_are_seeded_scored_and_share_one_batch(app):
+    """`n=3` with a seed: three choices, the same three again for the same seed, choice i the answer of the request
+    seeded seed + i alone; each choice has its score; greedy `n` repeats its one answer. Unconstrained requests run
+    in the same batch meanwhile and keep their answers."""
+    client, messages = client_for(app), [user("what is it?", image_bytes(74))]
+
+    def sampled(**fields):
+        return client.chat.completions.create(
+            model="blip2", messages=messages, max_tokens=10, temperature=1.0, **fields
+        )
+
+    def texts(reply) -> list[str]:
+        return [c.message.content for c in reply.choices]
+
+    plain_messages = [[user(None, image_bytes(90 + i))] for i in range(3)]
+    plain_alone = [
+        client.chat.completions.create(model="blip2", messages=m, max_tokens=12).choices[0].message.content
+        for m in plain_messages
+    ]
+    with ThreadPoolExecutor(4) as pool:  # the choices decode beside plain greedy requests
+        crowd = [
+            pool.submit(client.chat.completions.create, model="blip2", messages=m, max_tokens=12)
+            for m in plain_messages
+        ]
+        first = sampled(n=3, seed=7)
+        assert [f.result().choices[0].message.content for f in crowd] == plain_alone
+    assert [c.index for c in first.choices] == [0, 1, 2] and len(set(texts(first))) > 1
+    assert texts(sampled(n=3, seed=7)) == texts(first)
+    assert [texts(sampled(seed=7 + i))[0] for i in range(3)] == texts(first)
+    scores = [c.model_extra["score"] for c in first.choices]
+    assert all(s < 0 for s in scores)
+    scored = sampled(n=3, seed=7, logprobs=True)  # asking for the tokens' log-probabilities changes no sample
+    assert texts(scored) == texts(first)
+    assert [c.model_extra["score"] for c in scored.choices] == pytest.approx(scores, abs=1e-4)  # other batches
+    assert first.usage.completion_tokens == sum(len(c.logprobs.content) for c in scored.choices)
+    greedy = client.chat.completions.create(model="blip2", messages=messages, max_tokens=10, n=2)
+    assert len(set(texts(greedy))) == 1 and len(greedy.choices) == 2
+    single = client.chat.completions.create(model="blip2", messages=messages, max_tokens=10)
+    assert greedy.usage.completion_tokens == 2 * single.usage.completion_tokens
+
+
+def test_logprobs_on_the_static_scheduler(tight_app, references):
+    """The whole-batch scheduler (generate with output_logits) gives the same log-probabilities."""
+    client, reference, image = client_for(tight_app), references["opt"], image_bytes(73)
+    reply = client.chat.completions.create(model="blip2", messages=[user(None, image)], max_tokens=6, logprobs=True)
+    tokens, expected = reference.logprobs([image], None, max_new_tokens=6)[0]
+    got = [entry.logprob for entry in reply.choices[0].logprobs.content]
+    assert len(got) == len(tokens) and all(abs(a - b) < 1e-4 for a, b in zip(got, expected))
+    assert all(entry.top_logprobs == [] for entry in reply.choices[0].logprobs.content)
+
+
 def test_disconnect_stops_generation(apps):
     """A client that goes away mid-stream: the LLM stage cancels its generation and has no stream left."""
     app = apps["t5"]  # relative positions: a long answer is possible
@@ -228,7 +305,12 @@ BAD = {
         400,
         "last message",
     ),
-    "n=2": ({"n": 2}, 400, "'n' must be 1"),
+    "n=17": ({"n": 17}, 400, "'n' must be between 1 and 16"),
+    "n=0": ({"n": 0}, 400, "'n' must be between 1 and 16"),
+    "top_logprobs alone": ({"top_logprobs": 2}, 400, "'top_logprobs' needs 'logprobs': true"),
+    "top_logprobs 21": ({"logprobs": True, "top_logprobs": 21}, 400, "between 0 and 20"),
+    "n with stream": ({"n": 2, "stream": True}, 400, "not supported with stream"),
+    "logprobs with stream": ({"logprobs": True, "stream": True}, 400, "not supported with stream"),
     "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "'tools' is not supported"),
     "max_tokens 0": ({"max_tokens": 0}, 400, "out of range"),
     "bad role": ({"messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
