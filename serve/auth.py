@@ -12,7 +12,10 @@ import os
 import re
 
 # KServe v2 health: server live/ready and model ready (HTTP routes, and the gRPC methods of the same meaning).
-_PUBLIC_PATH = re.compile(r"^/v2/health/(live|ready)$|^/v2/models/[^/]+(/versions/[^/]+)?/ready$")
+# The playground's page and its two files are public too: they hold no secret, and the page asks for the key.
+_PUBLIC_PATH = re.compile(
+    r"^/v2/health/(live|ready)$|^/v2/models/[^/]+(/versions/[^/]+)?/ready$|^/?$|^/playground(/app\.js|/style\.css)?$"
+)
 PUBLIC_GRPC_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from blip2_serve.deployments.drain import REPORT_S
 from blip2_serve.deployments.types import GenerateRequest, GenerateResult
-from blip2_serve.serve import http, openai, openai_batch
+from blip2_serve.serve import http, openai, openai_batch, playground
 from blip2_serve.serve.asgi import app
 from blip2_serve.serve.frontdoor import FrontDoor
 from blip2_serve.serve.grpc import TritonGrpcMethods
@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 app.include_router(http.router)
 app.include_router(openai.router)
 app.include_router(openai_batch.router)
+app.include_router(playground.router)
 
 
 @serve.deployment(name="Ingress")

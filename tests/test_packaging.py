@@ -31,6 +31,8 @@ def test_the_wheel_holds_only_blip2_serve_and_the_sdk_import_is_light(tmp_path):
     for module in ("__init__.py", "serve/app.py", "deployments/engine.py", "exporters/triton_models/llm.py"):
         assert f"blip2_serve/{module}" in names
     assert "blip2_serve/clients/sdk.py" in names
+    for asset in ("index.html", "app.js", "style.css"):  # the playground page (package data)
+        assert f"blip2_serve/serve/playground/{asset}" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "blip2-serve = blip2_serve.serve.cli:main" in entry_points
 
@@ -109,10 +111,11 @@ def test_every_route_and_rpc_receives_the_typed_front_door():
     use the Ingress's `door`, and no route depends on anything else of the replica."""
     import inspect
 
-    from blip2_serve.serve import asgi, grpc, http, openai, openai_batch
+    from blip2_serve.serve import asgi, grpc, http, openai, openai_batch, playground
     from blip2_serve.serve.frontdoor import FrontDoor
 
-    routes = [r for router in (http.router, openai.router, openai_batch.router) for r in router.routes]
+    routers = (http.router, openai.router, openai_batch.router, playground.router)
+    routes = [r for router in routers for r in router.routes]
     assert len(routes) > 20
     with_door = 0
     for route in routes:
@@ -121,7 +124,7 @@ def test_every_route_and_rpc_receives_the_typed_front_door():
             if dependency is not None:
                 assert dependency is asgi.front_door and parameter.annotation is FrontDoor, (route.path, parameter)
                 with_door += 1
-    assert with_door >= len(routes) - 8  # the unimplemented Triton extensions and liveness need nothing
+    assert with_door >= len(routes) - 9  # the unimplemented Triton extensions, liveness, the page's files: nothing
     assert grpc.TritonGrpcMethods.__annotations__["door"] in (FrontDoor, "FrontDoor")
     source = inspect.getsource(grpc.TritonGrpcMethods)
     assert "self.door." in source and "self.pipeline" not in source and "self.server" not in source
