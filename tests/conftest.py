@@ -85,14 +85,36 @@ class ServedApp:
         return {"application": self.name}
 
     def handle(self):
-        from ray import serve
-
-        return serve.get_app_handle(self.name)
+        return _handle(self.name, None)
 
     def deployment(self, name: str):
-        from ray import serve
+        return _handle(self.name, name)
 
-        return serve.get_deployment_handle(name, app_name=self.name)
+
+_HANDLES: dict[tuple[str, str | None], object] = {}
+
+
+def _handle(app: str, deployment: str | None):
+    """One handle per application (or deployment) for the whole session, as Ray Serve advises: every new handle
+    starts a router of its own in this process (long-poll listeners, metrics), and nothing stops one that is
+    dropped, so a suite that made a handle per call ran with dozens of them."""
+    from ray import serve
+
+    key = (app, deployment)
+    if key not in _HANDLES:
+        _HANDLES[key] = (
+            serve.get_app_handle(app) if deployment is None else serve.get_deployment_handle(deployment, app)
+        )
+    return _HANDLES[key]
+
+
+def delete_app(name: str) -> None:
+    """serve.delete, and the handles this process kept for the application."""
+    from ray import serve
+
+    serve.delete(name)
+    for key in [key for key in _HANDLES if key[0] == name]:
+        _HANDLES.pop(key).shutdown()
 
 
 # Small limits so that oversize requests are cheap to send; model stages on no CPU reservation (2-core box).
@@ -131,6 +153,7 @@ def serve_ports() -> ServePorts:
         grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
     )
     yield ServePorts(port, grpc_port)
+    _HANDLES.clear()
     serve.shutdown()
     ray.shutdown()
 

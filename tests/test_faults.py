@@ -14,7 +14,7 @@ import httpx
 import pytest
 from blip2_serve.clients.transports import bytes_inputs
 
-from tests.conftest import ServedApp, deploy_graph
+from tests.conftest import ServedApp, delete_app, deploy_graph
 from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.serve
@@ -124,10 +124,8 @@ def test_streams_end_at_their_deadline_with_an_error_event(apps):
 @pytest.fixture(scope="module")
 def faulty_app(serve_ports, checkpoints) -> ServedApp:
     """The T5 graph of its own, to kill replicas of."""
-    from ray import serve
-
     yield deploy_graph(serve_ports, checkpoints["t5"], "t5", "faulty")
-    serve.delete("faulty")
+    delete_app("faulty")
 
 
 def _llm_pid(app: ServedApp) -> int:
