@@ -29,7 +29,7 @@ import pytest
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-from tests.helpers import Reference
+from tests.helpers import Reference, close_gevent_clients, keep_gevent_clients_on_the_main_thread
 
 API_KEY_ENV = "BLIP2_TEST_API_KEY"
 API_KEY = os.environ[API_KEY_ENV]
@@ -39,6 +39,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+keep_gevent_clients_on_the_main_thread()
+
+
+@pytest.fixture(autouse=True)
+def _close_gevent_clients():
+    yield
+    close_gevent_clients()
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
+import weakref
 import zlib
 from functools import cached_property
 from pathlib import Path
@@ -160,3 +162,42 @@ class Reference:
 
     def text(self, tokens: list[int]) -> str:
         return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+_GEVENT_CLIENTS: weakref.WeakSet = weakref.WeakSet()
+
+
+def keep_gevent_clients_on_the_main_thread() -> None:
+    """tritonclient.http's sync client runs on gevent. Closing one (its `__del__` does) asks gevent for the current
+    thread's hub and makes one where there was none. Ray's core worker threads run Python callbacks under a
+    temporary thread state (PyGILState_Ensure/Release); when the cyclic GC fires in one of them and finalizes a
+    client, a hub is made in that temporary state, and clearing it at PyGILState_Release deallocates gevent's libev
+    loop with no thread state: a segmentation fault of the whole process. Seen twice in this suite (CI on 201d0f2,
+    in test_cores; a clean clone here, in the Ctrl-C test; the core's stack: Ray's async_callback ->
+    PyGILState_Release -> PyThreadState_Clear -> Hub dealloc -> corecext loop dealloc -> _PyErr_Restore(NULL)).
+
+    So every client is remembered when made and closed on the main thread after each test (conftest's autouse
+    fixture, close_gevent_clients), and one finalized on any other thread is not closed there (its sockets close
+    when they are freed). tests/test_suite_safety.py reproduces the fault with a native thread (red without this)."""
+    from tritonclient.http import InferenceServerClient
+
+    if getattr(InferenceServerClient, "_kept_on_the_main_thread", False):
+        return
+    made, close = InferenceServerClient.__init__, InferenceServerClient.close
+
+    def __init__(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        _GEVENT_CLIENTS.add(self)
+
+    def __del__(self):
+        if threading.current_thread() is threading.main_thread():
+            close(self)
+
+    InferenceServerClient.__init__, InferenceServerClient.__del__ = __init__, __del__
+    InferenceServerClient._kept_on_the_main_thread = True
+
+
+def close_gevent_clients() -> None:
+    """Close, on this (the main) thread, every tritonclient.http client made so far."""
+    for client in list(_GEVENT_CLIENTS):
+        client.close()
