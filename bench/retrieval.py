@@ -86,10 +86,11 @@ def served(checkpoint: Path, images: list[bytes], texts: list[str], concurrency:
     serve.run(build_app(config), name="retrieval", route_prefix="/")
 
     def one(model: str, name: str, value: bytes) -> np.ndarray:
-        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
-        tensor = httpclient.InferInput(name, [1, 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([[value]], dtype=np.object_))
-        return client.infer(model, [tensor]).as_numpy("EMBEDDING")[0]
+        # closed here, on the thread that made it (tests/helpers.keep_gevent_clients_on_the_main_thread says why)
+        with httpclient.InferenceServerClient(f"127.0.0.1:{port}") as client:
+            tensor = httpclient.InferInput(name, [1, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[value]], dtype=np.object_))
+            return client.infer(model, [tensor]).as_numpy("EMBEDDING")[0]
 
     try:
         one("blip2_embed_image", "IMAGE", images[0])  # warm

@@ -124,14 +124,14 @@ def _start_triton(checkpoint: Path, cache: Path):
     process = start_tritonserver(repo, ports, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import tritonclient.http as httpclient
 
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{ports.http}")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if client.is_server_ready():
-                return process, f"127.0.0.1:{ports.http}"
-        except Exception:
-            time.sleep(1)
+    with httpclient.InferenceServerClient(f"127.0.0.1:{ports.http}") as client:  # closed on this thread (gevent)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if client.is_server_ready():
+                    return process, f"127.0.0.1:{ports.http}"
+            except Exception:
+                time.sleep(1)
     process.terminate()
     raise RuntimeError("tritonserver did not become ready")
 

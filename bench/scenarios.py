@@ -132,10 +132,10 @@ def ask_many_once(url: str, image: bytes, prompts: list[str], parameters: dict):
     """One request: IMAGE once, PROMPT with a row per question."""
     import tritonclient.http as httpclient
 
-    client = httpclient.InferenceServerClient(url)
-    begin = time.perf_counter()
-    result = client.infer("blip2", bytes_inputs(httpclient, [image], prompts), parameters=parameters)
-    elapsed = time.perf_counter() - begin
+    with httpclient.InferenceServerClient(url) as client:  # closed on this thread (gevent: see tests/helpers.py)
+        begin = time.perf_counter()
+        result = client.infer("blip2", bytes_inputs(httpclient, [image], prompts), parameters=parameters)
+        elapsed = time.perf_counter() - begin
     return [elapsed], elapsed, [t.decode() for t in result.as_numpy("TEXT").reshape(-1)]
 
 
