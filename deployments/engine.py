@@ -61,6 +61,8 @@ class Sequence:
     assembler: TextAssembler | None = None  # only when the request has stop strings
     # (token, log-probability, ((token, log-probability), ...)) per generated token, where the request asks
     logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] | None = None
+    guide: object | None = None  # an outlines-core Guide where the request has a response format
+    error: BaseException | None = None  # why it failed, where choosing its next token did
     submitted_at: float = field(default_factory=time.perf_counter)
     queued_s: float = 0.0  # from submit to the start of its prefill
 
@@ -94,6 +96,24 @@ def _returned_cache(output):
     """The KV cache a forward returned (`cache`, or `past_key_values` in older transformers)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
+
+
+def _guided(scores: torch.Tensor, allowed: list[int], grammars) -> tuple[torch.Tensor, list[int]]:
+    """`scores [1, vocab]` with every token the guide does not allow at -inf, and a column after the vocabulary for
+    each allowed character the vocabulary cannot write (scored as <unk>); returns the scores and the token of each
+    of those columns. Where the minimum length's ban leaves nothing allowed (a finished JSON text may only end), the
+    allowed tokens get equal scores."""
+    width = scores.shape[-1]
+    real = torch.tensor([t for t in allowed if t < width], dtype=torch.long, device=scores.device)
+    written = [t for t in allowed if t >= width]
+    masked = torch.full((1, width + len(written)), -float("inf"), device=scores.device)
+    masked[:, real] = scores[:, real]
+    if written:
+        masked[:, width:] = scores[:, grammars.unk_id]
+    if torch.isinf(masked).all():
+        masked[:, real] = 0.0
+        masked[:, width:] = 0.0
+    return masked, written
 
 
 def _select_layers(cache: DynamicCache, rows: torch.Tensor, first_column: int = 0) -> None:
@@ -145,6 +165,7 @@ class ContinuousBatcher:
         self._exclusive: queue.Queue[tuple[Callable, tuple, Future]] = queue.Queue()
         self._wake = threading.Event()
         self._running: list[Sequence] = []
+        self._admitting: list[Sequence] = []  # taken from the queue, not yet running (see _fail_in_hand)
         self.steps = 0  # decode steps taken (all running sequences advance one token per step)
         self.stepped = 0  # sequences advanced, summed over steps: stepped / steps is the mean decode batch
         self.busy_s = 0.0  # time spent in iterations (jobs, prefills, steps), turns excluded
@@ -190,7 +211,11 @@ class ContinuousBatcher:
                 time.sleep(DEFER_POLL_S)
                 continue
             with turn_of(self.turns):
-                self._timed_iteration()
+                try:
+                    self._timed_iteration()
+                except Exception as exc:  # a defect the narrower handlers missed: fail what is in hand, go on
+                    logger.exception("engine iteration failed")
+                    self._fail_in_hand(exc)
 
     def _defer(self) -> bool:
         """Whether to leave the cores to the vision stage for now (see `upstream`)."""
@@ -222,12 +247,13 @@ class ContinuousBatcher:
                 future.set_result(fn(*args))
             except BaseException as exc:  # the caller gets it; the engine goes on
                 future.set_exception(exc)
-        waiting = []
+        waiting = self._admitting = []
         with self._handover:
             while len(self._running) + len(waiting) < self.max_running and not self._incoming.empty():
                 waiting.append(self._incoming.get()[2])
         if waiting:
             self._admit(waiting)
+        self._admitting = []
         if self._running:
             try:
                 self._step()
@@ -237,6 +263,17 @@ class ContinuousBatcher:
                     sequence.on_done(exc)
                 self._running = []
                 self._reset_batch()
+
+    def _fail_in_hand(self, exc: BaseException) -> None:
+        """Fail every running sequence and every one being admitted with `exc`, and start the batch afresh: no
+        accepted request is left waiting on an engine that lost track of it."""
+        for sequence in {id(s): s for s in [*self._running, *self._admitting]}.values():
+            try:
+                sequence.on_done(exc)
+            except Exception:  # already settled
+                pass
+        self._running, self._admitting = [], []
+        self._reset_batch()
 
     def _reset_batch(self) -> None:
         self._cache = self._cross = self._mask = self._encoder_states = self._encoder_mask = None
@@ -257,8 +294,10 @@ class ContinuousBatcher:
             sequence.rng.manual_seed(params.seed if params.seed is not None else torch.seed())
         sequence.processors = processors
         sequence.logprobs = [] if sequence.item.request.logprobs is not None else None
+        grammar = sequence.item.request.grammar
+        sequence.guide = self.generator.grammars.guide(grammar) if grammar is not None else None
         if params.stop:
-            sequence.assembler = TextAssembler(self.generator.tokenizer, params.stop)
+            sequence.assembler = TextAssembler(self.generator.text_decoder(sequence.item.request), params.stop)
         if self.generator.decoder_only:  # what history-based processors see, as in generate: no padding
             sequence.history = [self.generator.image_token_id] * self.generator.num_query_tokens + list(
                 sequence.item.text_ids
@@ -276,7 +315,12 @@ class ContinuousBatcher:
             if sequence.cancelled.is_set():
                 sequence.on_done(self.generator.result(sequence.item, []))
             else:
-                self._prepare(sequence)
+                try:
+                    self._prepare(sequence)
+                except Exception as exc:  # its processors or guide cannot be set up: it alone fails
+                    logger.exception("preparing %s failed", sequence.item.request.request_id)
+                    sequence.on_done(exc)
+                    continue
                 starting.append(sequence)
         if starting:
             self._start(starting)
@@ -395,7 +439,10 @@ class ContinuousBatcher:
     @torch.inference_mode()
     def _step(self) -> None:
         started = time.perf_counter()
-        last = torch.tensor([[s.generated[-1]] for s in self._running], device=self.generator.device)
+        last = torch.tensor(
+            [[s.history[-1] if s.guide is not None else s.generated[-1]] for s in self._running],
+            device=self.generator.device,
+        )
         mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
         with self._head_for(self._running):
             if self.generator.decoder_only:
@@ -426,7 +473,7 @@ class ContinuousBatcher:
         """Whether the sequence's next token is an argmax (no processors or sampling; end-of-sequence left out
         while it is under its minimum length) and it asks for no log-probabilities (which need exact logits)."""
         request = sequence.item.request
-        return not (sequence.processors or request.params.do_sample or request.logprobs is not None)
+        return not (sequence.processors or request.params.do_sample or request.logprobs is not None or request.grammar)
 
     def _banned(self, sequence: Sequence) -> list[int]:
         """Tokens the sequence may not take next: end-of-sequence while under its minimum length."""
@@ -463,45 +510,66 @@ class ContinuousBatcher:
             greedy = dict(zip(plain, without_banned(logits, plain, banned).argmax(-1).tolist())) if plain else {}
         finished = []
         for row, sequence in enumerate(sequences):
-            params = sequence.item.request.params
-            too_short = len(sequence.generated) < params.min_new_tokens
-            if row not in greedy:
-                raw = exact[row] if row in exact else logits[row]
-                # the model's own distribution, before the minimum length's ban and the processors change scores
-                logp = raw.float().log_softmax(-1) if sequence.logprobs is not None else None
-                scores = raw.unsqueeze(0).float()
-                if too_short:
-                    scores[:, list(self.generator.eos_ids)] = -float("inf")
-                if sequence.processors:
-                    scores = sequence.processors(torch.tensor([sequence.history], device=scores.device), scores)
-                if params.do_sample:
-                    token = int(torch.multinomial(scores.softmax(-1), 1, generator=sequence.rng))
-                else:
-                    token = int(scores.argmax(-1))
-            else:
-                token = greedy[row]
-            if sequence.logprobs is not None:
-                sequence.logprobs.append(step_logprobs(logp, token, sequence.item.request.logprobs))
-            sequence.generated.append(token)
-            sequence.history.append(token)
-            if sequence.on_tokens is not None:
-                sequence.on_tokens([token])
-            if sequence.assembler is not None:
-                sequence.assembler.update([token])
-            if (
-                token in self.generator.eos_ids
-                or len(sequence.generated) >= params.max_new_tokens
-                or (sequence.assembler is not None and sequence.assembler.stopped)
-                or sequence.cancelled.is_set()
-            ):
+            try:
+                if self._next_token(sequence, row, logits, greedy, exact):
+                    finished.append(sequence)
+            except Exception as exc:  # this sequence fails (its guide, processors, callbacks); its neighbours go on
+                logger.exception("choosing the next token failed for %s", sequence.item.request.request_id)
+                sequence.error = exc
                 finished.append(sequence)
         self._retire(finished)
+
+    def _next_token(self, sequence: Sequence, row: int, logits, greedy: dict, exact: dict) -> bool:
+        """Choose and record the sequence's next token from its row of `logits`; whether it has finished."""
+        params = sequence.item.request.params
+        too_short = len(sequence.generated) < params.min_new_tokens
+        if row not in greedy:
+            raw = exact[row] if row in exact else logits[row]
+            # the model's own distribution, before the minimum length's ban and the processors change scores
+            logp = raw.float().log_softmax(-1) if sequence.logprobs is not None else None
+            scores = raw.unsqueeze(0).float()
+            if too_short:
+                scores[:, list(self.generator.eos_ids)] = -float("inf")
+            if sequence.processors:
+                scores = sequence.processors(torch.tensor([sequence.history], device=scores.device), scores)
+            written: list[int] = []
+            if sequence.guide is not None:
+                scores, written = _guided(scores, sequence.guide.get_tokens(), self.generator.grammars)
+            if params.do_sample:
+                token = int(torch.multinomial(scores.softmax(-1), 1, generator=sequence.rng))
+            else:
+                token = int(scores.argmax(-1))
+            if token >= raw.shape[-1]:  # a character the vocabulary cannot write: the model reads <unk>
+                token = written[token - raw.shape[-1]]
+        else:
+            token = greedy[row]
+        model_token = token if sequence.guide is None else self.generator.grammars.model_token(token)
+        if sequence.logprobs is not None:
+            entry = step_logprobs(logp, model_token, sequence.item.request.logprobs)
+            sequence.logprobs.append((token, *entry[1:]))
+        if sequence.guide is not None and token not in self.generator.eos_ids:
+            sequence.guide.advance(token)
+        sequence.generated.append(token)
+        sequence.history.append(model_token)
+        if sequence.on_tokens is not None:
+            sequence.on_tokens([token])
+        if sequence.assembler is not None:
+            sequence.assembler.update([token])
+        return (
+            token in self.generator.eos_ids
+            or len(sequence.generated) >= params.max_new_tokens
+            or (sequence.assembler is not None and sequence.assembler.stopped)
+            or sequence.cancelled.is_set()
+        )
 
     def _retire(self, finished: list[Sequence]) -> None:
         """Hand finished sequences their results and drop their rows from the batch (one reindex for all)."""
         if not finished:
             return
         for sequence in finished:
+            if sequence.error is not None:
+                sequence.on_done(sequence.error)
+                continue
             try:
                 sequence.on_done(self.generator.result(sequence.item, sequence.generated, sequence.logprobs))
             except Exception as exc:

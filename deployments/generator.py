@@ -20,6 +20,7 @@ from blip2_serve.deployments import faults
 from blip2_serve.deployments.batching import run_isolated
 from blip2_serve.deployments.config import ModelConfig
 from blip2_serve.deployments.errors import InvalidInput
+from blip2_serve.deployments.guided import Grammars
 from blip2_serve.deployments.loading import load_language_model, load_processor
 from blip2_serve.deployments.text import final_text
 from blip2_serve.deployments.types import GenerateRequest, GenerateResult, TokenLogprob
@@ -60,6 +61,8 @@ class PromptEncoder:
             raise InvalidInput("streaming generates one token at a time: num_beams must be 1")
         if request.logprobs is not None and request.params.num_beams > 1:
             raise InvalidInput("log-probabilities are given for num_beams 1 only")
+        if request.grammar is not None and request.params.num_beams > 1:
+            raise InvalidInput("a response format (guided decoding) needs num_beams 1")
         # A token is rarely over 32 characters: a longer prompt is refused before it costs a tokenizer pass.
         if len(request.prompt) > 32 * self.max_prompt_tokens:
             raise InvalidInput(
@@ -95,6 +98,8 @@ class LanguageGenerator:
         self.pad_id = self.tokenizer.pad_token_id
         eos = self.model.language_model.generation_config.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        width = max(len(self.tokenizer), self.model.language_model.config.vocab_size)
+        self.grammars = Grammars(self.tokenizer, eos if isinstance(eos, int) else min(self.eos_ids), width)
         self.split_batches = 0  # generate batches that failed and were run one request at a time
 
     def _split(self) -> None:
@@ -107,7 +112,10 @@ class LanguageGenerator:
                 f"image embeddings of shape {tuple(embeds.shape)}; this model takes "
                 f"[{self.num_query_tokens}, {self.llm_hidden}]"
             )
-        return PreparedRequest(request, self.prompts.encode(request, streaming), embeds)
+        prepared = PreparedRequest(request, self.prompts.encode(request, streaming), embeds)
+        if request.grammar is not None:
+            self.grammars.check(request.grammar)  # compiled once per format; one it cannot produce fails here
+        return prepared
 
     def run(self, batch: list[PreparedRequest]) -> list[GenerateResult | BaseException]:
         """Generate for a batch: requests that may share a generate call do; results in input order."""
@@ -185,10 +193,13 @@ class LanguageGenerator:
             if token in self.eos_ids:
                 tokens, finish_reason = tokens[: position + 1], "stop"
                 break
-        text, stopped = final_text(self.tokenizer, tokens, item.request.params.stop)
+        text, stopped = final_text(self.text_decoder(item.request), tokens, item.request.params.stop)
+        if item.request.grammar is not None:
+            tokens = [self.grammars.model_token(token) for token in tokens]
         scored = None
         if item.request.logprobs is not None:
-            scored = tuple(self._token_logprob(*entry) for entry in (logprobs or [])[: len(tokens)])
+            decoder = self.text_decoder(item.request)
+            scored = tuple(self._token_logprob(decoder, *entry) for entry in (logprobs or [])[: len(tokens)])
         return GenerateResult(
             item.request.request_id,
             text,
@@ -198,11 +209,18 @@ class LanguageGenerator:
             scored,
         )
 
-    def _token_logprob(self, token: int, logprob: float, top: tuple[tuple[int, float], ...]) -> TokenLogprob:
-        def text(token_id: int) -> str:
-            return self.tokenizer.decode([token_id])
+    def text_decoder(self, request: GenerateRequest):
+        """What turns the request's tokens into text: the tokenizer, or for guided decoding the guide's own view of
+        each token (which knows the characters the vocabulary cannot write)."""
+        return self.grammars if request.grammar is not None else self.tokenizer
 
-        return TokenLogprob(token, text(token), logprob, tuple((t, text(t), p) for t, p in top))
+    def _token_logprob(self, decoder, token: int, logprob: float, top: tuple[tuple[int, float], ...]) -> TokenLogprob:
+        def text(token_id: int) -> str:
+            return decoder.decode([token_id])
+
+        return TokenLogprob(
+            self.grammars.model_token(token), text(token), logprob, tuple((t, text(t), p) for t, p in top)
+        )
 
     def prompt_tokens(self, item: PreparedRequest) -> int:
         """What the language model reads: the image tokens and the prompt's tokens."""

@@ -16,6 +16,7 @@ from blip2_serve.deployments.config import BatchConfig, ModelConfig
 from blip2_serve.deployments.cores import cpu_turns as cpu_turns_for
 from blip2_serve.deployments.cores import vision_signal
 from blip2_serve.deployments.engine import ContinuousBatcher, Sequence
+from blip2_serve.deployments.errors import InvalidInput
 from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest
 from blip2_serve.deployments.metrics import INTERNAL_LOGGING, MetricsRecorder
 from blip2_serve.deployments.text import TextAssembler
@@ -76,6 +77,7 @@ class LLMDeployment:
     async def generate(self, request: GenerateRequest, embeds: ImageEmbeds) -> GenerateResult:
         """Generate for one request; a prompt the model cannot take fails here, before it joins a batch."""
         with self._metrics.request():
+            await self._check_guided(request)
             prepared = self._generator.prepare(request, embeds.embeds)
             if self._engine is not None and request.params.num_beams == 1:
                 result = await self._in_engine(prepared)
@@ -97,6 +99,8 @@ class LLMDeployment:
         with ExitStack() as counted:
             for _ in requests:
                 counted.enter_context(self._metrics.request())
+            for request in requests:
+                await self._check_guided(request)
             prepared = [self._generator.prepare(r, embeds.embeds) for r in requests]
             cancelled = [threading.Event() for _ in prepared]
             futures = self._submit_all(prepared, [None] * len(prepared), cancelled)
@@ -109,6 +113,16 @@ class LLMDeployment:
             for result in results:
                 self._metrics.add("blip2_generated_tokens", len(result.token_ids))
             return list(results)
+
+    async def _check_guided(self, request: GenerateRequest) -> None:
+        """Guided decoding runs in the continuous-batching engine only (the static scheduler's generate has no
+        guide). A format's first request compiles its index off the event loop (json_object: about 6 s for OPT's
+        vocabulary on 2 cores; a small schema: tens of ms), so that other requests go on meanwhile."""
+        if request.grammar is None:
+            return
+        if self._engine is None:
+            raise InvalidInput("a response format (guided decoding) needs the continuous scheduler (llm.scheduler)")
+        await asyncio.to_thread(self._generator.grammars.check, request.grammar)
 
     def _submit(
         self, prepared: PreparedRequest, on_tokens=None, cancelled: threading.Event | None = None
@@ -165,6 +179,7 @@ class LLMDeployment:
         generator), the model stops generating for it at the next token."""
         arrived = time.perf_counter()
         with self._metrics.request():  # counted when the stream is set up; its tokens as they come
+            await self._check_guided(request)
             prepared = self._generator.prepare(request, embeds.embeds, streaming=True)
         loop = asyncio.get_running_loop()
         arrivals: asyncio.Queue = asyncio.Queue()
@@ -181,7 +196,7 @@ class LLMDeployment:
                 self._worker.submit(self._generator.stream, prepared, on_tokens, cancelled)
             )
         completion.add_done_callback(lambda _: arrivals.put_nowait(done))
-        assembler = TextAssembler(self._generator.tokenizer, request.params.stop)
+        assembler = TextAssembler(self._generator.text_decoder(request), request.params.stop)
         prompt_tokens, generated = self._generator.prompt_tokens(prepared), 0
         self._streams["active"] += 1
         try:
@@ -194,6 +209,8 @@ class LLMDeployment:
                 if assembler.stopped:
                     cancelled.set()  # the rest would be cut anyway
                 if text:
+                    if request.grammar is not None:
+                        tokens = [self._generator.grammars.model_token(token) for token in tokens]
                     yield GenerateChunk(request.request_id, text, tuple(tokens), prompt_tokens, generated)
             result = completion.result()
             yield GenerateChunk(

@@ -203,6 +203,9 @@ class GenerateRequest:
     # None: no log-probabilities; k >= 0: each generated token's log-probability under the model and the k most
     # likely tokens at its step (OpenAI's logprobs / top_logprobs), in GenerateResult.logprobs
     logprobs: int | None = None
+    # a regular expression the generated text must match (outlines-core's syntax: OpenAI's response_format JSON
+    # object or schema, deployments/guided.py), enforced token by token; None: free text
+    grammar: str | None = None
 
     def without_image(self) -> GenerateRequest:
         """The request as the LLM stage needs it: the image travels as ImageEmbeds instead."""

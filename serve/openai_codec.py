@@ -19,6 +19,7 @@ import numpy as np
 from blip2_serve.clients.contract import EMBED_TEXT_MODEL, dialogue_prompt
 from blip2_serve.deployments import jsonbody
 from blip2_serve.deployments.errors import InvalidInput, ModelNotFound
+from blip2_serve.deployments.guided import json_regex
 from blip2_serve.deployments.images import ImageLimits, check_image
 from blip2_serve.deployments.types import EncodedImage, GenerateChunk, GenerateRequest, GenerateResult, GenerationParams
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -84,8 +85,8 @@ class ChatCompletionRequest(BaseModel):
             raise InvalidInput("'n' above 1 is not supported with stream: true on this server")
         if request.stream and request.logprobs:
             raise InvalidInput("'logprobs' is not supported with stream: true on this server")
-        if request.response_format not in (None, {"type": "text"}):
-            raise InvalidInput("'response_format' must be text")
+        if request.response_format is not None and not isinstance(request.response_format.get("type"), str):
+            raise InvalidInput("'response_format' needs a 'type': text, json_object or json_schema")
         if request.stream_options is not None and not request.stream:
             raise InvalidInput("'stream_options' is only allowed with stream: true")
         return request
@@ -232,8 +233,11 @@ async def to_generate_request(
     params = chat.params(defaults)
     if chat.wanted_logprobs is not None and params.num_beams > 1:
         raise InvalidInput("'logprobs' and 'n' above 1 need num_beams 1 (this server's default is beam search)")
+    grammar = json_regex(chat.response_format) if chat.response_format is not None else None
     image = await load_image(url, limits, allowlist)
-    return GenerateRequest(f"chatcmpl-{uuid.uuid4().hex}", image, prompt, params, logprobs=chat.wanted_logprobs)
+    return GenerateRequest(
+        f"chatcmpl-{uuid.uuid4().hex}", image, prompt, params, logprobs=chat.wanted_logprobs, grammar=grammar
+    )
 
 
 def choice_requests(chat: ChatCompletionRequest, request: GenerateRequest) -> list[GenerateRequest]:

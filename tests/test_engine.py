@@ -218,6 +218,42 @@ def test_log_probabilities_beside_plain_greedy_rows(parts):
         assert got.score == sum(t.logprob for t in got.logprobs) / len(got.logprobs)
 
 
+def test_a_sequence_whose_token_step_fails_fails_alone(parts):
+    """A stream whose event loop has gone makes its `on_tokens` raise (RuntimeError: Event loop is closed) in the
+    middle of a step, at its first token and later: that request fails with the error, its neighbours keep their
+    greedy tokens, and the engine takes the next request (it used to lose its thread and every request in hand)."""
+    generator, embeds = parts
+    prepared = [
+        generator.prepare(GenerateRequest(f"n{i}", None, "", GenerationParams(max_new_tokens=8)), embeds[i])
+        for i in range(4)
+    ]
+    alone = [generator.run([p])[0].token_ids for p in prepared]
+    engine = ContinuousBatcher(generator, max_running=4)
+
+    def gone_after(count):
+        seen = []
+
+        def on_tokens(tokens):
+            seen.extend(tokens)
+            if len(seen) > count:
+                raise RuntimeError("Event loop is closed")
+
+        return on_tokens
+
+    futures = [
+        _submit(engine, prepared[0]),
+        _submit(engine, prepared[1], on_tokens=gone_after(0)),
+        _submit(engine, prepared[2]),
+        _submit(engine, prepared[3], on_tokens=gone_after(3)),
+    ]
+    for index in (1, 3):
+        with pytest.raises(RuntimeError, match="Event loop is closed"):
+            futures[index].result(timeout=120)
+    assert [futures[i].result(timeout=120).token_ids for i in (0, 2)] == [alone[0], alone[2]]
+    assert _submit(engine, prepared[1]).result(timeout=120).token_ids == alone[1]
+    assert engine.running == 0
+
+
 def test_cancelled_sequence_leaves_at_the_next_step(parts):
     generator, embeds = parts
     item = generator.prepare(

@@ -231,6 +231,11 @@ def chat_body(draw):
         "n": st.one_of(st.integers(min_value=-1, max_value=18), scalars),
         "logprobs": st.one_of(st.booleans(), scalars),
         "top_logprobs": st.one_of(st.integers(min_value=-1, max_value=22), scalars),
+        "response_format": st.one_of(
+            st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "xml"}, {"type": "json_schema"}]),
+            st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": json_values}),
+            json_values,
+        ),
         "stop": st.one_of(st.text(max_size=4), st.lists(st.text(max_size=4), max_size=6), scalars),
         "seed": scalars,
         "stream_options": json_values,
