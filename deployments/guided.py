@@ -25,6 +25,52 @@ MAX_SCHEMA_BYTES = 64 * 1024
 STRUCTURE = '{}[]":,'
 
 
+# JSON-schema keywords outlines-core's expressions do not enforce (checked: a text that breaks them still matches).
+# A schema that uses one is refused, so that whatever is accepted is always met.
+UNENFORCED = (
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "uniqueItems",
+    "not",
+    "if",
+    "then",
+    "else",
+    "patternProperties",
+    "propertyNames",
+    "dependentRequired",
+    "dependentSchemas",
+    "dependencies",
+    "contains",
+    "minContains",
+    "maxContains",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+)
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties")
+
+
+def unenforced(schema, at: str = "") -> list[str]:
+    """Where `schema` uses a keyword of UNENFORCED: ["maximum at properties.count", ...] (property names are names,
+    not keywords: only schema positions are looked at)."""
+    if not isinstance(schema, dict):
+        return []
+    found = [f"'{key}' at {at or 'the top'}" for key in UNENFORCED if key in schema]
+    for group in _SUBSCHEMA_MAPS:
+        for name, sub in (schema.get(group) or {}).items() if isinstance(schema.get(group), dict) else ():
+            found += unenforced(sub, f"{at}.{group}.{name}".lstrip("."))
+    for group in _SUBSCHEMA_LISTS:
+        for index, sub in enumerate(schema.get(group) or []) if isinstance(schema.get(group), list) else ():
+            found += unenforced(sub, f"{at}.{group}[{index}]".lstrip("."))
+    for key in _SUBSCHEMAS:
+        found += unenforced(schema.get(key), f"{at}.{key}".lstrip("."))
+    return found
+
+
 def json_regex(response_format: dict) -> str | None:
     """The expression for OpenAI's `response_format`: None for text, any JSON object for json_object, the schema's
     for json_schema. InvalidInput for anything else or a schema outlines-core cannot compile."""
@@ -45,6 +91,10 @@ def json_regex(response_format: dict) -> str | None:
     text = json.dumps(schema)
     if len(text) > MAX_SCHEMA_BYTES:
         raise InvalidInput(f"the JSON schema is over {MAX_SCHEMA_BYTES} bytes")
+    if found := unenforced(schema):
+        raise InvalidInput(
+            "this server cannot guide decoding by that JSON schema: it cannot enforce " + ", ".join(found[:5])
+        )
     try:
         return build_regex_from_schema(text, whitespace_pattern=WHITESPACE)
     except Exception as exc:  # outlines-core raises ValueError / its own errors for what it cannot express
