@@ -11,7 +11,7 @@ from blip2_serve.clients.errors import (
     ServerError,
     ServiceUnavailableError,
 )
-from blip2_serve.clients.sdk import AsyncBlip2Client, Blip2Client
+from blip2_serve.clients.sdk import AsyncBlip2Client, Blip2Client, Sample
 
 __all__ = [
     "AsyncBlip2Client",
@@ -20,6 +20,7 @@ __all__ = [
     "ConnectionFailedError",
     "InvalidRequestError",
     "ModelNotFoundError",
+    "Sample",
     "ServerError",
     "ServiceUnavailableError",
 ]

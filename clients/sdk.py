@@ -6,6 +6,8 @@
         print(client.ask("cat.jpg", "how many cats are there?"))
         for piece in client.stream("cat.jpg", "Question: what is it doing? Answer:"):
             print(piece, end="", flush=True)
+        best = max(client.samples("cat.jpg", n=5, temperature=0.8, seed=1), key=lambda s: s.score)
+        fields = client.extract("cat.jpg", {"type": "object", "properties": {"animal": {"type": "string"}}})
 
 Images are a path, bytes, a PIL image or a numpy array. Generation parameters (max_new_tokens, num_beams,
 temperature, ...; see clients.contract) are keyword arguments. Server errors raise clients.errors types;
@@ -16,8 +18,10 @@ temperature, ...; see clients.contract) are keyword arguments. Server errors rai
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
+from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -38,6 +42,23 @@ from blip2_serve.clients.images import ImageLike, image_bytes
 from blip2_serve.clients.transports import make_transport
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One answer of `samples`: its text, why it ended ("stop" or "length"), its score (the mean log-probability of
+    its tokens, to rank captions by: given when n > 1 or logprobs), and with logprobs each (token, log-probability)."""
+
+    text: str
+    finish_reason: str
+    score: float | None = None
+    tokens: tuple[tuple[str, float], ...] | None = None
+
+    @classmethod
+    def from_choice(cls, choice: dict) -> Sample:
+        content = (choice.get("logprobs") or {}).get("content")
+        tokens = tuple((entry["token"], entry["logprob"]) for entry in content) if content is not None else None
+        return cls(choice["message"]["content"], choice["finish_reason"], choice.get("score"), tokens)
 
 
 class AsyncBlip2Client:
@@ -116,6 +137,39 @@ class AsyncBlip2Client:
         """The text for an image and a raw prompt, piece by piece as the model generates it."""
         async for piece in self._transport.stream(image_bytes(image), prompt, generation):
             yield piece
+
+    async def samples(
+        self,
+        image: ImageLike,
+        question: str | None = None,
+        *,
+        n: int = 1,
+        logprobs: bool = False,
+        response_format: dict | None = None,
+        **generation,
+    ) -> list[Sample]:
+        """`n` answers about an image (a caption where `question` is None) from one image embedding, with their
+        scores: `max(samples, key=lambda s: s.score)` is the best ranked. With `seed`, choice i is what seed + i
+        gives alone (reproducible); greedy (no temperature) repeats one answer. `response_format` is OpenAI's
+        (json_object / json_schema). The OpenAI route: HTTP only. generation: max_new_tokens, temperature, top_p,
+        seed, stop."""
+        options: dict = {"n": n}
+        if logprobs:
+            options["logprobs"] = True
+        if response_format is not None:
+            options["response_format"] = response_format
+        data = image_bytes(image)
+        choices = await self._retrying(lambda: self._transport.samples(data, question, options, generation))
+        return [Sample.from_choice(choice) for choice in choices]
+
+    async def extract(self, image: ImageLike, schema: dict, question: str | None = None, **generation) -> dict:
+        """Fields about an image as `schema` (a JSON schema) says: decoding is guided by the schema, so the answer
+        validates against it; parsed. ValueError where max_new_tokens cut the answer before it closed."""
+        response_format = {"type": "json_schema", "json_schema": {"name": "fields", "schema": schema}}
+        (sample,) = await self.samples(image, question, response_format=response_format, **generation)
+        if sample.finish_reason != "stop":
+            raise ValueError(f"the answer was cut at max_new_tokens before it closed: {sample.text!r}")
+        return json.loads(sample.text)
 
     # ---- retrieval (a server with a `retrieval:` checkpoint)
     async def _tensors(self, model: str, tensors: dict[str, list[bytes]], outputs: list[str]) -> dict:
@@ -206,6 +260,14 @@ class Blip2Client:
                     return
         finally:
             self._run(pieces.aclose())
+
+    def samples(self, image: ImageLike, question: str | None = None, **options) -> list[Sample]:
+        """See AsyncBlip2Client.samples."""
+        return self._run(self._client.samples(image, question, **options))
+
+    def extract(self, image: ImageLike, schema: dict, question: str | None = None, **generation) -> dict:
+        """See AsyncBlip2Client.extract."""
+        return self._run(self._client.extract(image, schema, question, **generation))
 
     def embed_images(self, images: Sequence[ImageLike]) -> np.ndarray:
         return self._run(self._client.embed_images(images))

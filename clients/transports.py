@@ -22,6 +22,27 @@ _OPENAI_NAMES = {
 }
 
 
+def _openai_parameters(parameters: dict) -> dict:
+    """The SDK's generation keywords as OpenAI's fields; a keyword the OpenAI route has no field for is a TypeError."""
+    unknown = set(parameters) - set(_OPENAI_NAMES)
+    if unknown:
+        raise TypeError(f"the OpenAI route takes {sorted(_OPENAI_NAMES)}, not {sorted(unknown)}")
+    return {_OPENAI_NAMES[k]: v for k, v in parameters.items()}
+
+
+def _messages(image: bytes, turns: list[str]) -> list[dict]:
+    """OpenAI messages: the image (and the first question, if any) in the first user message, then the turns."""
+    image_part = {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()},
+    }
+    first = [image_part] + ([{"type": "text", "text": turns[0]}] if turns else [])
+    messages = [{"role": "user", "content": first}]
+    for index, text in enumerate(turns[1:], start=1):
+        messages.append({"role": "assistant" if index % 2 else "user", "content": text})
+    return messages
+
+
 def bytes_inputs(module, images: list[bytes], prompts: list[str] | None = None) -> list:
     """IMAGE [N, 1] (and PROMPT [len(prompts), 1]) as tritonclient InferInputs of `module` (http, grpc, or aio)."""
     tensor = module.InferInput(IMAGE.name, [len(images), 1], IMAGE.datatype)
@@ -143,22 +164,20 @@ class HttpTransport(_TritonTransport):
 
     async def chat(self, image: bytes, turns: list[str], parameters: dict) -> str:
         """The OpenAI route: the server turns the conversation into BLIP-2's dialogue prompt."""
-        unknown = set(parameters) - set(_OPENAI_NAMES)
-        if unknown:
-            raise TypeError(f"chat over HTTP takes {sorted(_OPENAI_NAMES)}, not {sorted(unknown)}")
-        image_part = {
-            "type": "image_url",
-            "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()},
-        }
-        messages = []
-        for index, text in enumerate(turns):
-            if index == 0:
-                messages.append({"role": "user", "content": [image_part, {"type": "text", "text": text}]})
-            else:
-                messages.append({"role": "assistant" if index % 2 else "user", "content": text})
-        body = {"model": self._model, "messages": messages, **{_OPENAI_NAMES[k]: v for k, v in parameters.items()}}
+        body = {"model": self._model, "messages": _messages(image, turns), **_openai_parameters(parameters)}
         response = await self._post("/v1/chat/completions", body)
         return response.json()["choices"][0]["message"]["content"]
+
+    async def samples(self, image: bytes, question: str | None, options: dict, parameters: dict) -> list[dict]:
+        """The OpenAI route's choices for one image and question (none: a caption); `options` are OpenAI fields
+        as they are (n, logprobs, top_logprobs, response_format)."""
+        body = {
+            "model": self._model,
+            "messages": _messages(image, [question] if question else []),
+            **options,
+            **_openai_parameters(parameters),
+        }
+        return (await self._post("/v1/chat/completions", body)).json()["choices"]
 
     async def metadata(self) -> dict:
         return await _guarded(self._triton.get_model_metadata(self._model, **self._call_options))
@@ -212,6 +231,9 @@ class GrpcTransport(_TritonTransport):
 
         answered = list(zip(turns[:-1:2], turns[1:-1:2]))
         return (await self.infer([image], [dialogue_prompt(answered, turns[-1])], parameters))[0]
+
+    async def samples(self, image: bytes, question: str | None, options: dict, parameters: dict) -> list[dict]:
+        raise TypeError("samples() and extract() use the OpenAI route: Blip2Client(url) with protocol='http'")
 
     async def metadata(self) -> dict:
         return await _guarded(self._triton.get_model_metadata(self._model, headers=self._headers, as_json=True))

@@ -75,6 +75,45 @@ def test_chat_stream_health_and_metadata(client, apps):
     assert client.metadata()["name"] == "blip2"
 
 
+def test_samples_scores_and_extract(apps, references):
+    """samples(): n seeded answers, reproducible, each scored as its tokens' mean log-probability (the greedy one's
+    tokens and log-probabilities as transformers computes them); extract(): fields that validate against a schema.
+    Over gRPC (no OpenAI route) both say so."""
+    import jsonschema
+
+    reference, image = references["opt"], image_bytes(94)
+    with Blip2Client(apps["opt"].url) as sdk:
+        first = sdk.samples(image, n=3, temperature=1.0, seed=5, max_new_tokens=8)
+        assert [s.text for s in first] == [
+            s.text for s in sdk.samples(image, n=3, temperature=1.0, seed=5, max_new_tokens=8)
+        ]
+        assert [s.text for s in first] == [
+            sdk.samples(image, temperature=1.0, seed=5 + i, max_new_tokens=8)[0].text for i in range(3)
+        ]
+        assert all(s.score is not None and s.score < 0 and s.tokens is None for s in first)
+        (greedy,) = sdk.samples(image, "what is it?", logprobs=True, max_new_tokens=6)
+        tokens, expected = reference.logprobs([image], ["Question: what is it? Answer:"], max_new_tokens=6)[0]
+        assert [p for _, p in greedy.tokens] == pytest.approx(expected, abs=1e-4)
+        assert greedy.score == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+        schema = {
+            "type": "object",
+            "properties": {"animal": {"enum": ["cat", "dog"]}, "count": {"type": "integer"}},
+            "required": ["animal", "count"],
+            "additionalProperties": False,
+        }
+        fields = sdk.extract(image, schema, "what animal is it?", max_new_tokens=40)
+        jsonschema.validate(fields, schema)
+        with pytest.raises(ValueError, match="cut at max_new_tokens"):
+            sdk.extract(image, schema, max_new_tokens=2)
+        # outlines-core's expressions do not enforce numeric bounds: such a schema is refused, not half-kept
+        bounded = {**schema, "properties": {**schema["properties"], "count": {"type": "integer", "maximum": 9}}}
+        with pytest.raises(InvalidRequestError, match="cannot enforce 'maximum' at properties.count"):
+            sdk.extract(image, bounded)
+    with Blip2Client(apps["opt"].grpc_url, protocol="grpc", headers=apps["opt"].grpc_headers) as sdk:
+        with pytest.raises(TypeError, match="OpenAI route"):
+            sdk.samples(image, n=2)
+
+
 def test_server_errors_are_typed(client, apps):
     with pytest.raises(InvalidRequestError, match="truncated"):
         client.caption(truncated_png())
