@@ -287,21 +287,19 @@ def test_json_schema_output_always_validates_beside_free_requests(apps, llm):
     for answer in answers:
         assert answer.finish_reason == "stop", answer
         jsonschema.validate(json.loads(answer.message.content), SCHEMA)
-    stream = client.chat.completions.create(
-        model="blip2",
-        messages=[user(None, image_bytes(126))],
-        max_tokens=80,
-        response_format=response_format,
-        stream=True,
-    )
+
+    def guided(**extra):
+        return client.chat.completions.create(
+            model="blip2",
+            messages=[user(None, image_bytes(126))],
+            max_tokens=80,
+            response_format=response_format,
+            **extra,
+        )
+
+    stream = guided(stream=True)
     jsonschema.validate(json.loads("".join(c.delta.content or "" for chunk in stream for c in chunk.choices)), SCHEMA)
-    scored = client.chat.completions.create(
-        model="blip2",
-        messages=[user(None, image_bytes(126))],
-        max_tokens=80,
-        response_format=response_format,
-        logprobs=True,
-    ).choices[0]
+    scored = guided(logprobs=True).choices[0]
     assert "".join(entry.token for entry in scored.logprobs.content) == scored.message.content
     # any object: a random model may not close it within max_tokens (then finish_reason is length), but it opens one
     anything = client.chat.completions.create(
