@@ -259,10 +259,7 @@ class ContinuousBatcher:
                 self._step()
             except Exception as exc:  # a failed step fails the sequences in it, not the engine
                 logger.exception("decode step failed")
-                for sequence in self._running:
-                    sequence.on_done(exc)
-                self._running = []
-                self._reset_batch()
+                self._fail_in_hand(exc)
 
     def _fail_in_hand(self, exc: BaseException) -> None:
         """Fail every running sequence and every one being admitted with `exc`, and start the batch afresh: no
@@ -439,10 +436,8 @@ class ContinuousBatcher:
     @torch.inference_mode()
     def _step(self) -> None:
         started = time.perf_counter()
-        last = torch.tensor(
-            [[s.history[-1] if s.guide is not None else s.generated[-1]] for s in self._running],
-            device=self.generator.device,
-        )
+        # history ends with the token the model reads next (<unk> for a character only the guide writes)
+        last = torch.tensor([[s.history[-1]] for s in self._running], device=self.generator.device)
         mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
         with self._head_for(self._running):
             if self.generator.decoder_only:
@@ -471,7 +466,8 @@ class ContinuousBatcher:
     @staticmethod
     def _plain(sequence: Sequence) -> bool:
         """Whether the sequence's next token is an argmax (no processors or sampling; end-of-sequence left out
-        while it is under its minimum length) and it asks for no log-probabilities (which need exact logits)."""
+        while it is under its minimum length), it asks for no log-probabilities (which need exact logits) and no
+        guide masks its scores."""
         request = sequence.item.request
         return not (sequence.processors or request.params.do_sample or request.logprobs is not None or request.grammar)
 

@@ -193,12 +193,12 @@ class LanguageGenerator:
             if token in self.eos_ids:
                 tokens, finish_reason = tokens[: position + 1], "stop"
                 break
-        text, stopped = final_text(self.text_decoder(item.request), tokens, item.request.params.stop)
+        decoder = self.text_decoder(item.request)
+        text, stopped = final_text(decoder, tokens, item.request.params.stop)
         if item.request.grammar is not None:
             tokens = [self.grammars.model_token(token) for token in tokens]
         scored = None
         if item.request.logprobs is not None:
-            decoder = self.text_decoder(item.request)
             scored = tuple(self._token_logprob(decoder, *entry) for entry in (logprobs or [])[: len(tokens)])
         return GenerateResult(
             item.request.request_id,
