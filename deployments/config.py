@@ -27,9 +27,10 @@ class ModelConfig(BaseModel):
     # Linear layers on CPU (fp32/bf16): "onednn" packs each weight once at load for oneDNN's GEMM, which is much
     # faster than PyTorch's default at the few rows of a decode step (16 rows x 2560 x 10240 here: 20 -> 6 ms), but
     # slower at a vision batch's thousands of rows; "torch" keeps PyTorch's own. "auto": oneDNN for the language
-    # model of OPT checkpoints; PyTorch's for every vision stage and for Flan-T5, whose greedy answers the different
-    # rounding changed (bench: 3 of 5 questions, 14 of 16 captions equal to transformers' on the realistic T5; every
-    # OPT answer equal). deployments/loading.py.
+    # model of OPT checkpoints, its layers of 1M weights or more (smaller ones are faster unpacked); PyTorch's for
+    # every vision stage and for Flan-T5, whose greedy answers the different rounding changed (bench: 3 of 5
+    # questions, 14 of 16 captions equal to transformers' on the realistic T5; every OPT answer equal).
+    # deployments/loading.py.
     cpu_linear: CpuLinear = "auto"
     # Greedy tokens on CPU (continuous engine): "bf16" takes them from a bf16 screen of the output projection, each
     # argmax proven against the exact logits (deployments/head.py: half the bytes of the biggest matmul of a decode

@@ -172,9 +172,25 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+# Under cpu_linear "auto", a linear layer with fewer weights than this keeps PyTorch's GEMM even where its half
+# packs: a oneDNN call costs a fixed ~30 us more than PyTorch's at small sizes, which a small product does not win
+# back (measured on 2 cores with the stages' passive OpenMP waiting, best of 3: 64 -> 64, 1 to 16 rows, 12 us
+# PyTorch's / 40 us packed; 512 -> 2048, 1 row 132 / 204 us, 16 rows 708 / 339 us; 2560 -> 2560, 1 row 669 / 734,
+# 4 rows 1284 / 732; 2560 -> 10240, 1 row 5640 / 4261). Every layer of a published BLIP-2's language model is over
+# it; the tiny test checkpoints' are all under it, and packing them made a lone tiny caption served 78 ms instead of
+# 60 (p50, blip2-serve run, alternated).
+PACK_MIN_WEIGHTS = 1 << 20
+
+
+def _packs(weight: torch.Tensor, config: ModelConfig) -> bool:
+    """Whether a layer with `weight` (in a half that packs) is packed: any size under "onednn", big ones under auto."""
+    return config.cpu_linear == "onednn" or weight.numel() >= PACK_MIN_WEIGHTS
+
+
 def packs_linear_layers(config: ModelConfig, blip2_config, device: torch.device, half: str) -> bool:
     """Whether the linear layers of a CPU model's `half` ("vision" or "language") become PackedLinear: `cpu_linear`
-    "onednn" (both halves), or "auto" for the language model of an OPT (decoder-only) checkpoint. The vision half
+    "onednn" (both halves), or "auto" for the language model of an OPT (decoder-only) checkpoint, each layer of at
+    least PACK_MIN_WEIGHTS weights (`_packs`). The vision half
     keeps PyTorch's GEMM under "auto": packing was slower at its row counts (PackedLinear), and unpacked its
     embeddings are the ones transformers computes."""
     if device.type != "cpu" or config.cpu_linear == "torch" or not torch.backends.mkldnn.is_available():
@@ -185,7 +201,8 @@ def packs_linear_layers(config: ModelConfig, blip2_config, device: torch.device,
 
 
 def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.device, half: str) -> nn.Module:
-    """Every plain `nn.Linear` of a CPU model's `half` in fp32/bf16 as a PackedLinear where packs_linear_layers says.
+    """Every plain `nn.Linear` of a CPU model's `half` in fp32/bf16 as a PackedLinear where packs_linear_layers says
+    (under "auto", those of PACK_MIN_WEIGHTS weights or more).
 
     Quantized layers (subclasses of nn.Linear) stay as they are. The language model's output projection becomes a
     GreedyHead (deployments/head.py) holding a packed copy and a bf16 one beside the plain weight it shares with
@@ -197,13 +214,18 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
 
     language_model = getattr(model, "language_model", None)
     if language_model is not None and screen_wanted(config.greedy_screen, language_model):
-        GreedyHead.install(language_model, packed=True)  # the head packed, its bf16 screen beside it
+        head = language_model.get_output_embeddings()
+        GreedyHead.install(language_model, packed=_packs(head.weight, config))  # packed where worth it, screen beside
     replaced = 0
     for parent in list(model.modules()):
         if type(parent).__name__ == "GreedyHead":  # it keeps the plain weight for its exact recount
             continue
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16):
+            if (
+                type(child) is nn.Linear
+                and child.weight.dtype in (torch.float32, torch.bfloat16)
+                and _packs(child.weight, config)
+            ):
                 setattr(parent, name, PackedLinear(child))
                 replaced += 1
     logger.info("%d linear layers packed for oneDNN", replaced)

@@ -59,15 +59,35 @@ def test_processor_without_num_query_tokens_is_refused(checkpoints, tmp_path):
 
 
 def test_cpu_linear_layers_are_packed_for_onednn_where_the_answers_stay_equal(checkpoints):
-    """cpu_linear "auto" (default): every plain Linear of an OPT checkpoint's language model becomes a PackedLinear,
-    whose output equals nn.Linear's to rounding, while its vision half keeps PyTorch's (packing was slower at a
-    vision batch's rows); a T5 checkpoint keeps PyTorch's layers (its greedy answers moved with the rounding),
-    unless "onednn" is asked, which packs both halves; "torch" never packs."""
+    """cpu_linear "auto" (default): every plain Linear of an OPT checkpoint's language model with PACK_MIN_WEIGHTS
+    weights or more becomes a PackedLinear, whose output equals nn.Linear's to rounding, the smaller ones stay
+    PyTorch's; its vision half keeps PyTorch's (packing was slower at a vision batch's rows); a T5 checkpoint keeps
+    PyTorch's layers (its greedy answers moved with the rounding), unless "onednn" is asked, which packs both halves
+    whatever their size; "torch" never packs. (The tiny checkpoint's layers are all under the real threshold, so
+    the threshold is lowered here to split them: 64 x 64 attention projections under it, the rest over.)"""
     import torch
+    from blip2_serve.deployments import loading
     from blip2_serve.deployments.config import ModelConfig
     from blip2_serve.deployments.head import GreedyHead
     from blip2_serve.deployments.loading import PackedLinear, load_language_model, load_vision
     from torch import nn
+
+    def auto_layers(threshold: int) -> dict[str, type]:
+        """The tiny OPT language model's linear layers by name under "auto" (screen off) with this threshold."""
+        settings = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", greedy_screen="off")
+        saved, loading.PACK_MIN_WEIGHTS = loading.PACK_MIN_WEIGHTS, threshold
+        try:
+            model = load_language_model(settings)[0]
+        finally:
+            loading.PACK_MIN_WEIGHTS = saved
+        return {name: type(m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, PackedLinear))}
+
+    real = auto_layers(loading.PACK_MIN_WEIGHTS)
+    assert real and set(real.values()) == {nn.Linear}  # every tiny layer is under 1M weights
+    split = auto_layers(64 * 64 + 1)
+    small = {name for name in split if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))}
+    assert small and {split[name] for name in small} == {nn.Linear}
+    assert set(split) - small and {split[name] for name in set(split) - small} == {PackedLinear}
 
     def kinds(llm: str, cpu_linear: str, load) -> set[type]:
         """The module types of one half; a GreedyHead's own plain weight (kept for its exact recount) left out."""
@@ -78,7 +98,7 @@ def test_cpu_linear_layers_are_packed_for_onednn_where_the_answers_stay_equal(ch
         inner = {id(m.linear) for m in model.modules() if isinstance(m, GreedyHead)}
         return {type(m) for m in model.modules() if id(m) not in inner}
 
-    opt = kinds("opt", "auto", load_language_model)  # the output projection: a GreedyHead, packed, with its screen
+    opt = kinds("opt", "onednn", load_language_model)  # the output projection: a GreedyHead, packed, with its screen
     assert PackedLinear in opt and GreedyHead in opt and nn.Linear not in opt
     assert nn.Linear in kinds("opt", "auto", load_vision) and PackedLinear not in kinds("opt", "auto", load_vision)
     for load in (load_vision, load_language_model):

@@ -402,10 +402,37 @@ def test_t5_engine_uses_the_checked_output_projection(checkpoints):
     futures = [_submit(engine, item) for item in prepared]
     assert [f.result(timeout=120).token_ids for f in futures] == alone
     assert engine.head.rows >= 4 and engine.head.packed is None  # T5 keeps PyTorch's linear for whole rows
-    opt = LanguageGenerator(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", greedy_screen="bf16"))
+    opt = LanguageGenerator(
+        ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", greedy_screen="bf16", cpu_linear="onednn")
+    )
     assert ContinuousBatcher(opt).head.packed is not None  # OPT packs its layers, the head's whole rows too
+    small = LanguageGenerator(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", greedy_screen="bf16"))
+    assert ContinuousBatcher(small).head.packed is None  # "auto" packs no layer as small as the tiny ones
     # "auto" (the default) leaves a projection as small as the tiny checkpoints' unscreened: the proof would cost
     # more than the bytes it saves
-    auto = LanguageGenerator(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu"))
+    auto = LanguageGenerator(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", cpu_linear="onednn"))
     assert ContinuousBatcher(auto).head is None
     assert type(auto.model.language_model.get_output_embeddings()).__name__ == "PackedLinear"
+
+
+def test_packed_opt_engine_tokens_equal_transformers_generate(checkpoints, references):
+    """cpu_linear "onednn" (what "auto" does for a published OPT's layers; the tiny ones are under its threshold):
+    the engine's greedy tokens through packed layers and a packed, screened head equal transformers' generate on
+    PyTorch's own layers (the model card's run), batched, with min_new_tokens bans."""
+    packed = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", greedy_screen="bf16", cpu_linear="onednn")
+    vision, generator = VisionEncoder(packed), LanguageGenerator(packed)
+    assert type(generator.model.language_model.model.decoder.layers[0].fc1).__name__ == "PackedLinear"
+    images = [image_bytes(870 + i) for i in range(4)]
+    embeds = vision.encode([vision.preprocess(check_image(b)) for b in images])
+    prepared = [
+        generator.prepare(GenerateRequest(f"p{i}", None, "", GenerationParams(max_new_tokens=10, min_new_tokens=i)), e)
+        for i, e in enumerate(embeds)
+    ]
+    engine = ContinuousBatcher(generator, max_running=4)
+    futures = [_submit(engine, item) for item in prepared]
+    served = [list(f.result(timeout=120).token_ids) for f in futures]
+    expected = [
+        references["opt"].generate([b], None, max_new_tokens=10, min_new_tokens=i)[0] for i, b in enumerate(images)
+    ]
+    assert engine.head.packed is not None and engine.head.rows >= 4
+    assert served == expected
