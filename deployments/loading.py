@@ -182,6 +182,13 @@ class PackedLinear(nn.Module):
 PACK_MIN_WEIGHTS = 1 << 20
 
 
+def small_model(model: nn.Module) -> bool:
+    """Whether every linear layer of `model` (plain or packed) has fewer than PACK_MIN_WEIGHTS weights: a model whose
+    steps are too small to split across cores (deployments/llm.py computes such a language model on one thread)."""
+    sizes = [m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+    return bool(sizes) and max(sizes) < PACK_MIN_WEIGHTS
+
+
 def _packs(weight: torch.Tensor, config: ModelConfig) -> bool:
     """Whether a layer with `weight` (in a half that packs) is packed: any size under "onednn", big ones under auto."""
     return config.cpu_linear == "onednn" or weight.numel() >= PACK_MIN_WEIGHTS

@@ -147,3 +147,29 @@ def test_served_model_stages_have_passive_openmp(apps):
         pid = app.deployment(stage).stats.remote().result(timeout_s=60)["pid"]
         environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert b"OMP_WAIT_POLICY=PASSIVE" in environment, stage
+
+
+def test_a_small_language_model_decodes_on_one_thread(checkpoints):
+    """The LLM stage computes a language model whose every linear layer is under PACK_MIN_WEIGHTS (the tiny test
+    checkpoints) on one thread unless torch_threads says otherwise; a model with one layer of PACK_MIN_WEIGHTS
+    weights is not small. (The stage's class is built in this process, without Ray: cpu_turns off needs no replica
+    context; the process's thread count is restored after.)"""
+    from blip2_serve.deployments.config import ModelConfig
+    from blip2_serve.deployments.llm import LLMDeployment
+    from blip2_serve.deployments.loading import PACK_MIN_WEIGHTS, PackedLinear, small_model
+    from torch import nn
+
+    assert not small_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(PACK_MIN_WEIGHTS // 1024, 1024)))
+    assert small_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(PACK_MIN_WEIGHTS // 1024 - 1, 1024)))
+    assert not small_model(nn.Sequential(PackedLinear(nn.Linear(1024, 1024))))
+    stage = LLMDeployment.func_or_class
+    saved = torch.get_num_threads()
+    try:
+        for llm in ("opt", "t5"):
+            model = ModelConfig(checkpoint=str(checkpoints[llm]), device="cpu")
+            assert small_model(stage(model, cpu_turns=False)._generator.model.language_model)
+            torch.set_num_threads(2)
+            assert stage(model, cpu_turns=False)._threads == 1, llm
+            assert stage(model, cpu_turns=False, torch_threads=2)._threads == 2, llm
+    finally:
+        torch.set_num_threads(saved)
