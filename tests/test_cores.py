@@ -167,9 +167,9 @@ def test_a_small_language_model_decodes_on_one_thread(checkpoints):
     try:
         for llm in ("opt", "t5"):
             model = ModelConfig(checkpoint=str(checkpoints[llm]), device="cpu")
-            assert small_model(stage(model, cpu_turns=False)._generator.model.language_model)
             torch.set_num_threads(2)
-            assert stage(model, cpu_turns=False)._threads == 1, llm
+            default = stage(model, cpu_turns=False)
+            assert small_model(default._generator.model.language_model) and default._threads == 1, llm
             assert stage(model, cpu_turns=False, torch_threads=2)._threads == 2, llm
     finally:
         torch.set_num_threads(saved)

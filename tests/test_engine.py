@@ -410,9 +410,9 @@ def test_t5_engine_uses_the_checked_output_projection(checkpoints):
     assert ContinuousBatcher(small).head.packed is None  # "auto" packs no layer as small as the tiny ones
     # "auto" (the default) leaves a projection as small as the tiny checkpoints' unscreened: the proof would cost
     # more than the bytes it saves
-    auto = LanguageGenerator(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", cpu_linear="onednn"))
-    assert ContinuousBatcher(auto).head is None
-    assert type(auto.model.language_model.get_output_embeddings()).__name__ == "PackedLinear"
+    unscreened = LanguageGenerator(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", cpu_linear="onednn"))
+    assert ContinuousBatcher(unscreened).head is None
+    assert type(unscreened.model.language_model.get_output_embeddings()).__name__ == "PackedLinear"
 
 
 def test_packed_opt_engine_tokens_equal_transformers_generate(checkpoints, references):
