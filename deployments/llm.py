@@ -20,10 +20,9 @@ from blip2_serve.deployments.engine import ContinuousBatcher, Sequence
 from blip2_serve.deployments.errors import InvalidInput
 from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest
 from blip2_serve.deployments.loading import small_model
-from blip2_serve.deployments.metrics import INTERNAL_LOGGING, MetricsRecorder
+from blip2_serve.deployments.metrics import MetricsRecorder
 from blip2_serve.deployments.text import TextAssembler
 from blip2_serve.deployments.types import GenerateChunk, GenerateRequest, GenerateResult, ImageEmbeds
-from ray import serve
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +38,6 @@ def _settle(future: asyncio.Future, outcome) -> None:
         future.set_exception(outcome) if isinstance(outcome, BaseException) else future.set_result(outcome)
 
 
-@serve.deployment(name="LLM", logging_config=INTERNAL_LOGGING)
 class LLMDeployment:
     """Ray Serve replica of the LLM stage; `generate` is called once per image and prompt.
 

@@ -19,16 +19,14 @@ from blip2_serve.deployments.config import BatchConfig, ModelConfig
 from blip2_serve.deployments.cores import cpu_turns as cpu_turns_for
 from blip2_serve.deployments.errors import InvalidInput
 from blip2_serve.deployments.images import ImageLimits
-from blip2_serve.deployments.metrics import INTERNAL_LOGGING, MetricsRecorder
+from blip2_serve.deployments.metrics import MetricsRecorder
 from blip2_serve.deployments.retrieval_model import RetrievalModel
 from blip2_serve.deployments.types import EncodedImage
 from blip2_serve.deployments.vision_encoder import ImagePreprocessor
-from ray import serve
 
 logger = logging.getLogger(__name__)
 
 
-@serve.deployment(name="Retrieval", logging_config=INTERNAL_LOGGING)
 class RetrievalDeployment:
     def __init__(
         self,

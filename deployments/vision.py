@@ -17,15 +17,13 @@ from blip2_serve.deployments.config import BatchConfig, ModelConfig, VisionBacke
 from blip2_serve.deployments.cores import cpu_turns as cpu_turns_for
 from blip2_serve.deployments.cores import vision_signal
 from blip2_serve.deployments.images import ImageLimits
-from blip2_serve.deployments.metrics import INTERNAL_LOGGING, MetricsRecorder
+from blip2_serve.deployments.metrics import MetricsRecorder
 from blip2_serve.deployments.types import INTERACTIVE, EncodedImage, ImageEmbeds
 from blip2_serve.deployments.vision_encoder import VisionEncoder
-from ray import serve
 
 logger = logging.getLogger(__name__)
 
 
-@serve.deployment(name="Vision", logging_config=INTERNAL_LOGGING)
 class VisionDeployment:
     """Ray Serve replica of the vision stage; `embed` is called once per image and batched."""
 

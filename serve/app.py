@@ -9,10 +9,9 @@ from __future__ import annotations
 import logging
 import os
 
+from blip2_serve.deployments import stages
 from blip2_serve.deployments.drain import DrainCoordinator
-from blip2_serve.deployments.llm import LLMDeployment
 from blip2_serve.deployments.metrics import new_directory
-from blip2_serve.deployments.vision import VisionDeployment
 from blip2_serve.serve.config import AppConfig, StageConfig
 from blip2_serve.serve.ingress import Ingress
 from ray.serve import Application
@@ -49,8 +48,8 @@ def deployed_gpus(config: AppConfig) -> dict[str, float]:
 
 
 def build_app(config: AppConfig) -> Application:
-    """The BLIP-2 graph: Ingress holding handles to VisionDeployment and LLMDeployment (and RetrievalDeployment,
-    and BatchJobs for OpenAI's Batch API);
+    """The BLIP-2 graph: Ingress holding handles to the Vision and LLM stages (and the Retrieval stage, and BatchJobs
+    for OpenAI's Batch API; deployments/stages.py declares the stages by import path, so building imports no torch);
     every replica records its metrics in this build's directory on its node, which the ingress renders at /metrics;
     a DrainCoordinator tells the ingress replicas when to drain."""
     metrics = new_directory(config.app_name)
@@ -59,7 +58,7 @@ def build_app(config: AppConfig) -> Application:
     def options(name: str, stage: StageConfig) -> dict:
         return stage.deployment_options(gpus[name], config.model_stage_env(), config.cpu_turns)
 
-    vision = VisionDeployment.options(**options("vision", config.vision)).bind(
+    vision = stages.Vision.options(**options("vision", config.vision)).bind(
         config.model,
         config.vision.batch,
         config.server.image_limits(),
@@ -69,7 +68,7 @@ def build_app(config: AppConfig) -> Application:
         metrics_directory=metrics,
         cpu_turns=config.cpu_turns,
     )
-    llm = LLMDeployment.options(**options("llm", config.llm)).bind(
+    llm = stages.LLM.options(**options("llm", config.llm)).bind(
         config.model,
         config.llm.batch,
         config.server.max_prompt_tokens,
@@ -80,10 +79,8 @@ def build_app(config: AppConfig) -> Application:
     )
     retrieval = None
     if config.retrieval is not None:
-        from blip2_serve.deployments.retrieval_stage import RetrievalDeployment
-
         stage = config.retrieval
-        retrieval = RetrievalDeployment.options(**options("retrieval", stage)).bind(
+        retrieval = stages.Retrieval.options(**options("retrieval", stage)).bind(
             stage.model,
             stage.batch,
             config.server.image_limits(),

@@ -162,7 +162,7 @@ def test_a_small_language_model_decodes_on_one_thread(checkpoints):
     assert not small_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(PACK_MIN_WEIGHTS // 1024, 1024)))
     assert small_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(PACK_MIN_WEIGHTS // 1024 - 1, 1024)))
     assert not small_model(nn.Sequential(PackedLinear(nn.Linear(1024, 1024))))
-    stage = LLMDeployment.func_or_class
+    stage = LLMDeployment
     saved = torch.get_num_threads()
     try:
         for llm in ("opt", "t5"):
