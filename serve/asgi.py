@@ -81,17 +81,22 @@ app.add_exception_handler(RequestValidationError, _on_validation_error)
 app.add_exception_handler(Exception, _on_error)
 
 
-def front_door() -> FrontDoor:
-    """The FrontDoor of the Ingress replica serving this request (a FastAPI dependency): routes are plain
-    functions that receive it."""
+def _replica_door() -> FrontDoor:
     from ray import serve
 
     return serve.get_replica_context().servable_object.door
 
 
+async def front_door() -> FrontDoor:
+    """The FrontDoor of the Ingress replica serving this request (a FastAPI dependency): routes are plain
+    functions that receive it. Async because FastAPI runs a plain function dependency on its thread pool: a hop to
+    another thread and back for every request."""
+    return _replica_door()
+
+
 def _door_or_none() -> FrontDoor | None:
     try:
-        return front_door()
+        return _replica_door()
     except Exception:  # outside a replica (unit tests of the app)
         return None
 

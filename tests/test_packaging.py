@@ -108,7 +108,8 @@ def test_protocol_adapters_reach_the_stages_only_through_the_front_door():
 
 def test_every_route_and_rpc_receives_the_typed_front_door():
     """Each HTTP route that touches the server takes `door: FrontDoor` from serve/asgi.front_door; the gRPC methods
-    use the Ingress's `door`, and no route depends on anything else of the replica."""
+    use the Ingress's `door`, and no route depends on anything else of the replica. The routes and the dependency
+    are coroutines: FastAPI runs a plain function on its thread pool, a hop to another thread for every request."""
     import inspect
 
     from blip2_serve.serve import asgi, grpc, http, openai, openai_batch, playground
@@ -118,7 +119,9 @@ def test_every_route_and_rpc_receives_the_typed_front_door():
     routes = [r for router in routers for r in router.routes]
     assert len(routes) > 20
     with_door = 0
+    assert inspect.iscoroutinefunction(asgi.front_door)
     for route in routes:
+        assert inspect.iscoroutinefunction(route.endpoint), route.path
         for parameter in inspect.signature(route.endpoint).parameters.values():
             dependency = getattr(parameter.default, "dependency", None)
             if dependency is not None:
