@@ -186,6 +186,51 @@ def _delete(app_name: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.2)
 
 
+def _ports_in_use(config, wait_s: float = 5.0) -> list[str]:
+    """The server's ports that cannot be had (something listens there), one line each, after waiting up to `wait_s`
+    for them to free (a server stopped a moment ago). Checked before our own Ray starts: Ray's proxy binds with
+    SO_REUSEPORT, so a second server on a port a first one holds starts "fine" and the kernel splits the connections
+    between the two (seen: two `blip2-serve run --port 8125`, both listening); any other holder fails Ray's proxy
+    with a traceback after Ray has started."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while (problems := _held_ports(config)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return problems
+
+
+def _held_ports(config) -> list[str]:
+    import errno
+    import socket
+
+    ports = [("HTTP", config.server.host, config.server.http_port, "--port (server.http_port)")]
+    if config.server.grpc_port is not None:  # Ray's gRPC proxy listens on every interface
+        ports.append(("gRPC", "", config.server.grpc_port, "--grpc-port (server.grpc_port)"))
+    problems = []
+    for name, host, port, flag in ports:
+        if not port:  # 0: any free port
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a stopped server's TIME_WAIT is no holder
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                where = f"{name} port {port}" + (f" on {host}" if host else "")
+                why = "is already in use (another server?)" if exc.errno == errno.EADDRINUSE else f"({exc.strerror})"
+                problems.append(f"{where} {why}: choose another with {flag}, or stop what holds it")
+    return problems
+
+
+def _why(exc: BaseException) -> str:
+    """A start-up failure in a line: its first and last lines (a Ray error from another process ends with that
+    process's error, after its traceback), e.g. "HTTP proxies not available after 60s." (seen on 2 cores under load)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Start Ray (local unless --address), deploy the graph, serve until SIGINT/SIGTERM (in-flight requests finish)."""
     import ray
@@ -206,8 +251,13 @@ def run(args: argparse.Namespace) -> int:
         except CheckpointUnavailable as exc:
             print(f"blip2-serve: {exc}", file=sys.stderr, flush=True)
             return 2
+        taken = _ports_in_use(config)
+        for problem in taken:
+            print(f"blip2-serve: {problem}", file=sys.stderr, flush=True)
+        if taken:
+            return 2
     # a signal while starting (the proxy answers ready before serve.run returns) stops as cleanly as one later
-    stop, deployment = threading.Event(), None
+    stop, deployment, failure = threading.Event(), None, None
     try:
         if address == "local":
             prepare_local_ray()
@@ -239,6 +289,10 @@ def run(args: argparse.Namespace) -> int:
             stop.wait()
     except (KeyboardInterrupt, SystemExit):  # SystemExit: Ray's handler, for a SIGTERM inside ray.init
         pass
+    except Exception as exc:  # Ray or the application did not start: say why in a line, then stop what did start
+        failure = exc
+        logger.debug("start-up failed", exc_info=True)
+        print(f"blip2-serve: the server did not start: {_why(exc)}", file=sys.stderr, flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal during shutdown does not cut it short
         signal.signal(sig, signal.SIG_IGN)
     print("blip2-serve: shutting down", flush=True)
@@ -256,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
             logger.warning("could not drain or delete the application: %s", exc)
         # (serve.shutdown on our own Ray would only add the raylet's lines about the controller's tasks it cut short)
     ray.shutdown()
-    return 0
+    return 1 if failure is not None else 0
 
 
 def make_tiny(args: argparse.Namespace) -> int:

@@ -393,6 +393,36 @@ def test_a_hub_name_that_cannot_be_had_stops_run_within_seconds(tmp_path):
         assert "Started a local Ray instance" not in result.stdout + result.stderr  # nothing was started
 
 
+def test_a_port_another_server_holds_stops_run_before_ray_starts(checkpoints):
+    """The HTTP port held the way a first `blip2-serve run` holds it (Ray's proxy listens with SO_REUSEPORT, so a
+    second server used to start "fine", the kernel splitting connections between the two), then the gRPC port held
+    by a plain listener: each time exit 2 within seconds, the port named, no traceback, no Ray started."""
+    import socket
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    http_port, grpc_port = free_port(), free_port()
+    for held, reuse_port, words in ((http_port, True, f"HTTP port {http_port}"), (grpc_port, False, "gRPC port")):
+        holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if reuse_port:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", held))
+        holder.listen()
+        command = [BLIP2_SERVE, "run", "--model", str(checkpoints["opt"]), "--num-cpus", "2"]
+        command += ["--port", str(http_port), "--grpc-port", str(grpc_port)]
+        server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                  start_new_session=True)  # fmt: skip
+        try:
+            out, err = server.communicate(timeout=90)  # a server that starts instead never ends by itself
+        except subprocess.TimeoutExpired:
+            kill_tree(server)
+            out, err = server.communicate()
+        finally:
+            holder.close()
+        assert server.returncode == 2, out + err
+        assert words in err and "already in use" in err and "Traceback" not in err, err
+        assert "Ray is up" not in out, out
+
+
 def test_a_cached_hub_snapshot_resolves_offline(tmp_path, checkpoints):
     """A hub name found in the Hugging Face cache (HF_HUB_OFFLINE): the driver hands the replicas its snapshot
     directory, the weights and tokenizer files in it."""
