@@ -15,10 +15,11 @@ from ray import serve
 
 REPORT_S = 1.0  # how often each ingress replica reports what it holds
 FRESH_S = 10.0  # a replica not heard from for this long is gone
+NAME = "Drain"  # the deployment's name
 
 
 @serve.deployment(
-    name="Drain",
+    name=NAME,
     num_replicas=1,
     ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=1000,

@@ -171,8 +171,9 @@ def _drain(config) -> None:
 
 
 def _delete(app_name: str, timeout_s: float = 30.0) -> None:
-    """Delete the application, waiting for it at most `timeout_s`: Serve's own blocking delete waits forever for a
-    replica Ray could never place (seen: `--wait-for-resources` with a stage bigger than the node, then Ctrl-C)."""
+    """Delete the application from a cluster we joined (`--address`), waiting for it at most `timeout_s`: Serve's own
+    blocking delete waits forever for a replica Ray could never place (seen, when our own Ray deleted too:
+    `--wait-for-resources` with a stage bigger than the node, then Ctrl-C)."""
     import time
 
     from ray import serve

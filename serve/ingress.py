@@ -10,7 +10,7 @@ import asyncio
 import logging
 from typing import Any
 
-from blip2_serve.deployments.drain import REPORT_S
+from blip2_serve.deployments import drain as drain_deployment
 from blip2_serve.deployments.types import GenerateRequest, GenerateResult
 from blip2_serve.serve import http, openai, openai_batch, playground
 from blip2_serve.serve.asgi import app
@@ -27,6 +27,25 @@ app.include_router(openai_batch.router)
 app.include_router(playground.router)
 
 
+class QuietDrainProbes(logging.Filter):
+    """Drops Ray Serve's router warning about the Drain coordinator's queue-length probe, and only that one.
+
+    Before each call the router asks the replica how many requests it holds, warns when the answer takes over 0.1 s,
+    and asks again. The drain report is the first call an ingress replica makes, while the model stages still import
+    torch on every core: on 2 cores one start in several printed two "Failed to get queue length from Replica(...,
+    deployment='Drain', ...)" warnings on the console. The report is bookkeeping, resent every REPORT_S, so a slow
+    probe of it is not a problem to show; the model stages' probes still warn."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("Failed to get queue length from") and f"deployment='{drain_deployment.NAME}'" in message
+        )
+
+
+QUIET_DRAIN_PROBES = QuietDrainProbes()
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress(TritonGrpcMethods):
@@ -41,6 +60,7 @@ class Ingress(TritonGrpcMethods):
         self.door = FrontDoor(**door)
         self._drain = drain
         if drain is not None:
+            logging.getLogger("ray.serve").addFilter(QUIET_DRAIN_PROBES)  # Ray Serve's router logs there
             self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
     async def _report_forever(self) -> None:
@@ -54,7 +74,7 @@ class Ingress(TritonGrpcMethods):
                 door.draining = door.draining or drain
             except Exception as exc:  # never fails serving
                 logger.debug("drain report failed: %s", exc)
-            await asyncio.sleep(REPORT_S)
+            await asyncio.sleep(drain_deployment.REPORT_S)
 
     # Python callers (other Serve apps, tests) use these through a DeploymentHandle, with no HTTP in between.
     async def generate(self, request: GenerateRequest) -> GenerateResult:
