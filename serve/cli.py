@@ -223,6 +223,25 @@ def _held_ports(config) -> list[str]:
     return problems
 
 
+def _no_cluster_at(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why no Ray cluster can answer at `address` (host:port of its head), or None where one may. Checked before
+    ray.init, which otherwise retries for minutes with a warning every few seconds (seen: `--address 127.0.0.1:1`,
+    still trying after 2 min). "auto", ray:// and other forms are left to ray.init."""
+    import socket
+
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit() or "://" in address:
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return (
+            f"no Ray cluster answers at {address} ({exc.strerror or exc}): start one there (`ray start --head`), "
+            "or leave out --address (and RAY_ADDRESS) for a Ray of this command's own"
+        )
+
+
 def _why(exc: BaseException) -> str:
     """A start-up failure in a line: its first and last lines (a Ray error from another process ends with that
     process's error, after its traceback), e.g. "HTTP proxies not available after 60s." (seen on 2 cores under load)."""
@@ -257,6 +276,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"blip2-serve: {problem}", file=sys.stderr, flush=True)
         if taken:
             return 2
+    elif (absent := _no_cluster_at(address)) is not None:
+        print(f"blip2-serve: {absent}", file=sys.stderr, flush=True)
+        return 2
     # a signal while starting (the proxy answers ready before serve.run returns) stops as cleanly as one later
     stop, deployment, failure = threading.Event(), None, None
     try:
@@ -428,6 +450,9 @@ def batch(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         prepare_local_ray()
+    elif (absent := _no_cluster_at(address)) is not None:
+        print(f"blip2-serve batch: {absent}", file=sys.stderr)
+        return 2
     ray.init(address=address, include_dashboard=False, logging_level=_ray_level(), log_to_driver=False)
     try:
         summary = run_batch(job, progress=not args.quiet)

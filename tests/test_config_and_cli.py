@@ -423,6 +423,32 @@ def test_a_port_another_server_holds_stops_run_before_ray_starts(checkpoints):
         assert "Ray is up" not in out, out
 
 
+def test_an_address_where_no_cluster_answers_stops_run_and_batch_within_seconds(tmp_path, checkpoints):
+    """`--address` naming a port nothing listens on (a typo, a cluster not started): `run` and `batch` each exit 2
+    within seconds naming the address, instead of ray.init retrying for minutes."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "one.png").write_bytes(image_bytes(0))
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    commands = [
+        [BLIP2_SERVE, "run", "--model", str(checkpoints["opt"]), "--address", address],
+        [BLIP2_SERVE, "batch", "caption", str(tmp_path / "images"), "--model", str(checkpoints["opt"])]
+        + ["--out", str(tmp_path / "out.jsonl"), "--address", address],
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    for command in commands:
+        started = time.monotonic()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            out, err = process.communicate(timeout=60)  # ray.init itself retries for minutes
+        except subprocess.TimeoutExpired:
+            kill_tree(process)
+            out, err = process.communicate()
+        assert process.returncode == 2, out + err
+        assert time.monotonic() - started < 30
+        assert f"no Ray cluster answers at {address}" in err and "Traceback" not in err, err
+
+
 def test_a_cached_hub_snapshot_resolves_offline(tmp_path, checkpoints):
     """A hub name found in the Hugging Face cache (HF_HUB_OFFLINE): the driver hands the replicas its snapshot
     directory, the weights and tokenizer files in it."""
