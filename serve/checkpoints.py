@@ -31,6 +31,8 @@ def resolve(model: ModelConfig) -> ModelConfig:
     of it (downloaded where missing). Raises CheckpointUnavailable."""
     name = model.checkpoint
     if Path(name).expanduser().is_dir():
+        if not (Path(name).expanduser() / "config.json").is_file():  # else each replica fails in from_pretrained
+            raise CheckpointUnavailable(f"checkpoint {name!r} is a directory without config.json: not a checkpoint")
         return model
     if _looks_like_path(name):
         raise CheckpointUnavailable(f"checkpoint {name!r}: no such directory")

@@ -97,6 +97,17 @@ def _deploy(config, document) -> None:
     client.deploy_apps(schema)
 
 
+def _causes(status) -> str:
+    """An application's failure in a line: its own message, then each failed deployment's last line (a replica's
+    constructor error ends its traceback: "Vision: ValueError: Unrecognized processing class in ...")."""
+    causes = [status.message.strip()]
+    for name, deployment in status.deployments.items():
+        lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
+        if lines and str(deployment.status).rsplit(".", 1)[-1] in ("DEPLOY_FAILED", "UNHEALTHY"):
+            causes.append(f"{name}: {lines[-1]}")
+    return " ".join(c for c in causes if c)
+
+
 class _Deployment:
     """Deploy and wait until the application runs on a thread of its own, while the main thread watches `stop`,
     which the signal handlers set: a signal is acted on at once, wherever Ray's calls wait (seen in CI: SIGINT not
@@ -119,7 +130,8 @@ class _Deployment:
                 if status is not None and status.status == "RUNNING":
                     return
                 if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                    raise ValueError(f"application {self.config.app_name!r} {status.status}: {status.message}")
+                    state = getattr(status.status, "value", status.status)
+                    raise ValueError(f"application {self.config.app_name!r} {state}: {_causes(status)}")
                 time.sleep(0.5)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self.errors.append(exc)
@@ -196,12 +208,13 @@ def _ports_in_use(config, wait_s: float = 5.0) -> list[str]:
     import time
 
     deadline = time.monotonic() + wait_s
-    while (problems := _held_ports(config)) and time.monotonic() < deadline:
+    while _held_ports(config, busy_only=True) and time.monotonic() < deadline:
         time.sleep(0.25)
-    return problems
+    return _held_ports(config)
 
 
-def _held_ports(config) -> list[str]:
+def _held_ports(config, busy_only: bool = False) -> list[str]:
+    """The ports that cannot be bound now (`busy_only`: those in use, not those that never can be), one line each."""
     import errno
     import socket
 
@@ -212,34 +225,44 @@ def _held_ports(config) -> list[str]:
     for name, host, port, flag in ports:
         if not port:  # 0: any free port
             continue
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a stopped server's TIME_WAIT is no holder
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                where = f"{name} port {port}" + (f" on {host}" if host else "")
-                why = "is already in use (another server?)" if exc.errno == errno.EADDRINUSE else f"({exc.strerror})"
-                problems.append(f"{where} {why}: choose another with {flag}, or stop what holds it")
+        where = f"{name} port {port}" + (f" on {host}" if host else "")
+        try:  # the address the way Ray's proxy binds it (a name resolved; IPv6 where the host is)
+            family, _, _, _, address = socket.getaddrinfo(host or "0.0.0.0", port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE)[0]  # fmt: skip
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a stopped server's TIME_WAIT: free
+                probe.bind(address)
+        except OSError as exc:
+            if getattr(exc, "errno", None) == errno.EADDRINUSE:
+                problems.append(f"{where} is already in use (another server?): choose another with {flag}, "
+                                "or stop what holds it")  # fmt: skip
+            elif not busy_only:
+                problems.append(f"{where} cannot be bound ({exc.strerror or exc}): check --host (server.host)")
     return problems
 
 
-def _no_cluster_at(address: str, timeout_s: float = 5.0) -> str | None:
+def _no_cluster_at(address: str, timeout_s: float = 10.0) -> str | None:
     """Why no Ray cluster can answer at `address` (host:port of its head), or None where one may. Checked before
     ray.init, which otherwise retries for minutes with a warning every few seconds (seen: `--address 127.0.0.1:1`,
     still trying after 2 min). "auto", ray:// and other forms are left to ray.init."""
     import socket
+    import time
 
     host, colon, port = address.rpartition(":")
     if not colon or not host or not port.isdigit() or "://" in address:
         return None
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return None
-    except OSError as exc:
-        return (
-            f"no Ray cluster answers at {address} ({exc.strerror or exc}): start one there (`ray start --head`), "
-            "or leave out --address (and RAY_ADDRESS) for a Ray of this command's own"
-        )
+    deadline = time.monotonic() + timeout_s  # a head starting beside this command (compose, a pod) gets that long
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+                return None
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                return (
+                    f"no Ray cluster answers at {address} ({exc.strerror or exc}): start one there (`ray start "
+                    "--head`), or leave out --address (and RAY_ADDRESS) for a Ray of this command's own"
+                )
+            time.sleep(0.5)
 
 
 def _why(exc: BaseException) -> str:
@@ -323,14 +346,18 @@ def run(args: argparse.Namespace) -> int:
         try:
             if deployment is not None:
                 deployment.settle()
-            _drain(config)
-            # A cluster we joined keeps its Serve: our application goes. Our own Ray goes whole with ray.shutdown
-            # below, once drained: deleting first only waited for Serve to stop each idle replica gracefully (about
-            # 4 s of a 8 s Ctrl-C on 2 cores, tiny checkpoint; a replica Ray could not place took ~30 s).
-            if address != "local":
+            if failure is None:  # a failed start serves nothing: no ingress replica would ever report drained
+                _drain(config)
+        except Exception as exc:  # interrupted before Serve was up: nothing to drain
+            logger.warning("could not drain the application: %s", exc)
+        # A cluster we joined keeps its Serve: our application goes. Our own Ray goes whole with ray.shutdown
+        # below, once drained: deleting first only waited for Serve to stop each idle replica gracefully (about
+        # 4 s of a 8 s Ctrl-C on 2 cores, tiny checkpoint; a replica Ray could not place took ~30 s).
+        if address != "local":
+            try:
                 _delete(config.app_name, timeout_s=30.0)
-        except Exception as exc:  # interrupted before Serve was up: nothing to drain or delete
-            logger.warning("could not drain or delete the application: %s", exc)
+            except Exception as exc:
+                logger.warning("could not delete the application: %s", exc)
         # (serve.shutdown on our own Ray would only add the raylet's lines about the controller's tasks it cut short)
     ray.shutdown()
     return 1 if failure is not None else 0

@@ -161,6 +161,8 @@ class ServerConfig(BaseModel):
     def _default_within_limit(self) -> ServerConfig:
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
+        if self.grpc_port and self.grpc_port == self.http_port:  # both proxies bind with SO_REUSEPORT: no error
+            raise ValueError(f"http_port and grpc_port are both {self.http_port}: give them different ports")
         return self
 
     def generation_limits(self) -> GenerationLimits:

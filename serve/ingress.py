@@ -37,7 +37,7 @@ class QuietDrainProbes(logging.Filter):
     probe of it is not a problem to show; the model stages' probes still warn."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        message = str(record.msg)  # Ray formats this warning itself (an f-string, no arguments)
         return not (
             message.startswith("Failed to get queue length from") and f"deployment='{drain_deployment.NAME}'" in message
         )

@@ -32,6 +32,8 @@ def test_stage_options_and_validation():
         AppConfig.model_validate({"model": {"checkpoint": "x", "dtype": "fp8"}})
     with pytest.raises(ValidationError):
         AppConfig.model_validate({"model": {"checkpoint": "x"}, "vision": {"replicas": 2}})
+    with pytest.raises(ValidationError, match="http_port and grpc_port are both 9000"):  # Ray would bind both
+        AppConfig.model_validate({"model": {"checkpoint": "x"}, "server": {"http_port": 9000, "grpc_port": 9000}})
 
 
 def test_model_stages_take_gpus_only_where_there_are_gpus(monkeypatch):
@@ -445,8 +447,35 @@ def test_an_address_where_no_cluster_answers_stops_run_and_batch_within_seconds(
             kill_tree(process)
             out, err = process.communicate()
         assert process.returncode == 2, out + err
-        assert time.monotonic() - started < 30
+        assert time.monotonic() - started < 45  # the connect is retried for 10 s (a head starting beside us)
         assert f"no Ray cluster answers at {address}" in err and "Traceback" not in err, err
+
+
+def test_a_checkpoint_the_stages_cannot_load_ends_run_with_their_error_in_a_line(tmp_path):
+    """A directory without config.json: exit 2 before Ray starts. One whose config.json the stages cannot load: Ray
+    starts, the stages fail, and `run` exits 1 with one line naming the stage and its error (no traceback of its
+    own)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    empty, broken = tmp_path / "empty", tmp_path / "broken"
+    empty.mkdir(), broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    flags = ["--port", str(free_port()), "--grpc-port", "0", "--num-cpus", "2"]
+    command = [BLIP2_SERVE, "run", *flags, "--model", str(empty)]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode == 2 and "without config.json" in refused.stderr, refused.stdout + refused.stderr
+
+    process = subprocess.Popen([BLIP2_SERVE, "run", *flags, "--model", str(broken)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # fmt: skip
+    try:
+        out, err = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        kill_tree(process)
+        out, err = process.communicate()
+    assert process.returncode == 1, out + err
+    ours = [line for line in err.splitlines() if line.startswith("blip2-serve:")]
+    assert len(ours) == 1 and "did not start" in ours[0] and "DEPLOY_FAILED" in ours[0], err
+    assert "Vision: " in ours[0] or "LLM: " in ours[0], ours  # the stage's own error, in the line
+    assert "serve/cli.py" not in err, err  # no traceback of the driver's
 
 
 def test_a_cached_hub_snapshot_resolves_offline(tmp_path, checkpoints):
@@ -484,6 +513,7 @@ def test_only_the_drain_reports_slow_probe_warning_leaves_the_console():
     from ray.serve._private.request_router import request_router
 
     assert 'f"Failed to get queue length from {replica.replica_id} "' in inspect.getsource(request_router)
+    assert request_router.logger is logging.getLogger("ray.serve")  # the logger the ingress filters
 
     def warning_about(deployment: str) -> logging.LogRecord:
         replica = ReplicaID("00ps56q0", DeploymentID(name=deployment, app_name="blip2"))
