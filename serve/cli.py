@@ -97,12 +97,17 @@ def _deploy(config, document) -> None:
     client.deploy_apps(schema)
 
 
+def _lines(text: str) -> list[str]:
+    """The text's lines that hold something, stripped."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _causes(status) -> str:
     """An application's failure in a line: its own message, then each failed deployment's last line (a replica's
     constructor error ends its traceback: "Vision: ValueError: Unrecognized processing class in ...")."""
     causes = [status.message.strip()]
     for name, deployment in status.deployments.items():
-        lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
+        lines = _lines(deployment.message or "")
         if lines and str(deployment.status).rsplit(".", 1)[-1] in ("DEPLOY_FAILED", "UNHEALTHY"):
             causes.append(f"{name}: {lines[-1]}")
     return " ".join(c for c in causes if c)
@@ -162,6 +167,7 @@ def _drain(config) -> None:
     together, stranding requests between two stages.)"""
     import time
 
+    from blip2_serve.deployments import drain
     from ray import serve
 
     application = serve.status().applications.get(config.app_name)
@@ -169,7 +175,7 @@ def _drain(config) -> None:
         return
     ingress = application.deployments.get("Ingress")
     expected = sum(n for state, n in ingress.replica_states.items() if str(state).endswith("RUNNING")) if ingress else 0
-    coordinator = serve.get_deployment_handle("Drain", app_name=config.app_name)
+    coordinator = serve.get_deployment_handle(drain.NAME, app_name=config.app_name)
     coordinator.begin_drain.remote().result(timeout_s=10)
     deadline = time.monotonic() + config.server.drain_timeout_s
     state: dict = {}
@@ -208,20 +214,23 @@ def _ports_in_use(config, wait_s: float = 5.0) -> list[str]:
     import time
 
     deadline = time.monotonic() + wait_s
-    while _held_ports(config, busy_only=True) and time.monotonic() < deadline:
+    held = _held_ports(config)
+    while any(busy for busy, _ in held) and time.monotonic() < deadline:
         time.sleep(0.25)
-    return _held_ports(config)
+        held = _held_ports(config)
+    return [problem for _, problem in held]
 
 
-def _held_ports(config, busy_only: bool = False) -> list[str]:
-    """The ports that cannot be bound now (`busy_only`: those in use, not those that never can be), one line each."""
+def _held_ports(config) -> list[tuple[bool, str]]:
+    """The ports that cannot be bound now, one line each, with whether that is because they are in use (which may
+    pass) rather than never bindable here."""
     import errno
     import socket
 
     ports = [("HTTP", config.server.host, config.server.http_port, "--port (server.http_port)")]
     if config.server.grpc_port is not None:  # Ray's gRPC proxy listens on every interface
         ports.append(("gRPC", "", config.server.grpc_port, "--grpc-port (server.grpc_port)"))
-    problems = []
+    problems: list[tuple[bool, str]] = []
     for name, host, port, flag in ports:
         if not port:  # 0: any free port
             continue
@@ -234,10 +243,10 @@ def _held_ports(config, busy_only: bool = False) -> list[str]:
                 probe.bind(address)
         except OSError as exc:
             if getattr(exc, "errno", None) == errno.EADDRINUSE:
-                problems.append(f"{where} is already in use (another server?): choose another with {flag}, "
-                                "or stop what holds it")  # fmt: skip
-            elif not busy_only:
-                problems.append(f"{where} cannot be bound ({exc.strerror or exc}): check --host (server.host)")
+                problems.append((True, f"{where} is already in use (another server?): choose another with {flag}, "
+                                       "or stop what holds it"))  # fmt: skip
+            else:
+                problems.append((False, f"{where} cannot be bound ({exc.strerror or exc}): check --host (server.host)"))
     return problems
 
 
@@ -254,7 +263,8 @@ def _no_cluster_at(address: str, timeout_s: float = 10.0) -> str | None:
     deadline = time.monotonic() + timeout_s  # a head starting beside this command (compose, a pod) gets that long
     while True:
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            left = max(0.5, deadline - time.monotonic())
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=left):
                 return None
         except OSError as exc:
             if time.monotonic() >= deadline:
@@ -265,10 +275,17 @@ def _no_cluster_at(address: str, timeout_s: float = 10.0) -> str | None:
             time.sleep(0.5)
 
 
+def _refused(*problems: object) -> int:
+    """Say on stderr, a line each, why `run` will not serve, and give its exit status for that (2)."""
+    for problem in problems:
+        print(f"blip2-serve: {problem}", file=sys.stderr, flush=True)
+    return 2
+
+
 def _why(exc: BaseException) -> str:
     """A start-up failure in a line: its first and last lines (a Ray error from another process ends with that
     process's error, after its traceback), e.g. "HTTP proxies not available after 60s." (seen on 2 cores under load)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    lines = _lines(str(exc))
     if not lines:
         return type(exc).__name__
     return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
@@ -292,16 +309,11 @@ def run(args: argparse.Namespace) -> int:
         try:
             config, document = _resolved(config, document)
         except CheckpointUnavailable as exc:
-            print(f"blip2-serve: {exc}", file=sys.stderr, flush=True)
-            return 2
-        taken = _ports_in_use(config)
-        for problem in taken:
-            print(f"blip2-serve: {problem}", file=sys.stderr, flush=True)
-        if taken:
-            return 2
+            return _refused(exc)
+        if taken := _ports_in_use(config):
+            return _refused(*taken)
     elif (absent := _no_cluster_at(address)) is not None:
-        print(f"blip2-serve: {absent}", file=sys.stderr, flush=True)
-        return 2
+        return _refused(absent)
     # a signal while starting (the proxy answers ready before serve.run returns) stops as cleanly as one later
     stop, deployment, failure = threading.Event(), None, None
     try:
@@ -318,10 +330,9 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: stop.set())
         problems = [] if args.wait_for_resources else placement.check(config)
         if problems:
-            for problem in problems:
-                print(f"blip2-serve: {problem}", file=sys.stderr, flush=True)
+            status = _refused(*problems)
             ray.shutdown()
-            return 2
+            return status
         print(f"blip2-serve: Ray is up; starting the model stages of {config.model.checkpoint}", flush=True)
         deployment = _Deployment(config, document, stop)
         if not stop.is_set() and deployment.run():
