@@ -103,7 +103,17 @@ def test_upload_caption_stream_and_a_non_image(apps, page, tmp_path):
     python = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True)
     assert python.stdout.decode().strip() == expected, python
 
-    # Every text the answer shows on its way is recorded: streamed, it grows in several steps.
+    # Every text the answer shows on its way is recorded: streamed, it grows in several steps. The tiny model writes
+    # its whole answer in a few milliseconds, so a loaded machine can hand the browser every event in one read (seen
+    # once in a clean-clone run): the browser's downloads are throttled (DevTools' network emulation, 1.5 KB/s) so
+    # that the body reaches the page in pieces whatever the server's timing. A page that waited for the whole body
+    # would still render once.
+    devtools = page.context.new_cdp_session(page)
+    devtools.send("Network.enable")
+    devtools.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": 1500, "uploadThroughput": -1},
+    )
     page.evaluate(
         """() => {
             window.__answers = [];
@@ -119,6 +129,10 @@ def test_upload_caption_stream_and_a_non_image(apps, page, tmp_path):
     expect(page.locator("#latency")).to_have_text(re.compile("^Answer:"), timeout=60_000)
     answer = page.inner_text("#turns .answer")
     seen = [text for text in page.evaluate("window.__answers") if text]
+    devtools.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+    )
     streamed = _chat(app, [_image_part(photo, "image/jpeg"), {"type": "text", "text": question}], stream=True)
     events = [json.loads(line[len("data: ") :]) for line in streamed.text.splitlines() if line.startswith("data: {")]
     assert answer and answer == "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
