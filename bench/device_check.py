@@ -6,6 +6,7 @@ model it builds a random-weight checkpoint at the full published shapes (exporte
 the run's dtype), then runs the vision stage (deployments/vision_encoder.py) and the LLM engine
 (deployments/engine.py) in-process and writes one JSON + Markdown:
 - vision images/s by batch, against the compute floor (bench/flops.py's FLOPs at the device's measured matmul rate);
+  and with `compile_vision` (torch.compile) at the largest batch: compile seconds, speed-up, difference from eager;
 - decode step ms by running batch, against the memory floor (the language model's weight bytes at the device's
   measured copy bandwidth), and prefill ms;
 - parity: the engine's greedy answers against transformers' `generate` in the same dtype on the same device, over 8
@@ -112,6 +113,39 @@ def vision_rows(encoder, images: list, device: str, gflop_per_image: float, tflo
     return rows
 
 
+def compiled_vision_row(eager, model, images: list, device: str, batch: int, eager_ms: float) -> dict:
+    """The vision stage with `compile_vision` (torch.compile, inductor) at one batch size: the first call's seconds
+    (compiling that shape), then ms best of 3 against eager's (the `eager` encoder's), and the largest difference
+    from eager's embeddings."""
+    from blip2_serve.deployments.vision_encoder import VisionEncoder
+
+    compiled = VisionEncoder(model.model_copy(update={"compile_vision": True}))
+    pixels = [eager.preprocess(image) for image in images]
+    chunk = (pixels * (batch // len(pixels) + 1))[:batch]
+    started = time.perf_counter()
+    embeds = compiled.encode(chunk)
+    _sync(device)
+    compile_s = time.perf_counter() - started
+    times = []
+    for _ in range(3):
+        _sync(device)
+        started = time.perf_counter()
+        compiled.encode(chunk)
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    reference = eager.encode(chunk)
+    difference = max(float((a.float() - b.float()).abs().max()) for a, b in zip(embeds, reference))
+    best = min(times)
+    return {
+        "batch": batch,
+        "compile_s": round(compile_s, 1),
+        "ms": round(1000 * best, 2),
+        "eager_ms": eager_ms,
+        "speedup": round(eager_ms / (1000 * best), 3),
+        "max_abs_diff": float(f"{difference:.3g}"),
+    }
+
+
 def _run_engine(engine, generator, embeds: list, max_new_tokens: int, prompts: list[str] | None = None) -> list:
     """Submit one sequence per embedding at once; the results in order."""
     from blip2_serve.deployments.engine import Sequence
@@ -213,8 +247,9 @@ def _weight_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def check(llm: str, dry_run: bool, work: Path, rates: dict) -> dict:
-    """Everything for one language model: its checkpoint, vision, decode, parity, quantization."""
+def check(llm: str, dry_run: bool, work: Path, rates: dict, compile_vision: bool = False) -> dict:
+    """Everything for one language model: its checkpoint, vision (and, where `compile_vision`, the compiled vision
+    stage at the largest batch), decode, parity, quantization."""
     import torch
     from blip2_serve.deployments.config import ModelConfig
     from blip2_serve.deployments.engine import ContinuousBatcher
@@ -239,6 +274,10 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict) -> dict:
     images = _images(PARITY_IMAGES, picture_size)
     flops = caption_flops(size, llm, NEW_TOKENS)  # GFLOP per image of each part
     vision = vision_rows(encoder, images, device, flops["vision"] + flops["qformer"], rates["matmul_tflop_s"])
+    compiled = None
+    if compile_vision:  # one shape (the largest batch): compiling ViT-g takes minutes of a scarce GPU's time
+        eager_ms = vision[-1]["ms"]
+        compiled = compiled_vision_row(encoder, model, images, device, VISION_BATCHES[-1], eager_ms)
     embeds = encoder.encode([encoder.preprocess(image) for image in images])
     generator = LanguageGenerator(model)
     engine = ContinuousBatcher(generator, max_running=max(DECODE_BATCHES))
@@ -282,6 +321,7 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict) -> dict:
         "size": size,
         "checkpoint_built_s": round(built_s, 1),
         "vision": vision,
+        "vision_compiled": compiled,
         "decode": decode,
         "parity": parity,
         "quantized": quantized,
@@ -310,6 +350,14 @@ def markdown(document: dict) -> str:
             f"| {r['batch']} | {r['ms']} | {r['images_per_s']} | {r['compute_floor_ms']} | {r['of_floor']} |"
             for r in part["vision"]
         ]
+        if part.get("vision_compiled"):
+            c = part["vision_compiled"]
+            lines += [
+                "",
+                f"Vision with `compile_vision` (torch.compile) at batch {c['batch']}: {c['ms']} ms against eager's "
+                f"{c['eager_ms']} ({c['speedup']}x), after {c['compile_s']} s compiling that shape; largest "
+                f"difference from eager's embeddings {c['max_abs_diff']}.",
+            ]
         lines += [
             "",
             "| running | prefill ms | decode step ms | memory floor ms | of floor | tokens/s |",
@@ -344,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--commit", default=None, help="the commit measured (where the tree travels without .git)")
     parser.add_argument("--work", default=None, help="where to write the checkpoints (default: a temporary folder)")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip torch.compile of the vision stage (measured with the first LLM)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
@@ -357,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("device ceilings: %s", rates)
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         checks = []
-        for llm in [name for name in args.llm.split(",") if name]:
-            checks.append(check(llm, args.dry_run, Path(work), rates))
+        for index, llm in enumerate(name for name in args.llm.split(",") if name):
+            # the vision half is ViT-g + the same Q-Former for both LLMs: its compiled run once, with the first
+            compiled = index == 0 and not args.no_compile
+            checks.append(check(llm, args.dry_run, Path(work), rates, compile_vision=compiled))
             logger.info("%s done after %.0f s", llm, time.perf_counter() - started)
     document = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -43,6 +43,13 @@ class ModelConfig(BaseModel):
     # eager, 1 image 0.39 / 0.38 s; 20 decode steps alone 1.52 / 1.55 s, at 16 rows 3.14 / 3.03 s (same tokens):
     # SDPA or even, so auto keeps it.
     attn_implementation: Attention = "auto"
+    # torch.compile the vision half (tower + Q-Former + projection; inductor, static shapes): batches run padded to
+    # the next power of two, so that at most log2(max batch) + 1 shapes are compiled, each on its first use. Off by
+    # default: measured on 2 CPU cores (realistic OPT, one process, medians of 4 alternated runs) it gained nothing,
+    # 8 images 3.87 s eager / 3.83 s compiled, 1 image 0.526 / 0.526 s, for 26 s and 17 s of compiling the first two
+    # shapes, and its embeddings differ from eager by up to 3e-5 (fused kernels round differently). On a GPU,
+    # `python -m bench.device_check` measures both (its vision rows).
+    compile_vision: bool = False
     local_files_only: bool = False  # never contact the hub (HF_HUB_OFFLINE=1 does the same)
     trust_remote_code: bool = False  # run Python shipped in a checkpoint: only when flagged (BLIP-2 needs none)
 

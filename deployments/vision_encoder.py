@@ -59,10 +59,19 @@ class TorchVisionBackend:
 
     def __init__(self, config: ModelConfig):
         self.model, self.device, self.dtype = load_vision(config)
+        self.compiled = torch.compile(self.model, dynamic=False) if config.compile_vision else None
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values.to(self.device, self.dtype))
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        if self.compiled is None:
+            return self.model(pixel_values)
+        # one compiled shape per power of two; each image is computed on its own, the padding rows (copies of the last)
+        # mix with none of the real ones
+        count = pixel_values.shape[0]
+        bucket = 1 << (count - 1).bit_length()
+        padded = torch.cat([pixel_values, pixel_values[-1:].expand(bucket - count, -1, -1, -1)])
+        return self.compiled(padded)[:count]
 
 
 def make_vision_backend(config: ModelConfig, backend: VisionBackendConfig) -> VisionBackend:

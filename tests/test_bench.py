@@ -86,6 +86,12 @@ def test_device_check_dry_run_measures_every_part_and_matches_transformers(tmp_p
     document = json.loads((out / "device-check-dry-run.json").read_text())
     assert [part["llm"] for part in document["checks"]] == ["opt", "t5"]
     assert document["rates"]["copy_gb_s"] > 0 and document["rates"]["matmul_tflop_s"] > 0
+    opt, t5 = document["checks"]
+    assert t5["vision_compiled"] is None  # the same vision half: compiled once, with the first LLM
+    compiled = opt["vision_compiled"]
+    assert compiled["batch"] == 32 and compiled["compile_s"] > 0 and compiled["ms"] > 0, compiled
+    assert 0 <= compiled["max_abs_diff"] < 1e-3, compiled
+    assert "compile_vision" in (out / "device-check-dry-run.md").read_text()
     for part in document["checks"]:
         assert [row["batch"] for row in part["vision"]] == [1, 8, 32]
         assert all(row["images_per_s"] > 0 and 0 < row["of_floor"] for row in part["vision"])

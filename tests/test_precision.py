@@ -115,3 +115,20 @@ def test_quantized_tokens_equal_transformers_with_the_same_bitsandbytes_config(c
     expected = [reference.generate([data], None, max_new_tokens=10)[0] for data in pictures]
     assert served == expected
     assert len({tuple(tokens) for tokens in expected}) > 1
+
+
+def test_compiled_vision_pads_to_a_power_of_two_and_matches_eager(checkpoints):
+    """`compile_vision`: three images run as one compiled batch of four (the last repeated), and each embedding is
+    eager's within float32 rounding of fused kernels; off (the default), nothing is compiled."""
+    config = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu")
+    eager = VisionEncoder(config)
+    assert eager.backend.compiled is None
+    compiled = VisionEncoder(config.model_copy(update={"compile_vision": True}))
+    shapes = []
+    compiled.backend.compiled.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    pixels = [eager.preprocess(check_image(image_bytes(seed))) for seed in (1, 2, 3)]
+    expected, got = eager.encode(pixels), compiled.encode(pixels)
+    assert shapes and shapes[-1][0] == 4, shapes
+    assert len(got) == 3
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
