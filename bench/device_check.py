@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,23 +165,30 @@ def _run_engine(engine, generator, embeds: list, max_new_tokens: int, prompts: l
     return results
 
 
-def decode_rows(engine, generator, embedding, device: str, weight_bytes: int, bandwidth_gb_s: float) -> list[dict]:
-    """Decode step ms (median over the steps at that running batch) and prefill ms, by running batch."""
+def decode_rows(
+    engine, generator, embedding, device: str, weight_bytes: int, bandwidth_gb_s: float, batches=DECODE_BATCHES
+) -> list[dict]:
+    """Decode step ms and prefill ms, by running batch: a run of one token (the prefill) and one of NEW_TOKENS, each
+    timed whole with the device synchronised, the difference over the decode steps taken (the engine's own step
+    timer stops before a step's tokens are read, so on a GPU it would time the kernel launches only)."""
     steps: list[tuple[int, float]] = []
     engine.on_step = lambda running, seconds: steps.append((running, seconds))
     _run_engine(engine, generator, [embedding] * 2, 4)  # warm-up
     rows = []
     floor_ms = 1000 * weight_bytes / (bandwidth_gb_s / 2 * 1e9)  # a step reads every weight once (copy: read+write)
-    for batch in DECODE_BATCHES:
+    for batch in batches:
         _sync(device)
         started = time.perf_counter()
         _run_engine(engine, generator, [embedding] * batch, 1)
         _sync(device)
         prefill_ms = 1000 * (time.perf_counter() - started)
         steps.clear()
+        started = time.perf_counter()
         _run_engine(engine, generator, [embedding] * batch, NEW_TOKENS)
+        _sync(device)
+        whole_ms = 1000 * (time.perf_counter() - started)
         full = [seconds for running, seconds in steps if running == batch]
-        step_ms = 1000 * statistics.median(full) if full else None
+        step_ms = (whole_ms - prefill_ms) / len(full) if full else None
         rows.append(
             {
                 "running": batch,
@@ -283,9 +289,16 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict, compile_vision: bool
     engine = ContinuousBatcher(generator, max_running=max(DECODE_BATCHES))
     language_model = generator.model.language_model
     decode = decode_rows(engine, generator, embeds[0], device, _weight_bytes(language_model), rates["copy_gb_s"])
+    # the running KV cache as transformers' DynamicCache (concatenated at every step and join) at the largest batch,
+    # against the default preallocated one (deployments/kvcache.py) above
+    dynamic = ContinuousBatcher(generator, max_running=max(DECODE_BATCHES))
+    dynamic.slab = False
+    (kv_dynamic,) = decode_rows(
+        dynamic, generator, embeds[0], device, _weight_bytes(language_model), rates["copy_gb_s"], DECODE_BATCHES[-1:]
+    )
     served = [r.text for r in _run_engine(engine, generator, embeds, NEW_TOKENS)]
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-    del engine, generator, encoder, language_model
+    del engine, dynamic, generator, encoder, language_model
     expected = reference_answers(checkpoint, images, device, dtype)
     parity = {
         "dtype": dtype_name,
@@ -323,6 +336,7 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict, compile_vision: bool
         "vision": vision,
         "vision_compiled": compiled,
         "decode": decode,
+        "decode_dynamic_cache": kv_dynamic,
         "parity": parity,
         "quantized": quantized,
         "peak_device_bytes": peak,
@@ -368,6 +382,13 @@ def markdown(document: dict) -> str:
             f"{r['tokens_per_s']} |"
             for r in part["decode"]
         ]
+        if part.get("decode_dynamic_cache"):
+            d = part["decode_dynamic_cache"]
+            lines += [
+                "",
+                f"KV cache at {d['running']} running: decode step {d['step_ms']} ms with transformers' DynamicCache "
+                f"(`kv_cache: dynamic`) against the preallocated default's above.",
+            ]
         parity = part["parity"]
         lines += [
             "",

@@ -29,6 +29,7 @@ from blip2_serve.deployments import faults
 from blip2_serve.deployments.cores import BusySignal, CoreTurns, threads_here, turn_of
 from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest, step_logprobs
 from blip2_serve.deployments.head import GreedyHead, screen_wanted, without_banned
+from blip2_serve.deployments.kvcache import SlabLayer, slab_wanted
 from blip2_serve.deployments.text import TextAssembler
 from blip2_serve.deployments.types import GenerateResult
 from transformers import (
@@ -81,6 +82,9 @@ def _pad(tensor: torch.Tensor, length: int, dim: int, left: bool = True) -> torc
 def _join_layers(running: DynamicCache, joining: DynamicCache, left: bool = True) -> None:
     """Append `joining`'s rows to `running`, padding the shorter along the sequence axis (dim 2)."""
     for mine, theirs in zip(running.layers, joining.layers):
+        if isinstance(mine, SlabLayer):  # in place: the new rows written, the running ones left where they are
+            mine.join(theirs.keys, theirs.values, left)
+            continue
         length = max(mine.keys.shape[2], theirs.keys.shape[2])
         mine.keys = torch.cat([_pad(mine.keys, length, 2, left), _pad(theirs.keys, length, 2, left)])
         mine.values = torch.cat([_pad(mine.values, length, 2, left), _pad(theirs.values, length, 2, left)])
@@ -118,6 +122,9 @@ def _guided(scores: torch.Tensor, allowed: list[int], grammars) -> tuple[torch.T
 
 def _select_layers(cache: DynamicCache, rows: torch.Tensor, first_column: int = 0) -> None:
     for layer in cache.layers:
+        if isinstance(layer, SlabLayer):
+            layer.select(rows.tolist(), first_column)
+            continue
         layer.keys = layer.keys[rows, :, first_column:]
         layer.values = layer.values[rows, :, first_column:]
 
@@ -157,6 +164,7 @@ class ContinuousBatcher:
         # that packs its layers had its head installed when it was loaded
         screened = screen_wanted(generator.config.greedy_screen, self.model)
         self.head = GreedyHead.install(self.model) if screened else None
+        self.slab = slab_wanted(generator.config.kv_cache)
         self._fast_logits = False  # whether the last forward's logits came from the head's fast GEMM
         # waiting sequences, interactive before background (GenerateRequest.priority), first come first served within
         self._incoming: queue.PriorityQueue[tuple[int, int, Sequence]] = queue.PriorityQueue()
@@ -342,6 +350,9 @@ class ContinuousBatcher:
         if first:
             self._cache, self._mask = cache["cache"], cache["mask"]
             self._cross = cache.get("cross")
+            if self.slab:  # the batch's caches from here on in preallocated buffers (deployments/kvcache.py)
+                for layers in (self._cache.layers, self._cross.layers if self._cross is not None else []):
+                    layers[:] = [SlabLayer(layer.keys, layer.values, self.max_running) for layer in layers]
             self._encoder_states, self._encoder_mask = cache.get("encoder_states"), cache.get("encoder_mask")
         else:
             self._join(cache)

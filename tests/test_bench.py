@@ -96,6 +96,7 @@ def test_device_check_dry_run_measures_every_part_and_matches_transformers(tmp_p
         assert [row["batch"] for row in part["vision"]] == [1, 8, 32]
         assert all(row["images_per_s"] > 0 and 0 < row["of_floor"] for row in part["vision"])
         assert [row["running"] for row in part["decode"]] == [1, 8, 32, 64]
+        assert part["decode_dynamic_cache"]["running"] == 64 and part["decode_dynamic_cache"]["step_ms"] > 0
         assert all(row["step_ms"] > 0 and row["prefill_ms"] > 0 for row in part["decode"]), part["decode"]
         parity = part["parity"]
         assert parity["equal"] == parity["images"] == 8, parity

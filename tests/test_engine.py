@@ -11,8 +11,10 @@ from blip2_serve.deployments.config import ModelConfig
 from blip2_serve.deployments.engine import ContinuousBatcher, Sequence
 from blip2_serve.deployments.generator import LanguageGenerator
 from blip2_serve.deployments.images import check_image
+from blip2_serve.deployments.kvcache import SlabLayer, slab_wanted
 from blip2_serve.deployments.types import GenerateRequest, GenerationParams
 from blip2_serve.deployments.vision_encoder import VisionEncoder
+from transformers.cache_utils import DynamicLayer
 
 from tests.helpers import image_bytes
 
@@ -37,8 +39,10 @@ def _submit(engine, prepared, **kwargs) -> Future:
     return future
 
 
-def test_joining_and_leaving_keeps_greedy_tokens(parts):
-    """Six requests of different prompts and lengths through a 4-wide engine = each one alone through generate."""
+@pytest.mark.parametrize("kv_cache", ["auto", "dynamic"])
+def test_joining_and_leaving_keeps_greedy_tokens(parts, kv_cache):
+    """Six requests of different prompts and lengths through a 4-wide engine = each one alone through generate, with
+    the running batch's KV cache in preallocated buffers (the default) and in transformers' DynamicCache."""
     generator, embeds = parts
     prompts = ["", "a", "Question: what is in the picture? Answer:", "describe the cat in detail please", "b c", ""]
     limits = [12, 30, 5, 20, 8, 40]
@@ -53,12 +57,17 @@ def test_joining_and_leaving_keeps_greedy_tokens(parts):
     ]
     alone = [generator.run([p])[0].token_ids for p in prepared]
     engine = ContinuousBatcher(generator, max_running=4)
+    assert engine.slab  # the default ("auto")
+    engine.slab = slab_wanted(kv_cache)  # before any sequence: the batch's first prefill reads it
+    caches: list[type] = []
+    engine.on_step = lambda *_: caches.append(type(engine._cache.layers[0]))
     futures = []
     for item in prepared:
         futures.append(_submit(engine, item))
         time.sleep(0.002)
     assert [f.result(timeout=120).token_ids for f in futures] == alone
     assert engine.max_running_seen > 1
+    assert set(caches) == {SlabLayer if kv_cache == "auto" else DynamicLayer}, caches
 
 
 def test_prompts_about_one_image_share_its_prefix_and_keep_greedy_tokens(parts):

@@ -1,0 +1,83 @@
+"""The slab KV cache (deployments/kvcache.py) holds what transformers' DynamicLayer and the engine's concatenating
+join and select hold, step by step, whatever the order of joins, steps and retirements and through every growth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from blip2_serve.deployments.engine import _pad
+from blip2_serve.deployments.kvcache import SPARE_COLUMNS, SlabLayer
+
+
+class Reference:
+    """The concatenating path: DynamicLayer.update's torch.cat, the engine's padded join and indexed select."""
+
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+    def update(self, keys, values):
+        self.keys, self.values = torch.cat([self.keys, keys], dim=-2), torch.cat([self.values, values], dim=-2)
+
+    def join(self, keys, values, left):
+        length = max(self.keys.shape[2], keys.shape[2])
+        self.keys = torch.cat([_pad(self.keys, length, 2, left), _pad(keys, length, 2, left)])
+        self.values = torch.cat([_pad(self.values, length, 2, left), _pad(values, length, 2, left)])
+
+    def select(self, rows, first_column):
+        self.keys = self.keys[rows, :, first_column:]
+        self.values = self.values[rows, :, first_column:]
+
+
+def _states(rows: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(rows, 3, length, 4, generator=generator), torch.randn(rows, 3, length, 4, generator=generator)
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["self-attention", "cross-attention"])
+def test_slab_holds_what_concatenation_holds(left):
+    generator = torch.Generator().manual_seed(1)
+    first = _states(2, 5, generator)
+    slab, reference = SlabLayer(*first, row_capacity=3), Reference(*first)
+    allocations = []
+
+    def check(what: str) -> None:
+        assert slab.get_seq_length() == reference.keys.shape[2], what
+        assert torch.equal(slab.keys, reference.keys) and torch.equal(slab.values, reference.values), what
+        assert slab.get_mask_sizes(1) == (reference.keys.shape[2] + 1, 0)
+        allocations.append(slab._keys.data_ptr())
+
+    check("prefill")
+    # joins longer (the running rows gain padding), shorter and longer again; the first outgrows 3 rows
+    for step, (kind, argument) in enumerate(
+        [("join", 7), ("update", 1), ("join", 2), ("update", 1), ("select", ([0, 2, 3, 5], 0)), ("join", 9)]
+        + [("update", 1)] * (SPARE_COLUMNS + 5)  # past the spare columns: a reallocation
+        + [("select", ([1, 2, 4], 2)), ("update", 1), ("join longer by", 1), ("update", 1)]
+        + [("select", ([0], 0)), ("join", 3), ("update", 1)]
+    ):
+        if kind.startswith("join"):  # "join longer by": into the columns a select freed, where stale values lie
+            length = argument if kind == "join" else slab.get_seq_length() + argument
+            states = _states(2, length, generator)
+            slab.join(*states, left=left)
+            reference.join(*states, left=left)
+        elif kind == "update":
+            states = _states(slab.rows, argument, generator)
+            returned = slab.update(*states)
+            reference.update(*states)
+            assert torch.equal(returned[0], reference.keys) and torch.equal(returned[1], reference.values)
+        else:
+            rows, first_column = argument
+            slab.select(rows, first_column)
+            reference.select(torch.tensor(rows), first_column)
+        check(f"{step}: {kind} {argument}")
+    # the buffers grew a few times (rows past 3, columns past the spare ones), not at every step or join
+    grown = sum(before != after for before, after in zip(allocations, allocations[1:]))
+    assert 2 <= grown <= 5, grown
+
+
+def test_a_step_writes_in_place():
+    """A decode step does not reallocate: the buffers stay, only `end` moves (DynamicLayer copies the whole layer)."""
+    generator = torch.Generator().manual_seed(2)
+    slab = SlabLayer(*_states(4, 6, generator), row_capacity=4)
+    buffer = slab._keys.data_ptr()
+    for _ in range(SPARE_COLUMNS):
+        slab.update(*_states(4, 1, generator))
+    assert slab._keys.data_ptr() == buffer and slab.get_seq_length() == 6 + SPARE_COLUMNS
