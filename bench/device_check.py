@@ -7,6 +7,7 @@ the run's dtype), then runs the vision stage (deployments/vision_encoder.py) and
 (deployments/engine.py) in-process and writes one JSON + Markdown:
 - vision images/s by batch, against the compute floor (bench/flops.py's FLOPs at the device's measured matmul rate);
   and with `compile_vision` (torch.compile) at the largest batch: compile seconds, speed-up, difference from eager;
+- the decode step with the running KV cache as DynamicCache and compiled (`compile_decode`) at the largest batch;
 - decode step ms by running batch, against the memory floor (the language model's weight bytes at the device's
   measured copy bandwidth), and prefill ms;
 - parity: the engine's greedy answers against transformers' `generate` in the same dtype on the same device, over 8
@@ -298,6 +299,27 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict, compile_vision: bool
     )
     served = [r.text for r in _run_engine(engine, generator, embeds, NEW_TOKENS)]
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    compiled_decode = None
+    if compile_vision:  # and the decode step (ModelConfig.compile_decode) at the largest batch, with the first LLM
+        compiled_generator = LanguageGenerator(model.model_copy(update={"compile_decode": True}))
+        compiled_engine = ContinuousBatcher(compiled_generator, max_running=max(DECODE_BATCHES))
+        started_compile = time.perf_counter()
+        _run_engine(compiled_engine, compiled_generator, [embeds[0]] * 2, 4)  # compiles (dynamic shapes)
+        _sync(device)
+        compile_s = time.perf_counter() - started_compile
+        (compiled_decode,) = decode_rows(
+            compiled_engine,
+            compiled_generator,
+            embeds[0],
+            device,
+            _weight_bytes(language_model),
+            rates["copy_gb_s"],
+            DECODE_BATCHES[-1:],
+        )
+        compiled_decode["compile_s"] = round(compile_s, 1)
+        compiled_answers = [r.text for r in _run_engine(compiled_engine, compiled_generator, embeds, NEW_TOKENS)]
+        compiled_decode["answers_equal_to_eager"] = sum(a == b for a, b in zip(compiled_answers, served))
+        del compiled_engine, compiled_generator
     del engine, dynamic, generator, encoder, language_model
     expected = reference_answers(checkpoint, images, device, dtype)
     parity = {
@@ -337,6 +359,7 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict, compile_vision: bool
         "vision_compiled": compiled,
         "decode": decode,
         "decode_dynamic_cache": kv_dynamic,
+        "decode_compiled": compiled_decode,
         "parity": parity,
         "quantized": quantized,
         "peak_device_bytes": peak,
@@ -389,6 +412,14 @@ def markdown(document: dict) -> str:
                 f"KV cache at {d['running']} running: decode step {d['step_ms']} ms with transformers' DynamicCache "
                 f"(`kv_cache: dynamic`) against the preallocated default's above.",
             ]
+        if part.get("decode_compiled"):
+            c = part["decode_compiled"]
+            lines += [
+                "",
+                f"Decode compiled (`compile_decode`, torch.compile, dynamic shapes) at {c['running']} running: step "
+                f"{c['step_ms']} ms, after {c['compile_s']} s compiling; {c['answers_equal_to_eager']} of "
+                f"{PARITY_IMAGES} answers equal to the eager engine's.",
+            ]
         parity = part["parity"]
         lines += [
             "",
@@ -414,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit", default=None, help="the commit measured (where the tree travels without .git)")
     parser.add_argument("--work", default=None, help="where to write the checkpoints (default: a temporary folder)")
     parser.add_argument(
-        "--no-compile", action="store_true", help="skip torch.compile of the vision stage (measured with the first LLM)"
+        "--no-compile",
+        action="store_true",
+        help="skip torch.compile of the vision stage and of the decode step (measured with the first LLM)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -56,8 +56,21 @@ class ModelConfig(BaseModel):
     # cores, one process, 16 rows, 60 steps alternated: realistic OPT 88.7 -> 84.6 ms a step, medium 49.5 -> 47.2,
     # logits bitwise equal; bench.device_check times both on a GPU.
     kv_cache: Literal["auto", "slab", "dynamic"] = "auto"
+    # torch.compile the continuous engine's decode step (inductor, dynamic shapes: the batch and the cache length
+    # change from step to step). Inductor cannot compile oneDNN-packed layers or the greedy screen's bookkeeping, so
+    # with it the language model keeps PyTorch's linear layers and the full output projection. Off by default:
+    # measured on 2 CPU cores (realistic OPT, 16 rows, 30 steps alternated) a compiled step took 198 ms against 211
+    # eager with PyTorch's layers, and 85-92 ms eager with the packed layers it gives up, after 18 s compiling; its
+    # logits differ from eager's by ~1e-5. On a GPU (no packing there), `bench.device_check` times it.
+    compile_decode: bool = False
     local_files_only: bool = False  # never contact the hub (HF_HUB_OFFLINE=1 does the same)
     trust_remote_code: bool = False  # run Python shipped in a checkpoint: only when flagged (BLIP-2 needs none)
+
+    @model_validator(mode="after")
+    def _compilable(self) -> ModelConfig:
+        if self.compile_decode and self.cpu_linear == "onednn":
+            raise ValueError("compile_decode cannot compile oneDNN-packed layers: use cpu_linear auto or torch")
+        return self
 
 
 class BatchConfig(BaseModel):

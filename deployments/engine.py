@@ -162,8 +162,11 @@ class ContinuousBatcher:
         self._cache_argument = _cache_argument(self.model)
         # on CPU: greedy tokens from a bf16 screen of the output projection, checked (deployments/head.py); a model
         # that packs its layers had its head installed when it was loaded
-        screened = screen_wanted(generator.config.greedy_screen, self.model)
+        compiled = generator.config.compile_decode  # then the full projection: the screen's bookkeeping is Python
+        screened = screen_wanted(generator.config.greedy_screen, self.model) and not compiled
         self.head = GreedyHead.install(self.model) if screened else None
+        # the decode step's forward (ModelConfig.compile_decode); prefills stay eager (their shapes vary the most)
+        self._decode = torch.compile(self.model, dynamic=True) if compiled else self.model
         self.slab = slab_wanted(generator.config.kv_cache)
         self._fast_logits = False  # whether the last forward's logits came from the head's fast GEMM
         # waiting sequences, interactive before background (GenerateRequest.priority), first come first served within
@@ -452,13 +455,13 @@ class ContinuousBatcher:
         mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
         with self._head_for(self._running):
             if self.generator.decoder_only:
-                output = self.model(
+                output = self._decode(
                     input_ids=last, attention_mask=mask, use_cache=True, **{self._cache_argument: self._cache}
                 )
             else:
                 cache = EncoderDecoderCache(self._cache, self._cross)
                 cache.is_updated = {layer: True for layer in range(len(self._cross.layers))}
-                output = self.model(
+                output = self._decode(
                     encoder_outputs=BaseModelOutput(last_hidden_state=self._encoder_states),
                     attention_mask=self._encoder_mask,
                     decoder_input_ids=last,

@@ -204,6 +204,8 @@ def packs_linear_layers(config: ModelConfig, blip2_config, device: torch.device,
         return False
     if config.cpu_linear == "onednn":
         return True
+    if half == "language" and config.compile_decode:  # inductor cannot compile packed layers
+        return False
     return half == "language" and bool(getattr(blip2_config, "use_decoder_only_language_model", False))
 
 

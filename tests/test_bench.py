@@ -87,7 +87,10 @@ def test_device_check_dry_run_measures_every_part_and_matches_transformers(tmp_p
     assert [part["llm"] for part in document["checks"]] == ["opt", "t5"]
     assert document["rates"]["copy_gb_s"] > 0 and document["rates"]["matmul_tflop_s"] > 0
     opt, t5 = document["checks"]
-    assert t5["vision_compiled"] is None  # the same vision half: compiled once, with the first LLM
+    assert t5["vision_compiled"] is None and t5["decode_compiled"] is None  # compiled with the first LLM only
+    decode = opt["decode_compiled"]
+    assert decode["running"] == 64 and decode["step_ms"] > 0 and decode["compile_s"] > 0, decode
+    assert decode["answers_equal_to_eager"] == 8, decode
     compiled = opt["vision_compiled"]
     assert compiled["batch"] == 32 and compiled["compile_s"] > 0 and compiled["ms"] > 0, compiled
     assert 0 <= compiled["max_abs_diff"] < 1e-3, compiled

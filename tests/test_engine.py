@@ -445,3 +445,33 @@ def test_packed_opt_engine_tokens_equal_transformers_generate(checkpoints, refer
     ]
     assert engine.head.packed is not None and engine.head.rows >= 4
     assert served == expected
+
+
+def test_compiled_decode_steps_keep_the_greedy_tokens(checkpoints):
+    """`compile_decode`: the engine's decode steps run through torch.compile (dynamic shapes: three requests of
+    different lengths join and leave) and give the tokens of the same engine uncompiled, with the same layers
+    (PyTorch's linear layers and the full output projection, which compiling implies)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    def tokens(**settings) -> tuple[list, ContinuousBatcher]:
+        model = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", **settings)
+        vision, generator = VisionEncoder(model), LanguageGenerator(model)
+        embeds = vision.encode([vision.preprocess(check_image(image_bytes(900 + i))) for i in range(3)])
+        engine = ContinuousBatcher(generator, max_running=4)
+        futures = []
+        for i, (prompt, limit) in enumerate(zip(["", "a photo of", "Question: what? Answer:"], [12, 6, 9])):
+            request = GenerateRequest(f"c{i}", None, prompt, GenerationParams(max_new_tokens=limit))
+            futures.append(_submit(engine, generator.prepare(request, embeds[i])))
+            time.sleep(0.01)
+        return [f.result(timeout=300).token_ids for f in futures], engine
+
+    expected, eager = tokens(cpu_linear="torch", greedy_screen="off")
+    assert eager._decode is eager.model
+    compiled_before = counters["stats"]["unique_graphs"]
+    got, engine = tokens(compile_decode=True)
+    assert isinstance(engine._decode, torch._dynamo.eval_frame.OptimizedModule) and engine.head is None
+    assert counters["stats"]["unique_graphs"] > compiled_before  # the steps went through the compiler
+    assert got == expected
+    with pytest.raises(ValueError, match="oneDNN"):
+        ModelConfig(checkpoint="x", compile_decode=True, cpu_linear="onednn")
