@@ -29,13 +29,16 @@ def slab_wanted(setting: str) -> bool:
 class SlabLayer(DynamicLayer):
     """One layer's keys and values of the running batch, in preallocated buffers (see the module)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, row_capacity: int = 0):
-        """The layer of a prefill's `keys`, `values` `[rows, heads, length, head dim]`, with room for
-        `row_capacity` rows (the engine's most running sequences) so that joins do not reallocate."""
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, max_rows: int = 0):
+        """The layer of a prefill's `keys`, `values` `[rows, heads, length, head dim]`. Its rows double as requests
+        join, up to `max_rows` (the engine's most running sequences): a lone request does not hold a full batch's
+        memory, and a batch filling up reallocates a few times, not at every join."""
         self.is_initialized, self.device = True, keys.device
+        self.max_rows = max_rows
         self._keys = self._values = keys  # replaced by _allocate
         self.rows, self.start, self.end = 0, 0, 0
-        self._allocate(max(row_capacity, keys.shape[0]), 0, keys.shape[2] + max(keys.shape[2], SPARE_COLUMNS), keys)
+        rows = keys.shape[0]
+        self._allocate(self._grown_rows(rows, rows), 0, keys.shape[2] + max(keys.shape[2], SPARE_COLUMNS), keys)
         self.rows, self.end = keys.shape[0], keys.shape[2]
         self._keys[: self.rows, :, : self.end] = keys
         self._values[: self.rows, :, : self.end] = values
@@ -69,6 +72,10 @@ class SlabLayer(DynamicLayer):
         self._keys, self._values = keys, values
         self.start, self.end = left, left + used
 
+    def _grown_rows(self, needed: int, capacity: int) -> int:
+        """Rows to allocate for `needed`: twice the `capacity` (at least 4), at most max_rows unless more are needed."""
+        return max(needed, min(max(2 * capacity, 4), self.max_rows))
+
     def _reserve(self, rows: int = 0, left: int = 0, right: int = 0) -> None:
         """Room for `rows` rows, `left` free columns before `start` and `right` after `end`; a reallocation
         (a copy of what is in use) only where there is not."""
@@ -77,7 +84,8 @@ class SlabLayer(DynamicLayer):
             return
         used = self.end - self.start
         spare = max(used, SPARE_COLUMNS)
-        self._allocate(max(rows, capacity_rows), left, left + used + max(right, spare), self._keys)
+        grown = capacity_rows if rows <= capacity_rows else self._grown_rows(rows, capacity_rows)
+        self._allocate(grown, left, left + used + max(right, spare), self._keys)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """A step's new columns for every running row (what DynamicLayer.update concatenates): written in place."""
