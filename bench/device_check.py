@@ -254,9 +254,9 @@ def _weight_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def check(llm: str, dry_run: bool, work: Path, rates: dict, compile_vision: bool = False) -> dict:
-    """Everything for one language model: its checkpoint, vision (and, where `compile_vision`, the compiled vision
-    stage at the largest batch), decode, parity, quantization."""
+def check(llm: str, dry_run: bool, work: Path, rates: dict, compiled_rows: bool = False) -> dict:
+    """Everything for one language model: its checkpoint, vision, decode, parity, quantization; where
+    `compiled_rows`, the vision stage and the decode step compiled (torch.compile) at the largest batch."""
     import torch
     from blip2_serve.deployments.config import ModelConfig
     from blip2_serve.deployments.engine import ContinuousBatcher
@@ -282,25 +282,26 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict, compile_vision: bool
     flops = caption_flops(size, llm, NEW_TOKENS)  # GFLOP per image of each part
     vision = vision_rows(encoder, images, device, flops["vision"] + flops["qformer"], rates["matmul_tflop_s"])
     compiled = None
-    if compile_vision:  # one shape (the largest batch): compiling ViT-g takes minutes of a scarce GPU's time
+    if compiled_rows:  # one shape (the largest batch): compiling ViT-g takes minutes of a scarce GPU's time
         eager_ms = vision[-1]["ms"]
         compiled = compiled_vision_row(encoder, model, images, device, VISION_BATCHES[-1], eager_ms)
     embeds = encoder.encode([encoder.preprocess(image) for image in images])
     generator = LanguageGenerator(model)
     engine = ContinuousBatcher(generator, max_running=max(DECODE_BATCHES))
-    language_model = generator.model.language_model
-    decode = decode_rows(engine, generator, embeds[0], device, _weight_bytes(language_model), rates["copy_gb_s"])
+    weight_bytes = _weight_bytes(generator.model.language_model)
+    decode = decode_rows(engine, generator, embeds[0], device, weight_bytes, rates["copy_gb_s"])
     # the running KV cache as transformers' DynamicCache (concatenated at every step and join) at the largest batch,
     # against the default preallocated one (deployments/kvcache.py) above
     dynamic = ContinuousBatcher(generator, max_running=max(DECODE_BATCHES))
     dynamic.slab = False
     (kv_dynamic,) = decode_rows(
-        dynamic, generator, embeds[0], device, _weight_bytes(language_model), rates["copy_gb_s"], DECODE_BATCHES[-1:]
+        dynamic, generator, embeds[0], device, weight_bytes, rates["copy_gb_s"], DECODE_BATCHES[-1:]
     )
     served = [r.text for r in _run_engine(engine, generator, embeds, NEW_TOKENS)]
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    del engine, dynamic, generator, encoder  # before a second copy of the language model is loaded
     compiled_decode = None
-    if compile_vision:  # and the decode step (ModelConfig.compile_decode) at the largest batch, with the first LLM
+    if compiled_rows:  # the decode step compiled (ModelConfig.compile_decode) at the largest batch
         compiled_generator = LanguageGenerator(model.model_copy(update={"compile_decode": True}))
         compiled_engine = ContinuousBatcher(compiled_generator, max_running=max(DECODE_BATCHES))
         started_compile = time.perf_counter()
@@ -312,7 +313,7 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict, compile_vision: bool
             compiled_generator,
             embeds[0],
             device,
-            _weight_bytes(language_model),
+            weight_bytes,
             rates["copy_gb_s"],
             DECODE_BATCHES[-1:],
         )
@@ -320,7 +321,6 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict, compile_vision: bool
         compiled_answers = [r.text for r in _run_engine(compiled_engine, compiled_generator, embeds, NEW_TOKENS)]
         compiled_decode["answers_equal_to_eager"] = sum(a == b for a, b in zip(compiled_answers, served))
         del compiled_engine, compiled_generator
-    del engine, dynamic, generator, encoder, language_model
     expected = reference_answers(checkpoint, images, device, dtype)
     parity = {
         "dtype": dtype_name,
@@ -463,9 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         checks = []
         for index, llm in enumerate(name for name in args.llm.split(",") if name):
-            # the vision half is ViT-g + the same Q-Former for both LLMs: its compiled run once, with the first
+            # compiled rows with the first LLM only: the vision half is the same ViT-g + Q-Former for both
             compiled = index == 0 and not args.no_compile
-            checks.append(check(llm, args.dry_run, Path(work), rates, compile_vision=compiled))
+            checks.append(check(llm, args.dry_run, Path(work), rates, compiled_rows=compiled))
             logger.info("%s done after %.0f s", llm, time.perf_counter() - started)
     document = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
