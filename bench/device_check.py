@@ -12,7 +12,7 @@ the run's dtype), then runs the vision stage (deployments/vision_encoder.py) and
   measured copy bandwidth), and prefill ms;
 - parity: the engine's greedy answers against transformers' `generate` in the same dtype on the same device, over 8
   images (an agreement rate: fp16 kernels need not be bitwise equal across batch shapes);
-- int8 / int4 (bitsandbytes, where installed): memory and agreement with the fp16 answers;
+- int8 / int4 (bitsandbytes, where installed): memory, and parity with transformers under the same BitsAndBytesConfig;
 - peak device memory.
 
     python -m bench.device_check                 # on a GPU: full shapes, fp16 (must end within ~8 minutes on an H200)
@@ -204,15 +204,36 @@ def decode_rows(
     return rows
 
 
-def reference_answers(checkpoint: Path, images: list, device: str, dtype) -> list[str]:
+def bitsandbytes_config(quantization: str, dtype):
+    """The BitsAndBytesConfig that loads transformers' whole model as the LLM stage quantizes its language model:
+    the vision tower, Q-Former, projection and output projection left as they are (tests/test_precision.py)."""
+    from transformers import BitsAndBytesConfig
+
+    skip = ["vision_model", "qformer", "language_projection", "lm_head"]
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip
+    )
+
+
+def reference_answers(checkpoint: Path, images: list, device: str, dtype, quantization: str | None = None) -> list[str]:
     """transformers' Blip2ForConditionalGeneration.generate over the images as one batch, greedy, the model card's
-    way (T5 takes text=""), in `dtype` on `device`."""
+    way (T5 takes text=""), in `dtype` on `device`, quantized by bitsandbytes where `quantization` says."""
     import torch
     from PIL import Image
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     processor = Blip2Processor.from_pretrained(checkpoint)
-    model = Blip2ForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype).eval().to(device)
+    if quantization is None:
+        model = Blip2ForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype).eval().to(device)
+    else:
+        model = Blip2ForConditionalGeneration.from_pretrained(
+            checkpoint,
+            dtype=dtype,
+            quantization_config=bitsandbytes_config(quantization, dtype),
+            device_map={"": device},
+        ).eval()
     pictures = [Image.open(io.BytesIO(image.data)).convert("RGB") for image in images]
     decoder_only = bool(model.config.use_decoder_only_language_model)
     if decoder_only:
@@ -330,10 +351,7 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict, compiled_rows: bool 
         "transformers": expected,
     }
     quantized = {}
-    for quantization in ("int8", "int4"):
-        if dry_run:
-            quantized[quantization] = {"skipped": "dry run (bitsandbytes' CPU backend is not what a GPU runs)"}
-            continue
+    for quantization in ("int8", "int4"):  # on CPU in a dry run too: bitsandbytes' CPU backend runs the same code
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
@@ -341,16 +359,19 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict, compiled_rows: bool 
             continue
         q_model = ModelConfig(checkpoint=str(checkpoint), device=device, dtype=dtype_name, quantization=quantization)
         q_generator = LanguageGenerator(q_model)
-        q_bytes = torch.cuda.memory_allocated()
+        q_bytes = torch.cuda.memory_allocated() if device.startswith("cuda") else None
         q_engine = ContinuousBatcher(q_generator, max_running=PARITY_IMAGES)
         answers = [r.text for r in _run_engine(q_engine, q_generator, embeds, NEW_TOKENS)]
+        q_weight_bytes = _weight_bytes(q_generator.model.language_model)
+        del q_engine, q_generator
+        q_expected = reference_answers(checkpoint, images, device, dtype, quantization)
         quantized[quantization] = {
-            "llm_weight_bytes": _weight_bytes(q_generator.model.language_model),
+            "llm_weight_bytes": q_weight_bytes,
             "allocated_bytes": q_bytes,
-            "equal_to_fp16": sum(a == b for a, b in zip(answers, served)),
+            "equal_to_transformers": sum(a == b for a, b in zip(answers, q_expected)),
+            "equal_to_unquantized": sum(a == b for a, b in zip(answers, served)),
             "images": len(answers),
         }
-        del q_engine, q_generator
     return {
         "llm": llm,
         "size": size,
@@ -431,8 +452,9 @@ def markdown(document: dict) -> str:
                 lines.append(f"- {name}: skipped ({q['skipped']})")
             else:
                 lines.append(
-                    f"- {name}: LLM weights {q['llm_weight_bytes']} bytes, {q['equal_to_fp16']}/{q['images']} "
-                    "answers equal to the fp16 ones"
+                    f"- {name}: LLM weights {q['llm_weight_bytes']} bytes; {q['equal_to_transformers']}/{q['images']} "
+                    f"answers equal to transformers' with the same BitsAndBytesConfig, {q['equal_to_unquantized']}/"
+                    f"{q['images']} to the unquantized ones"
                 )
     return "\n".join(lines) + "\n"
 

@@ -103,5 +103,8 @@ def test_device_check_dry_run_measures_every_part_and_matches_transformers(tmp_p
         assert all(row["step_ms"] > 0 and row["prefill_ms"] > 0 for row in part["decode"]), part["decode"]
         parity = part["parity"]
         assert parity["equal"] == parity["images"] == 8, parity
+        for quantization in ("int8", "int4"):  # bitsandbytes' CPU backend: served = transformers' same config
+            q = part["quantized"][quantization]
+            assert q["images"] == 8 and q["equal_to_transformers"] == 8 and q["llm_weight_bytes"] > 0, q
         assert len(set(parity["served"])) > 1  # the images give different answers: the comparison means something
     assert (out / "device-check-dry-run.md").read_text().startswith("# device check")
