@@ -48,7 +48,7 @@ class ModelConfig(BaseModel):
     # default: measured on 2 CPU cores (realistic OPT, one process, medians of 4 alternated runs) it gained nothing,
     # 8 images 3.87 s eager / 3.83 s compiled, 1 image 0.526 / 0.526 s, for 26 s and 17 s of compiling the first two
     # shapes, and its embeddings differ from eager by up to 3e-5 (fused kernels round differently). On a GPU,
-    # `python -m bench.device_check` measures both (its vision rows).
+    # `python -m bench.device_check --compile` measures both.
     compile_vision: bool = False
     # The continuous engine's running KV cache: "slab" keeps it in preallocated buffers (deployments/kvcache.py: a
     # step writes one column and a join writes its own rows, instead of copying the whole running cache as
@@ -61,7 +61,7 @@ class ModelConfig(BaseModel):
     # with it the language model keeps PyTorch's linear layers and the full output projection. Off by default:
     # measured on 2 CPU cores (realistic OPT, 16 rows, 30 steps alternated) a compiled step took 198 ms against 211
     # eager with PyTorch's layers, and 85-92 ms eager with the packed layers it gives up, after 18 s compiling; its
-    # logits differ from eager's by ~1e-5. On a GPU (no packing there), `bench.device_check` times it.
+    # logits differ from eager's by ~1e-5. On a GPU (no packing there), `bench.device_check --compile` times it.
     compile_decode: bool = False
     local_files_only: bool = False  # never contact the hub (HF_HUB_OFFLINE=1 does the same)
     trust_remote_code: bool = False  # run Python shipped in a checkpoint: only when flagged (BLIP-2 needs none)
