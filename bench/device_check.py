@@ -86,6 +86,18 @@ def _images(count: int, size: int) -> list:
     return [check_image(data) for data in sample_images(count, size=size)]
 
 
+def _best_of_3(call, device: str) -> float:
+    """Seconds of the fastest of three calls of `call`, the device synchronised around each."""
+    times = []
+    for _ in range(3):
+        _sync(device)
+        started = time.perf_counter()
+        call()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
 def vision_rows(encoder, images: list, device: str, gflop_per_image: float, tflops: float) -> list[dict]:
     """images/s of the vision stage (tower + Q-Former + projection) at each batch size, best of 3."""
     pixels = [encoder.preprocess(image) for image in images]
@@ -93,14 +105,7 @@ def vision_rows(encoder, images: list, device: str, gflop_per_image: float, tflo
     for batch in VISION_BATCHES:
         chunk = (pixels * (batch // len(pixels) + 1))[:batch]
         encoder.encode(chunk)  # warm-up (kernel selection, allocator)
-        times = []
-        for _ in range(3):
-            _sync(device)
-            started = time.perf_counter()
-            encoder.encode(chunk)
-            _sync(device)
-            times.append(time.perf_counter() - started)
-        best = min(times)
+        best = _best_of_3(lambda: encoder.encode(chunk), device)
         floor_s = batch * gflop_per_image / (tflops * 1e3)
         rows.append(
             {
@@ -127,16 +132,9 @@ def compiled_vision_row(eager, model, images: list, device: str, batch: int, eag
     embeds = compiled.encode(chunk)
     _sync(device)
     compile_s = time.perf_counter() - started
-    times = []
-    for _ in range(3):
-        _sync(device)
-        started = time.perf_counter()
-        compiled.encode(chunk)
-        _sync(device)
-        times.append(time.perf_counter() - started)
+    best = _best_of_3(lambda: compiled.encode(chunk), device)
     reference = eager.encode(chunk)
     difference = max(float((a.float() - b.float()).abs().max()) for a, b in zip(embeds, reference))
-    best = min(times)
     return {
         "batch": batch,
         "compile_s": round(compile_s, 1),

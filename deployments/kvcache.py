@@ -19,6 +19,9 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 SPARE_COLUMNS = 32  # at least this many free columns after a (re)allocation: 32 decode steps before the next one
+# and this many before the first column in use: a request whose prompt is up to this much longer than the running
+# rows joins without moving them (they gain padding on their left)
+SPARE_LEFT = 32
 
 
 def slab_wanted(setting: str) -> bool:
@@ -37,11 +40,11 @@ class SlabLayer(DynamicLayer):
         self.max_rows = max_rows
         self._keys = self._values = keys  # replaced by _allocate
         self.rows, self.start, self.end = 0, 0, 0
-        rows = keys.shape[0]
-        self._allocate(self._grown_rows(rows, rows), 0, keys.shape[2] + max(keys.shape[2], SPARE_COLUMNS), keys)
-        self.rows, self.end = keys.shape[0], keys.shape[2]
-        self._keys[: self.rows, :, : self.end] = keys
-        self._values[: self.rows, :, : self.end] = values
+        rows, length = keys.shape[0], keys.shape[2]
+        self._allocate(self._grown_rows(rows, rows), SPARE_LEFT, SPARE_LEFT + length + max(length, SPARE_COLUMNS), keys)
+        self.rows, self.end = rows, self.start + length
+        self._keys[:rows, :, self.start : self.end] = keys
+        self._values[:rows, :, self.start : self.end] = values
 
     # what attention and the engine read: views of the rows and columns in use
     @property
@@ -85,6 +88,7 @@ class SlabLayer(DynamicLayer):
         used = self.end - self.start
         spare = max(used, SPARE_COLUMNS)
         grown = capacity_rows if rows <= capacity_rows else self._grown_rows(rows, capacity_rows)
+        left = max(left, SPARE_LEFT)
         self._allocate(grown, left, left + used + max(right, spare), self._keys)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

@@ -94,3 +94,28 @@ def test_rows_double_as_requests_join_up_to_the_engine_batch():
         if slab._keys is not buffers[-1]:
             buffers.append(slab._keys)
     assert slab.rows == 16 and [buffer.shape[0] for buffer in buffers] == [4, 8, 16]
+
+
+def test_a_longer_prompt_joins_without_moving_the_running_rows():
+    """A request whose prefix is 20 columns longer than the running rows' (a question beside captions) is written
+    beside them: the buffers stay (the running rows gain zeros on their left; kvcache.SPARE_LEFT columns are kept
+    free there), and the layer holds what concatenation holds."""
+    generator = torch.Generator().manual_seed(4)
+    first = _states(2, 5, generator)
+    slab, reference = SlabLayer(*first, max_rows=16), Reference(*first)
+    buffer = slab._keys
+    joining = _states(1, 5 + 20, generator)
+    slab.join(*joining)
+    reference.join(*joining, left=True)
+    assert slab._keys is buffer
+    assert torch.equal(slab.keys, reference.keys) and torch.equal(slab.values, reference.values)
+    # the same after the buffers grew (4 -> 8 rows): a reallocation keeps free columns on the left
+    crowd = _states(3, 4, generator)
+    slab.join(*crowd)
+    reference.join(*crowd, left=True)
+    buffer = slab._keys
+    joining = _states(1, slab.get_seq_length() + 20, generator)
+    slab.join(*joining)
+    reference.join(*joining, left=True)
+    assert slab._keys is buffer
+    assert torch.equal(slab.keys, reference.keys) and torch.equal(slab.values, reference.values)
