@@ -41,7 +41,7 @@ class SlabLayer(DynamicLayer):
         self._keys = self._values = keys  # replaced by _allocate
         self.rows, self.start, self.end = 0, 0, 0
         rows, length = keys.shape[0], keys.shape[2]
-        self._allocate(self._grown_rows(rows, rows), SPARE_LEFT, SPARE_LEFT + length + max(length, SPARE_COLUMNS), keys)
+        self._allocate(self._grown_rows(rows, rows), SPARE_LEFT, self._columns(SPARE_LEFT, length), keys)
         self.rows, self.end = rows, self.start + length
         self._keys[:rows, :, self.start : self.end] = keys
         self._values[:rows, :, self.start : self.end] = values
@@ -75,6 +75,12 @@ class SlabLayer(DynamicLayer):
         self._keys, self._values = keys, values
         self.start, self.end = left, left + used
 
+    @staticmethod
+    def _columns(left: int, used: int, right: int = 0) -> int:
+        """Columns to allocate for `used` in use after `left` free ones: at least `right` more, and at least as many
+        spare as are used (doubling), never fewer than SPARE_COLUMNS."""
+        return left + used + max(right, used, SPARE_COLUMNS)
+
     def _grown_rows(self, needed: int, capacity: int) -> int:
         """Rows to allocate for `needed`: twice the `capacity` (at least 4), at most max_rows unless more are needed."""
         return max(needed, min(max(2 * capacity, 4), self.max_rows))
@@ -85,11 +91,9 @@ class SlabLayer(DynamicLayer):
         capacity_rows, capacity_columns = self._keys.shape[0], self._keys.shape[2]
         if rows <= capacity_rows and left <= self.start and self.end + right <= capacity_columns:
             return
-        used = self.end - self.start
-        spare = max(used, SPARE_COLUMNS)
         grown = capacity_rows if rows <= capacity_rows else self._grown_rows(rows, capacity_rows)
         left = max(left, SPARE_LEFT)
-        self._allocate(grown, left, left + used + max(right, spare), self._keys)
+        self._allocate(grown, left, self._columns(left, self.end - self.start, right), self._keys)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """A step's new columns for every running row (what DynamicLayer.update concatenates): written in place."""

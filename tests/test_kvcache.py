@@ -3,29 +3,45 @@ join and select hold, step by step, whatever the order of joins, steps and retir
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from blip2_serve.deployments.engine import _pad
+from blip2_serve.deployments.engine import _join_layers, _select_layers
 from blip2_serve.deployments.kvcache import SPARE_COLUMNS, SlabLayer
+from transformers.cache_utils import DynamicLayer
 
 
 class Reference:
-    """The concatenating path: DynamicLayer.update's torch.cat, the engine's padded join and indexed select."""
+    """The concatenating path, as the engine runs it with transformers' cache: DynamicLayer.update, and the engine's
+    own padded join and indexed select (engine._join_layers, engine._select_layers)."""
 
     def __init__(self, keys, values):
-        self.keys, self.values = keys, values
+        self.cache = self._holding(keys, values)
+
+    @staticmethod
+    def _holding(keys, values) -> SimpleNamespace:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.update(keys, values)
+        return SimpleNamespace(layers=[layer])  # what the engine's helpers read of a cache
+
+    @property
+    def keys(self):
+        return self.cache.layers[0].keys
+
+    @property
+    def values(self):
+        return self.cache.layers[0].values
 
     def update(self, keys, values):
-        self.keys, self.values = torch.cat([self.keys, keys], dim=-2), torch.cat([self.values, values], dim=-2)
+        self.cache.layers[0].update(keys, values)
 
     def join(self, keys, values, left):
-        length = max(self.keys.shape[2], keys.shape[2])
-        self.keys = torch.cat([_pad(self.keys, length, 2, left), _pad(keys, length, 2, left)])
-        self.values = torch.cat([_pad(self.values, length, 2, left), _pad(values, length, 2, left)])
+        _join_layers(self.cache, self._holding(keys, values), left)
 
     def select(self, rows, first_column):
-        self.keys = self.keys[rows, :, first_column:]
-        self.values = self.values[rows, :, first_column:]
+        _select_layers(self.cache, rows, first_column)
 
 
 def _states(rows: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
