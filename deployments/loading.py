@@ -182,10 +182,70 @@ class PackedLinear(nn.Module):
 PACK_MIN_WEIGHTS = 1 << 20
 
 
+# PyTorch's fp32 linear on CPU is MKL's SGEMM, which takes a slow path at 8 to 15 rows for layers of these sizes:
+# measured on 2 cores with the stages' passive OpenMP waiting, medians of 7, ms as they are / as 16 rows: Flan-T5-XL's
+# 5120 x 2048 at 12 rows 14.4 / 8.4, its 2048 x 5120 at 15 rows 19.2 / 5.8 and at 8 rows 9.7 / 8.2, its 32128 x 2048
+# output projection at 12 rows 77.7 / 45.7 (at 1-3 rows and from 16 rows on there is no such step). A decode step's
+# rows are its running sequences, so a batch of 8-15 is computed as 16 in the layers that keep PyTorch's GEMM
+# (RowPaddedLinear).
+PADDED_ROWS = 16
+PAD_FROM_ROWS = 8
+
+
+class RowPaddedLinear(nn.Module):
+    """An `nn.Linear` (the same weight and bias) that computes 8-15 rows as 16: zero rows appended, then dropped.
+
+    MKL computes each output row from its input row alone within one code path, so every real row's result is
+    bitwise the one it has inside any batch of 16 (tests/test_checkpoint.py checks it): the rounding a full decode
+    batch already has, not a new one.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same parameters (shared with any tied weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if not PAD_FROM_ROWS <= rows < PADDED_ROWS:
+            return nn.functional.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, self.in_features)
+        padded = torch.cat([flat, flat.new_zeros(PADDED_ROWS - rows, self.in_features)])
+        out = nn.functional.linear(padded, self.weight, self.bias)[:rows]
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def pad_linear_rows(model: nn.Module, config: ModelConfig, device: torch.device) -> nn.Module:
+    """A CPU language model that keeps PyTorch's layers under cpu_linear "auto" (T5; not with compile_decode, whose
+    compiled step keeps plain layers): its plain fp32 nn.Linear layers of PACK_MIN_WEIGHTS weights or more become
+    RowPaddedLinear, except the output projection, whose greedy rows the engine's bf16 screen computes
+    (deployments/head.py wants it a plain nn.Linear). "torch" leaves every layer as it is."""
+    if device.type != "cpu" or config.cpu_linear != "auto" or config.compile_decode:
+        return model
+    head = model.language_model.get_output_embeddings() if hasattr(model, "language_model") else None
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (
+                type(child) is nn.Linear
+                and child is not head
+                and child.weight.dtype == torch.float32
+                and child.weight.numel() >= PACK_MIN_WEIGHTS
+            ):
+                setattr(parent, name, RowPaddedLinear(child))
+                replaced += 1
+    if replaced:
+        logger.info("%d linear layers compute 8-15 rows as 16", replaced)
+    return model
+
+
 def small_model(model: nn.Module) -> bool:
     """Whether every linear layer of `model` (plain or packed) has fewer than PACK_MIN_WEIGHTS weights: a model whose
     steps are too small to split across cores (deployments/llm.py computes such a language model on one thread)."""
-    sizes = [m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+    sizes = [m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear, RowPaddedLinear))]
     return bool(sizes) and max(sizes) < PACK_MIN_WEIGHTS
 
 
@@ -281,4 +341,7 @@ def load_language_model(config: ModelConfig) -> tuple[Blip2LanguageModel, torch.
     model = _from_pretrained(Blip2LanguageModel, config, dtype=dtype, **kwargs)
     if quantization is None:
         model = model.to(device)
-    return pack_linear_layers(model.eval(), config, device, "language"), device, dtype
+    model = model.eval()
+    if packs_linear_layers(config, model.config, device, "language"):
+        return pack_linear_layers(model, config, device, "language"), device, dtype
+    return pad_linear_rows(model, config, device), device, dtype

@@ -143,3 +143,50 @@ def test_attention_implementation_reaches_every_tower_and_keeps_tokens(checkpoin
         return [list(r.token_ids) for r in generator.run([generator.prepare(request, e) for e in embeds])]
 
     assert tokens("eager") == tokens("sdpa")
+
+
+def test_row_padded_linear_computes_8_to_15_rows_as_a_batch_of_16(checkpoints, monkeypatch):
+    """RowPaddedLinear: 8-15 rows give bitwise the results those rows have inside a batch of 16 (MKL's fast path;
+    unpadded they take another path, whose rounding differs), other row counts PyTorch's own linear; a T5 language
+    model's big layers get it under "auto" (not its output projection, which the engine screens, and not under
+    "torch"); an OPT's are packed instead. (The threshold is lowered: the tiny layers are all under it.)"""
+    import torch
+    from blip2_serve.deployments import loading
+    from blip2_serve.deployments.config import ModelConfig
+    from blip2_serve.deployments.loading import PackedLinear, RowPaddedLinear, load_language_model
+    from torch import nn
+
+    torch.manual_seed(0)
+    linear = nn.Linear(2048, 2048)  # a layer big enough for MKL to take different paths by row count
+    padded = RowPaddedLinear(linear)
+    assert padded.weight is linear.weight and padded.bias is linear.bias
+    batch = torch.randn(16, 2048)
+    differs = 0
+    with torch.inference_mode():
+        for rows in range(1, 21):
+            x = torch.randn(rows, 2048)
+            if loading.PAD_FROM_ROWS <= rows < loading.PADDED_ROWS:
+                inside = batch.clone()
+                inside[:rows] = x
+                expected = linear(inside)[:rows]
+                differs += not torch.equal(linear(x), expected)
+            else:
+                expected = linear(x)
+            assert torch.equal(padded(x), expected), rows
+        assert differs  # some row count's own path rounds otherwise: padding is what made them equal
+        x3 = torch.randn(12, 1, 2048)  # a decode step's [batch, 1, hidden]
+        assert padded(x3).shape == (12, 1, 2048) and torch.equal(padded(x3)[:, 0], padded(x3[:, 0]))
+
+    def layer_types(llm: str, cpu_linear: str) -> dict[str, type]:
+        settings = ModelConfig(checkpoint=str(checkpoints[llm]), device="cpu", cpu_linear=cpu_linear)
+        model = load_language_model(settings)[0]
+        head = model.language_model.get_output_embeddings()
+        return {name: type(m) for name, m in model.named_modules() if m is not head and hasattr(m, "in_features")}
+
+    assert set(layer_types("t5", "auto").values()) == {nn.Linear}  # the real threshold: no tiny layer is padded
+    monkeypatch.setattr(loading, "PACK_MIN_WEIGHTS", 1)
+    assert set(layer_types("t5", "auto").values()) == {RowPaddedLinear}
+    assert set(layer_types("t5", "torch").values()) == {nn.Linear}
+    assert set(layer_types("opt", "auto").values()) == {PackedLinear}
+    settings = ModelConfig(checkpoint=str(checkpoints["t5"]), device="cpu")
+    assert type(load_language_model(settings)[0].language_model.get_output_embeddings()) is nn.Linear

@@ -475,3 +475,34 @@ def test_compiled_decode_steps_keep_the_greedy_tokens(checkpoints):
     assert got == expected
     with pytest.raises(ValueError, match="oneDNN"):
         ModelConfig(checkpoint="x", compile_decode=True, cpu_linear="onednn")
+
+
+def test_t5_engine_with_row_padded_layers_keeps_greedy_tokens(checkpoints, references, monkeypatch):
+    """A Flan-T5 whose layers compute 8-15 rows as 16 (what "auto" gives a published T5's layers; the threshold is
+    lowered for the tiny one): ten captions stepped together, joining and leaving, equal transformers' generate on
+    PyTorch's own layers, one image at a time (the model card's loop)."""
+    from blip2_serve.deployments import loading
+
+    monkeypatch.setattr(loading, "PACK_MIN_WEIGHTS", 1)
+    model = ModelConfig(checkpoint=str(checkpoints["t5"]), device="cpu", greedy_screen="bf16")
+    vision, generator = VisionEncoder(model), LanguageGenerator(model)
+    assert type(generator.model.language_model.encoder.block[0].layer[1].DenseReluDense.wo).__name__ == (
+        "RowPaddedLinear"
+    )
+    images = [image_bytes(880 + i) for i in range(10)]
+    embeds = vision.encode([vision.preprocess(check_image(b)) for b in images])
+    prepared = [
+        generator.prepare(
+            GenerateRequest(f"w{i}", None, "", GenerationParams(max_new_tokens=8 + i % 5, min_new_tokens=i % 3)), e
+        )
+        for i, e in enumerate(embeds)
+    ]
+    rows: list[int] = []
+    engine = ContinuousBatcher(generator, max_running=12, on_step=lambda sequences, _: rows.append(sequences))
+    served = [list(f.result(timeout=120).token_ids) for f in [_submit(engine, item) for item in prepared]]
+    expected = [
+        references["t5"].generate([b], None, max_new_tokens=8 + i % 5, min_new_tokens=i % 3)[0]
+        for i, b in enumerate(images)
+    ]
+    assert served == expected
+    assert any(loading.PAD_FROM_ROWS <= r < loading.PADDED_ROWS for r in rows), rows  # steps that were padded
