@@ -29,8 +29,10 @@ class ModelConfig(BaseModel):
     # slower at a vision batch's thousands of rows; "torch" keeps PyTorch's own. "auto": oneDNN for the language
     # model of OPT checkpoints, its layers of 1M weights or more (smaller ones are faster unpacked); PyTorch's for
     # every vision stage and for Flan-T5, whose greedy answers the different rounding changed (bench: 3 of 5
-    # questions, 14 of 16 captions equal to transformers' on the realistic T5; every OPT answer equal).
-    # deployments/loading.py.
+    # questions, 14 of 16 captions equal to transformers' on the realistic T5; every OPT answer equal). Where
+    # PyTorch's layers stay under "auto" (T5), those of 1M weights or more compute 8-15 rows as 16: MKL is slow at
+    # those row counts, and a row's result is then bitwise the one a full batch of 16 gives it. "torch" leaves
+    # every layer as it is. deployments/loading.py.
     cpu_linear: CpuLinear = "auto"
     # Greedy tokens on CPU (continuous engine): "bf16" takes them from a bf16 screen of the output projection, each
     # argmax proven against the exact logits (deployments/head.py: half the bytes of the biggest matmul of a decode
