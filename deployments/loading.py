@@ -9,6 +9,7 @@ half's weights, so a replica holds only what it runs.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 from blip2_serve.deployments.config import ModelConfig
@@ -218,6 +219,20 @@ class RowPaddedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _replace_linear_layers(
+    model: nn.Module, wanted: Callable[[nn.Module, nn.Linear], bool], make: Callable[[nn.Linear], nn.Module]
+) -> int:
+    """Replace every plain `nn.Linear` (not a subclass: quantized layers stay) for which `wanted(parent, layer)`
+    by `make(layer)`; returns how many were replaced."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and wanted(parent, child):
+                setattr(parent, name, make(child))
+                replaced += 1
+    return replaced
+
+
 def pad_linear_rows(model: nn.Module, config: ModelConfig, device: torch.device) -> nn.Module:
     """A CPU language model that keeps PyTorch's layers under cpu_linear "auto" (T5; not with compile_decode, whose
     compiled step keeps plain layers): its plain fp32 nn.Linear layers of PACK_MIN_WEIGHTS weights or more become
@@ -225,18 +240,14 @@ def pad_linear_rows(model: nn.Module, config: ModelConfig, device: torch.device)
     (deployments/head.py wants it a plain nn.Linear). "torch" leaves every layer as it is."""
     if device.type != "cpu" or config.cpu_linear != "auto" or config.compile_decode:
         return model
-    head = model.language_model.get_output_embeddings() if hasattr(model, "language_model") else None
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if (
-                type(child) is nn.Linear
-                and child is not head
-                and child.weight.dtype == torch.float32
-                and child.weight.numel() >= PACK_MIN_WEIGHTS
-            ):
-                setattr(parent, name, RowPaddedLinear(child))
-                replaced += 1
+    head = model.language_model.get_output_embeddings()
+    replaced = _replace_linear_layers(
+        model,
+        lambda _, child: (
+            child is not head and child.weight.dtype == torch.float32 and child.weight.numel() >= PACK_MIN_WEIGHTS
+        ),
+        RowPaddedLinear,
+    )
     if replaced:
         logger.info("%d linear layers compute 8-15 rows as 16", replaced)
     return model
@@ -285,18 +296,15 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
     if language_model is not None and screen_wanted(config.greedy_screen, language_model):
         head = language_model.get_output_embeddings()
         GreedyHead.install(language_model, packed=_packs(head.weight, config))  # packed where worth it, screen beside
-    replaced = 0
-    for parent in list(model.modules()):
-        if type(parent).__name__ == "GreedyHead":  # it keeps the plain weight for its exact recount
-            continue
-        for name, child in list(parent.named_children()):
-            if (
-                type(child) is nn.Linear
-                and child.weight.dtype in (torch.float32, torch.bfloat16)
-                and _packs(child.weight, config)
-            ):
-                setattr(parent, name, PackedLinear(child))
-                replaced += 1
+    replaced = _replace_linear_layers(
+        model,
+        lambda parent, child: (
+            type(parent).__name__ != "GreedyHead"  # it keeps the plain weight for its exact recount
+            and child.weight.dtype in (torch.float32, torch.bfloat16)
+            and _packs(child.weight, config)
+        ),
+        PackedLinear,
+    )
     logger.info("%d linear layers packed for oneDNN", replaced)
     return model
 
