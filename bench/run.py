@@ -21,6 +21,7 @@ from bench.flops import proportions
 from bench.peer import peer_load, start_peer, stop_peer
 from bench.scenarios import (
     Baseline,
+    alternated_lone,
     ask_many_once,
     kserve_load,
     openai_streams,
@@ -86,33 +87,58 @@ def _environment(checkpoint: Path) -> dict:
     }
 
 
+APP_PORTS: dict[str, int] = {}  # each application's port, as `_start_serve` served it
+PROXY: dict[str, int] = {}  # {"port": Ray's HTTP proxy's port} where the ingress replicas serve their own ports
+
+
 def _start_serve(checkpoint: Path, static: bool, server: dict | None = None):
     """Ray + Serve on 127.0.0.1 with the default configuration (what `blip2-serve run --model` serves) at /c, and
-    where `static`, the same with static LLM scheduling at /s; `server`: settings of the server section."""
+    where `static`, the same with static LLM scheduling at /s; `server`: settings of the server section. Returns /c's
+    port. As `blip2-serve run` does, each application's ingress replica serves its port itself (Ray Serve's direct
+    ingress, serve/app.prepare_local_ray): /c's port, and /s's the next one (APP_PORTS)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from blip2_serve.serve.app import build_app, prepare_local_ray
     from blip2_serve.serve.config import AppConfig
     from ray import serve
 
-    prepare_local_ray()  # as `blip2-serve run` starts its Ray
     port = _free_port()
-    # Logical CPUs: room for the second application's replicas (each model stage asks for one by default); the cores
-    # they compute on are the machine's, shared in turns (deployments/cores.py).
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    for name, scheduler in (("c", "continuous"), ("s", "static"))[: 2 if static else 1]:
-        config = AppConfig.model_validate(
+    while static and not _port_free(port + 1):
+        port = _free_port()
+    configs = [
+        AppConfig.model_validate(
             {
                 "model": {"checkpoint": str(checkpoint), "device": "cpu"},
                 "llm": {"scheduler": scheduler},
-                "server": server or {},
+                "server": {**(server or {}), "http_port": port + i, "grpc_port": None},
                 "app_name": name,
                 "route_prefix": f"/{name}",
             }
         )
-        serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+        for i, (name, scheduler) in enumerate((("c", "continuous"), ("s", "static"))[: 2 if static else 1])
+    ]
+    options = prepare_local_ray(configs[0])  # as `blip2-serve run` starts its Ray
+    if options is not None:  # a port range of one per application, in the order they are deployed
+        os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + len(configs))
+    # Logical CPUs: room for the second application's replicas (each model stage asks for one by default); the cores
+    # they compute on are the machine's, shared in turns (deployments/cores.py).
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    serve.start(**(options or {"http_options": {"host": "127.0.0.1", "port": port}}))
+    if options is not None:
+        PROXY["port"] = options["http_options"]["port"]
+    for config in configs:  # one after the other: /c's replica takes the first port
+        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+        APP_PORTS[config.app_name] = config.server.http_port if options is not None else port
     return port
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _start_triton(checkpoint: Path, cache: Path):
@@ -178,6 +204,9 @@ def served_ratios(results: list[dict]) -> dict:
         "c1_p50_over_baseline": round(served[1]["p50_ms"] / base_p50, 3),
         "baseline_drift": round(baseline[-1]["p50_ms"] / baseline[0]["p50_ms"], 3),
     }
+    for r in results:
+        if r["scenario"] == "via_proxy":  # diagnostic: what direct ingress took off a lone request
+            ratios["serving_overhead_c1_p50_ms_via_proxy"] = round(r["p50_ms"] - base_p50, 2)
     peer: dict[int, list[dict]] = {}
     for r in results:
         if r["scenario"] == "peer":
@@ -199,11 +228,12 @@ def run(
     checkpoint = _checkpoint(cache, size, llm)
     # Every timed load gets images the server has not seen (the embedding cache would otherwise answer the vision
     # stage's part): one set per concurrency, one for streaming, one for the mixed load, one for the five questions.
-    pictures = sample_images(3 * images + 6, size=96 if size == "tiny" else 224)
+    pictures = sample_images(4 * images + 6, size=96 if size == "tiny" else 224)
     warmup, question_image = pictures[-1], pictures[-2]
     sets = {c: [(p, "") for p in pictures[i * images : (i + 1) * images]] for i, c in enumerate((1, 16))}
     streamed = [(p, "") for p in pictures[2 * images : 2 * images + 4]]
     mixed_jobs = [(p, "") for p in pictures[2 * images + 4 : 3 * images + 4]]
+    via_proxy = [(p, "") for p in pictures[3 * images + 4 : 4 * images + 4]]
     parameters = {"max_new_tokens": max_new_tokens}
     results: list[dict] = []
     summary: dict = {}
@@ -224,9 +254,16 @@ def run(
     url = f"127.0.0.1:{port}/c"
     if "served" in scenarios:
         kserve_load(url, [(warmup, "")], 1, parameters)  # warm-up, outside the profiles
+        proxied = None
         for concurrency, jobs in sets.items():
             before = stage_profile("c")
-            latencies, wall, answers = kserve_load(url, jobs, concurrency, parameters)
+            if concurrency == 1 and "port" in PROXY:
+                # the same server's lone requests through Ray's proxy too, taken in turn with the direct ones (the
+                # profile counts both): what direct ingress takes off a lone request, with the drift on both alike
+                proxy_url = f"127.0.0.1:{PROXY['port']}/c"
+                (latencies, wall, answers), proxied = alternated_lone([url, proxy_url], [jobs, via_proxy], parameters)
+            else:
+                latencies, wall, answers = kserve_load(url, jobs, concurrency, parameters)
             profile = profile_delta(before, stage_profile("c"))
             results.append(
                 row(
@@ -240,6 +277,10 @@ def run(
                     **profile,
                 )
             )
+        if proxied is not None:
+            proxy_expected = [baseline.answer(image, "", max_new_tokens) for image, _ in via_proxy]
+            variant = "the same server through Ray's HTTP proxy, in turn with the c=1 row"
+            results.append(row("via_proxy", variant, *proxied, proxy_expected, 1))
         summary["overhead_profile"] = overhead_profile(f"http://{url}", "c", warmup)
     if "streaming" in scenarios:
         latencies, wall, answers, extra = openai_streams(f"http://127.0.0.1:{port}/c", streamed, max_new_tokens)
@@ -260,7 +301,7 @@ def run(
         throughput = {}
         for name, variant in (("c", "continuous"), ("s", "static")):
             latencies, wall, answers = kserve_load(
-                f"127.0.0.1:{port}/{name}",
+                f"127.0.0.1:{APP_PORTS[name]}/{name}",
                 mixed_jobs,
                 16,
                 parameters,

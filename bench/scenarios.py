@@ -128,6 +128,35 @@ def kserve_load(
     return asyncio.run(main())
 
 
+def alternated_lone(urls: list[str], job_lists: list[list[tuple[bytes, str]]], parameters: dict):
+    """Lone requests to several servers (or one server's several ports) taken in turn, request i of each list before
+    request i + 1 of any: the machine's drift falls on every url alike. Each url's (latencies, wall, answers)."""
+    import tritonclient.http.aio as client_module
+
+    async def main():
+        clients = [client_module.InferenceServerClient(url) for url in urls]
+        out = [([], 0.0, []) for _ in urls]
+        try:
+            for i in range(len(job_lists[0])):
+                for k, client in enumerate(clients):
+                    image, prompt = job_lists[k][i]
+                    begin = time.perf_counter()
+                    result = await client.infer(
+                        "blip2", bytes_inputs(client_module, [image], [prompt]), parameters=parameters
+                    )
+                    took = time.perf_counter() - begin
+                    latencies, wall, answers = out[k]
+                    latencies.append(took)
+                    answers.append(result.as_numpy("TEXT")[0, 0].decode())
+                    out[k] = (latencies, wall + took, answers)
+        finally:
+            for client in clients:
+                await client.close()
+        return out
+
+    return asyncio.run(main())
+
+
 def ask_many_once(url: str, image: bytes, prompts: list[str], parameters: dict):
     """One request: IMAGE once, PROMPT with a row per question."""
     import tritonclient.http as httpclient

@@ -72,14 +72,15 @@ def _resolved(config, document):
     return config, (with_app_config(document, config) if document is not None else None)
 
 
-def _deploy(config, document) -> None:
+def _deploy(config, document, proxies: dict | None = None) -> None:
     """Submit the application (a Serve config document the way `serve run FILE` does, else build_app) without
-    waiting for it: `_wait_running` waits."""
+    waiting for it: `_wait_running` waits. `proxies`: serve.start's options where the ingress replica serves the
+    config's ports itself (serve/app.prepare_local_ray)."""
     from blip2_serve.serve.app import build_app, serve_options
     from ray import serve
 
     if document is None:
-        serve.start(**serve_options(config), logging_config=_serve_logging())
+        serve.start(**(proxies or serve_options(config)), logging_config=_serve_logging())
         target = serve.RunTarget(target=build_app(config), name=config.app_name, route_prefix=config.route_prefix)
         serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
         return
@@ -87,6 +88,11 @@ def _deploy(config, document) -> None:
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
+    if proxies is not None:  # the document's ports are the ingress replica's; Ray's proxies go where they may
+        document = {**document, "http_options": {**document.get("http_options", {}), **proxies["http_options"]}}
+        if "grpc_options" in proxies:
+            grpc = {**document.get("grpc_options", {}), "port": proxies["grpc_options"]["port"]}
+            document["grpc_options"] = grpc
     schema = ServeDeploySchema.model_validate(document)
     client = serve_api.serve_start(
         global_logging_config=_serve_logging(),
@@ -118,8 +124,8 @@ class _Deployment:
     which the signal handlers set: a signal is acted on at once, wherever Ray's calls wait (seen in CI: SIGINT not
     acted on while the main thread waited inside serve.run for a replica Ray could not place)."""
 
-    def __init__(self, config, document, stop: threading.Event):
-        self.config, self.document, self.stop = config, document, stop
+    def __init__(self, config, document, stop: threading.Event, proxies: dict | None = None):
+        self.config, self.document, self.stop, self.proxies = config, document, stop, proxies
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._deploy, name="blip2-serve-deploy", daemon=True)
 
@@ -129,7 +135,7 @@ class _Deployment:
         from ray import serve
 
         try:
-            _deploy(self.config, self.document)
+            _deploy(self.config, self.document, self.proxies)
             while not self.stop.is_set():  # until the application runs, or the controller says why not
                 status = serve.status().applications.get(self.config.app_name)
                 if status is not None and status.status == "RUNNING":
@@ -315,10 +321,10 @@ def run(args: argparse.Namespace) -> int:
     elif (absent := _no_cluster_at(address)) is not None:
         return _refused(absent)
     # a signal while starting (the proxy answers ready before serve.run returns) stops as cleanly as one later
-    stop, deployment, failure = threading.Event(), None, None
+    stop, deployment, failure, proxies = threading.Event(), None, None, None
     try:
-        if address == "local":
-            prepare_local_ray()
+        if address == "local":  # the ingress replica serves the ports itself where it can (one replica: default)
+            proxies = prepare_local_ray(config, document)
         for name in ("ray", "ray.serve"):  # Ray Serve's driver logger has a level of its own
             logging.getLogger(name).setLevel(_ray_level())
         num_cpus = args.num_cpus if address == "local" else None
@@ -334,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
             ray.shutdown()
             return status
         print(f"blip2-serve: Ray is up; starting the model stages of {config.model.checkpoint}", flush=True)
-        deployment = _Deployment(config, document, stop)
+        deployment = _Deployment(config, document, stop, proxies)
         if not stop.is_set() and deployment.run():
             url = f"http://{config.server.host}:{config.server.http_port}{config.route_prefix.rstrip('/')}"
             grpc = f", gRPC on port {config.server.grpc_port}" if config.server.grpc_port is not None else ""

@@ -45,6 +45,46 @@ class QuietDrainProbes(logging.Filter):
 
 QUIET_DRAIN_PROBES = QuietDrainProbes()
 
+# What Ray Serve's direct ingress says at INFO as the replica opens its ports (serve/app.direct_ingress): `blip2-serve
+# run` says where it serves once the application runs.
+DIRECT_INGRESS_NOTICES = (
+    "Allocated port ",
+    "Successfully started RequestProtocol.",
+    "Enabled gRPC server reflection",
+    "Started HTTP server on port ",
+)
+
+
+class QuietPorts(logging.Filter):
+    """Drops Ray Serve's INFO lines about the ingress replica's own ports (DIRECT_INGRESS_NOTICES), and only those."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and record.getMessage().startswith(DIRECT_INGRESS_NOTICES))
+
+
+QUIET_PORTS = QuietPorts()
+
+
+def bind_as_rays_proxy_does() -> None:
+    """Ray Serve's direct ingress (serve/app.direct_ingress) binds the replica's HTTP port without SO_REUSEPORT (Ray
+    2.60's replica.py passes enable_so_reuseport=False), where its proxy sets it. Seen: after a server on a port had
+    served requests, their connections' TIME_WAIT kept `blip2-serve run` started again at once (Ctrl-C, run) from
+    binding that port for a minute. In this replica its server binds as the proxy does (a second server on a port one
+    holds is refused by `blip2-serve run`'s port check before Ray starts, as before). Must run before the replica
+    opens its ports, i.e. in the constructor."""
+    from ray.serve._private import replica
+
+    start = getattr(replica, "start_asgi_http_server", None)
+    if start is None or getattr(start, "binds_with_reuseport", False):
+        return
+
+    def start_with_reuseport(*args: Any, **kwargs: Any):
+        kwargs["enable_so_reuseport"] = True
+        return start(*args, **kwargs)
+
+    start_with_reuseport.binds_with_reuseport = True  # type: ignore[attr-defined]
+    replica.start_asgi_http_server = start_with_reuseport
+
 
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
@@ -59,6 +99,8 @@ class Ingress(TritonGrpcMethods):
         """`door`: FrontDoor's arguments (the stages' handles, the AppConfig, the metrics directory)."""
         self.door = FrontDoor(**door)
         self._drain = drain
+        logging.getLogger("ray.serve").addFilter(QUIET_PORTS)
+        bind_as_rays_proxy_does()
         if drain is not None:
             logging.getLogger("ray.serve").addFilter(QUIET_DRAIN_PROBES)  # Ray Serve's router logs there
             self._reporter = asyncio.get_running_loop().create_task(self._report_forever())

@@ -47,6 +47,7 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
         ("peer", 16),
         ("served", 1),
         ("served", 16),
+        ("via_proxy", 1),  # the same server's lone requests through Ray's proxy: what direct ingress took off
         ("multi_question", 1),
         ("multi_question", 1),
         ("baseline", 1),  # the loop and the peer again after the served rows: the ratios are against both runs
@@ -60,6 +61,7 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
         "captioning_throughput_c16_over_peer",
         "c1_p50_over_baseline",
         "serving_overhead_c1_p50_ms",
+        "serving_overhead_c1_p50_ms_via_proxy",
         "five_questions_speedup",
         "baseline_drift",
         "peer_drift",

@@ -141,6 +141,8 @@ def test_make_tiny_then_run_serves_stock_tritonclient(tmp_path):
     server = _Server([*command, "--num-cpus", "2"])  # this machine's cores: the defaults fit
     try:
         server.wait_for("ready at http://127.0.0.1")
+        # the ingress replica itself listens on both ports (Ray Serve's direct ingress): no hop through Ray's proxy
+        assert "ServeReplica:blip2:Ingress" in _listener(port) == _listener(grpc_port), server.output
         client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
         assert client.is_server_ready()
         image = httpclient.InferInput("IMAGE", [1, 1], "BYTES")
@@ -176,7 +178,8 @@ def test_make_tiny_then_run_serves_stock_tritonclient(tmp_path):
     # transformers' start-up chatter (the lines of a run before: banner, routing table, progress bars, the
     # controller's deployments, the raylet on shutdown) and no unretrieved-future tracebacks
     for noise in ("Started a local Ray instance", "RoutePattern", "Loading weights", "Deploying new version",
-                  "(raylet)", "never retrieved", "Traceback", "is deprecated"):  # fmt: skip
+                  "(raylet)", "never retrieved", "Traceback", "is deprecated", "Allocated port", "server on port",
+                  "server reflection"):  # fmt: skip
         assert noise not in server.output, (noise, server.output)
     assert len(server.lines) <= 20, server.output
 
@@ -255,6 +258,50 @@ def test_a_signal_while_starting_stops_cleanly(tmp_path, checkpoints):
     code = server.stop(signal.SIGTERM)
     assert code == 0, server.output
     assert "shutting down" in server.output and "Traceback" not in server.output
+
+
+def _listener(port: int) -> str:
+    """The command line (a Ray worker's is its title) of the process that listens on `port`, or ""."""
+    import psutil
+
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
+            return " ".join(psutil.Process(connection.pid).cmdline())
+    return ""
+
+
+def test_the_ingress_replica_serves_the_ports_itself_where_it_is_one(monkeypatch):
+    """`blip2-serve run` on its own Ray: Ray Serve's direct ingress on the config's ports where the ingress is one
+    replica, the proxies moved to other ports; Ray's proxy where the ingress may be several replicas (or other
+    applications share the Serve config file, or direct ingress is turned off)."""
+    from blip2_serve.serve.app import direct_ingress, prepare_local_ray
+
+    monkeypatch.setattr(os, "environ", {})  # prepare_local_ray writes the environment an embedded Ray inherits
+    config = AppConfig.model_validate({"model": {"checkpoint": "x"}, "server": {"http_port": 8300, "grpc_port": 8301}})
+    assert direct_ingress(config)
+    options = prepare_local_ray(config)
+    assert os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    ports = {key: int(os.environ[f"RAY_SERVE_DIRECT_INGRESS_{key}"]) for key in
+             ("MIN_HTTP_PORT", "MAX_HTTP_PORT", "MIN_GRPC_PORT", "MAX_GRPC_PORT")}  # fmt: skip
+    assert ports == {"MIN_HTTP_PORT": 8300, "MAX_HTTP_PORT": 8301, "MIN_GRPC_PORT": 8301, "MAX_GRPC_PORT": 8302}
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"  # Ctrl-C: our drain, not 30 s more
+    proxy_http, proxy_grpc = options["http_options"]["port"], options["grpc_options"]["port"]
+    assert options["http_options"]["host"] == "127.0.0.1" and {proxy_http, proxy_grpc}.isdisjoint({8300, 8301})
+    assert options["grpc_options"]["grpc_servicer_functions"]
+
+    several = [{"ingress": {"num_replicas": 2}}, {"ingress": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}}},
+               {"server": {"http_port": 0}}]  # fmt: skip
+    for update in several:
+        other = AppConfig.model_validate({"model": {"checkpoint": "x"}, **update})
+        monkeypatch.setattr(os, "environ", {})
+        assert not direct_ingress(other) and prepare_local_ray(other) is None, update
+        assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in os.environ
+    two_apps = {"applications": [{"name": "a"}, {"name": "b"}]}
+    ingress_scaled = {"applications": [{"name": "a", "deployments": [{"name": "Ingress", "num_replicas": 2}]}]}
+    assert not direct_ingress(config, two_apps) and not direct_ingress(config, ingress_scaled)
+    assert direct_ingress(config, {"applications": [{"name": "a", "deployments": [{"name": "Vision"}]}]})
+    monkeypatch.setattr(os, "environ", {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"})
+    assert not direct_ingress(config) and prepare_local_ray(config) is None
 
 
 def _wait_and_caption(port: int, server: _Server) -> str:
