@@ -78,6 +78,49 @@ class Baseline:
         return latencies, time.perf_counter() - started, answers
 
 
+def _loop_worker(checkpoint: str, connection) -> None:
+    """Answer as the model card's loop does, in a process of its own: (image, prompt, max_new_tokens) in, (text,
+    seconds the call took) out, until None."""
+    baseline = Baseline(checkpoint)
+    connection.send("ready")
+    while (job := connection.recv()) is not None:
+        image, prompt, max_new_tokens = job
+        begin = time.perf_counter()
+        text = baseline.answer(image, prompt, max_new_tokens)
+        connection.send((text, time.perf_counter() - begin))
+
+
+class LoopProcess:
+    """The model card's loop in a process of its own (no Ray, no event loop, no client beside it), for calls taken in
+    turn with a server's (alternated_lone): while a server runs, the bench's own process is Ray's driver and the
+    clients' event loop, whose threads a loop call made there would share. `answer(image, prompt)` returns the text
+    and the seconds the call took in that process."""
+
+    def __init__(self, checkpoint: str, max_new_tokens: int):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.max_new_tokens = max_new_tokens
+        self._connection, theirs = context.Pipe()
+        self._process = context.Process(target=_loop_worker, args=(checkpoint, theirs), daemon=True)
+        self._process.start()
+        if not self._connection.poll(600) or self._connection.recv() != "ready":
+            self.close()
+            raise RuntimeError("the loop's process did not start")
+
+    def answer(self, image: bytes, prompt: str) -> tuple[str, float]:
+        self._connection.send((image, prompt, self.max_new_tokens))
+        return self._connection.recv()
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._connection.send(None)
+            self._process.join(30)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+
 def kserve_load(
     url: str,
     jobs: list[tuple[bytes, str]],
@@ -128,26 +171,40 @@ def kserve_load(
     return asyncio.run(main())
 
 
-def alternated_lone(urls: list[str], job_lists: list[list[tuple[bytes, str]]], parameters: dict):
+def alternated_lone(
+    urls: list[str], job_lists: list[list[tuple[bytes, str]]], parameters: dict, loop=None, pause_s: float = 0.2
+):
     """Lone requests to several servers (or one server's several ports) taken in turn, request i of each list before
-    request i + 1 of any: the machine's drift falls on every url alike. Each url's (latencies, wall, answers)."""
+    request i + 1 of any: the machine's drift falls on every url alike. Each url's (latencies, wall, answers).
+    `loop`: (answer, jobs), a direct call `answer(image, prompt) -> (text, seconds)` (LoopProcess.answer) taken in
+    each round after the urls, nothing in flight meanwhile; its (latencies, wall, answers) come last. Each call
+    starts `pause_s` after the one before ended, as a lone user's do: what a call leaves running after it returns (a
+    server's bookkeeping after its response, the loop's OpenMP threads spinning down) does not fall into the next
+    one's time."""
     import tritonclient.http.aio as client_module
+
+    lists = job_lists + ([loop[1]] if loop is not None else [])
 
     async def main():
         clients = [client_module.InferenceServerClient(url) for url in urls]
-        out = [([], 0.0, []) for _ in urls]
+        out = [([], 0.0, []) for _ in lists]
         try:
-            for i in range(len(job_lists[0])):
-                for k, client in enumerate(clients):
-                    image, prompt = job_lists[k][i]
+            for i in range(len(lists[0])):
+                for k in range(len(lists)):
+                    image, prompt = lists[k][i]
+                    await asyncio.sleep(pause_s)
                     begin = time.perf_counter()
-                    result = await client.infer(
-                        "blip2", bytes_inputs(client_module, [image], [prompt]), parameters=parameters
-                    )
-                    took = time.perf_counter() - begin
+                    if k < len(clients):
+                        result = await clients[k].infer(
+                            "blip2", bytes_inputs(client_module, [image], [prompt]), parameters=parameters
+                        )
+                        took = time.perf_counter() - begin
+                        answer = result.as_numpy("TEXT")[0, 0].decode()
+                    else:  # the loop's own time, in its process
+                        answer, took = loop[0](image, prompt)
                     latencies, wall, answers = out[k]
                     latencies.append(took)
-                    answers.append(result.as_numpy("TEXT")[0, 0].decode())
+                    answers.append(answer)
                     out[k] = (latencies, wall + took, answers)
         finally:
             for client in clients:

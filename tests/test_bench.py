@@ -48,6 +48,7 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
         ("served", 1),
         ("served", 16),
         ("via_proxy", 1),  # the same server's lone requests through Ray's proxy: what direct ingress took off
+        ("loop_in_turn", 1),  # the loop's calls taken in turn with the c=1 row: the serving overhead's reference
         ("multi_question", 1),
         ("multi_question", 1),
         ("baseline", 1),  # the loop and the peer again after the served rows: the ratios are against both runs
@@ -62,6 +63,7 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
         "c1_p50_over_baseline",
         "serving_overhead_c1_p50_ms",
         "serving_overhead_c1_p50_ms_via_proxy",
+        "serving_overhead_c1_p50_ms_loop_alone",
         "five_questions_speedup",
         "baseline_drift",
         "peer_drift",
