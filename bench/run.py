@@ -199,10 +199,9 @@ def served_ratios(results: list[dict]) -> dict:
     served = {r["concurrency"]: r for r in results if r["scenario"] == "served"}
     base_rps = sum(r["throughput_rps"] for r in baseline) / len(baseline)
     base_p50 = sum(r["p50_ms"] for r in baseline) / len(baseline)
-    # the serving overhead against the loop's calls taken in turn with the lone served requests where the run has
-    # them (the same rounds, the same images); else, and as a diagnostic, against the loop alone before and after
-    in_turn = [r["p50_ms"] for r in results if r["scenario"] == "loop_in_turn"]
-    direct_p50 = in_turn[0] if in_turn else base_p50
+    # the serving overhead against the loop's calls taken in turn with the lone served requests (the same rounds, the
+    # same images: run() takes them with every c=1 row); against the loop alone before and after as a diagnostic
+    direct_p50 = next(r["p50_ms"] for r in results if r["scenario"] == "loop_in_turn")
     ratios = {
         "captioning_throughput_c16_over_baseline": round(served[16]["throughput_rps"] / base_rps, 2),
         "serving_overhead_c1_p50_ms": round(served[1]["p50_ms"] - direct_p50, 2),
@@ -277,7 +276,8 @@ def run(
                     *served_rows, looped = alternated_lone(urls, lists, parameters, loop=(loop.answer, jobs))
                 finally:
                     loop.close()
-                (latencies, wall, answers), proxied = served_rows[0], (served_rows[1] if len(served_rows) > 1 else None)
+                (latencies, wall, answers), *proxy_rows = served_rows
+                proxied = proxy_rows[0] if proxy_rows else None
             else:
                 latencies, wall, answers = kserve_load(url, jobs, concurrency, parameters)
             profile = profile_delta(before, stage_profile("c"))
