@@ -285,6 +285,10 @@ def test_the_ingress_replica_serves_the_ports_itself_where_it_is_one(monkeypatch
              ("MIN_HTTP_PORT", "MAX_HTTP_PORT", "MIN_GRPC_PORT", "MAX_GRPC_PORT")}  # fmt: skip
     assert ports == {"MIN_HTTP_PORT": 8300, "MAX_HTTP_PORT": 8301, "MIN_GRPC_PORT": 8301, "MAX_GRPC_PORT": 8302}
     assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"  # Ctrl-C: our drain, not 30 s more
+    # replicas run their methods on the loop that receives the request; handles route as Ray's default has it (on a
+    # loop of their own: a synchronous call outside an event loop, as the CLI's drain makes, needs that)
+    assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    assert "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP" not in os.environ
     proxy_http, proxy_grpc = options["http_options"]["port"], options["grpc_options"]["port"]
     assert options["http_options"]["host"] == "127.0.0.1" and {proxy_http, proxy_grpc}.isdisjoint({8300, 8301})
     assert options["grpc_options"]["grpc_servicer_functions"]
@@ -300,8 +304,11 @@ def test_the_ingress_replica_serves_the_ports_itself_where_it_is_one(monkeypatch
     ingress_scaled = {"applications": [{"name": "a", "deployments": [{"name": "Ingress", "num_replicas": 2}]}]}
     assert not direct_ingress(config, two_apps) and not direct_ingress(config, ingress_scaled)
     assert direct_ingress(config, {"applications": [{"name": "a", "deployments": [{"name": "Vision"}]}]})
-    monkeypatch.setattr(os, "environ", {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"})
+    monkeypatch.setattr(
+        os, "environ", {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}
+    )
     assert not direct_ingress(config) and prepare_local_ray(config) is None
+    assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "1"  # what the user set wins
 
 
 def _wait_and_caption(port: int, server: _Server) -> str:
