@@ -257,8 +257,9 @@ def run(
         else None
     )
     url = f"127.0.0.1:{port}/c"
+    if port is not None:  # warm-up, outside the profiles: whichever scenario comes first is not a cold start
+        kserve_load(url, [(warmup, "")], 1, parameters)
     if "served" in scenarios:
-        kserve_load(url, [(warmup, "")], 1, parameters)  # warm-up, outside the profiles
         proxied = looped = None
         for concurrency, jobs in sets.items():
             before = stage_profile("c")

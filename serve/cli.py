@@ -320,7 +320,8 @@ def run(args: argparse.Namespace) -> int:
             return _refused(*taken)
     elif (absent := _no_cluster_at(address)) is not None:
         return _refused(absent)
-    # a signal while starting (the proxy answers ready before serve.run returns) stops as cleanly as one later
+    # a signal while starting (the server may answer ready, from its ingress replica or a proxy, before serve.run
+    # returns) stops as cleanly as one later
     stop, deployment, failure, proxies = threading.Event(), None, None, None
     try:
         if address == "local":  # the ingress replica serves the ports itself where it can (one replica: default)
