@@ -398,6 +398,8 @@ def test_sigterm_lets_in_flight_requests_finish(checkpoints):
     code = server.stop(signal.SIGTERM)
     sender.join(timeout=120)
     assert code == 0, server.output
+    # the drain itself ran (a request that outlives a failed drain is luck: the CLI logs the failure and goes on)
+    assert "could not drain" not in server.output, server.output
     ((at, response),) = answered
     assert at > signalled and response.status_code == 200, (at - signalled, response.text)
     # finished after the signal, not refused
