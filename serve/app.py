@@ -12,7 +12,7 @@ import os
 from blip2_serve.deployments import stages
 from blip2_serve.deployments.drain import DrainCoordinator
 from blip2_serve.deployments.metrics import new_directory
-from blip2_serve.serve.config import AppConfig, StageConfig
+from blip2_serve.serve.config import REQUEST_PATH_ENVIRONMENT, AppConfig, StageConfig
 from blip2_serve.serve.ingress import Ingress
 from ray.serve import Application
 
@@ -56,7 +56,7 @@ def build_app(config: AppConfig) -> Application:
     gpus = deployed_gpus(config)
 
     def options(name: str, stage: StageConfig) -> dict:
-        return stage.deployment_options(gpus[name], config.model_stage_env(), config.cpu_turns)
+        return stage.deployment_options(gpus[name], config.replica_env(model_stage=True), config.cpu_turns)
 
     vision = stages.Vision.options(**options("vision", config.vision)).bind(
         config.model,
@@ -89,7 +89,8 @@ def build_app(config: AppConfig) -> Application:
             config.embedding_cache.max_bytes,
             cpu_turns=config.cpu_turns,
         )
-    options = config.ingress.deployment_options(gpus["ingress"], cpu_turns=config.cpu_turns)
+    ingress_env = config.replica_env(model_stage=False)
+    options = config.ingress.deployment_options(gpus["ingress"], ingress_env, config.cpu_turns)
     # the ingress's access lines (one per client request) at this process's level, whatever Ray's own is
     # (blip2-serve's --log-level, which the CLI sets on the "blip2_serve" logger; INFO under another driver)
     chosen = logging.getLogger("blip2_serve").level or logging.INFO
@@ -106,16 +107,8 @@ def build_app(config: AppConfig) -> Application:
 # The embedded (single-node) Ray's serving machinery wakes less often than Ray's defaults (a 10 Hz controller loop,
 # metrics exported every 100 ms by every replica): on a small node each wake-up is taken from the model stages'
 # cores. Measured on 2 cores, 16 concurrent captions on the realistic checkpoint: 0.80 -> 0.90 requests/s. Autoscaling
-# decisions are made over seconds anyway; a deployment's start is seen up to a second later.
-# Each replica runs its methods on the event loop that receives its requests (one of Ray Serve's throughput-optimised
-# settings; by default a replica's methods run on a loop of their own, on another thread: a thread hop in and out of
-# every call). It changes only the replicas: handles in any process route as before (the router setting of the same
-# family would break every synchronous handle call made outside an event loop, such as `blip2-serve run`'s drain at
-# Ctrl-C). Measured on 2 cores, lone tiny captions alternated between two applications of one Ray, one with this
-# setting (2026-12-03, 6 rounds of 60): the p50 1.6-8.7 ms lower and the mean 1-6 ms lower in every round, the CPU per
-# request lower in 5 of 6. The model stages compute off their event loops (threads of their own) either way. The
-# test suite's Ray runs with it too.
-REQUEST_PATH_ENVIRONMENT = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# decisions are made over seconds anyway; a deployment's start is seen up to a second later. Every process of it also
+# gets REQUEST_PATH_ENVIRONMENT (serve/config.py), which every replica's runtime_env carries wherever it runs.
 LOCAL_RAY_ENVIRONMENT = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",

@@ -29,8 +29,7 @@ def stage_gpus(stage: StageConfig, config: AppConfig) -> float | None:
 
 
 def _deployment(name: str, stage: StageConfig, gpus: float | None, config: AppConfig, model_stage: bool = True) -> dict:
-    env = config.model_stage_env() if model_stage else None
-    options = stage.deployment_options(gpus or 0.0, env, config.cpu_turns)
+    options = stage.deployment_options(gpus or 0.0, config.replica_env(model_stage), config.cpu_turns)
     if gpus is None:  # Ray replaces the builder's ray_actor_options wholesale with the file's: leave them out
         del options["ray_actor_options"]
     return {"name": name, **options}

@@ -152,13 +152,11 @@ class ServePorts:
 def serve_ports() -> ServePorts:
     """Ray (local, loopback) and Serve's HTTP proxy on 127.0.0.1, once per session."""
     import ray
-    from blip2_serve.serve.app import REQUEST_PATH_ENVIRONMENT
     from blip2_serve.serve.grpc import SERVICER_FUNCTION
     from ray import serve
 
+    # the request path's setting reaches the replicas through their runtime_env, as on a cluster (test_cores.py)
     port, grpc_port = free_port(), free_port()
-    for key, value in REQUEST_PATH_ENVIRONMENT.items():  # requests take the path they take under `blip2-serve run`
-        os.environ.setdefault(key, value)
     ray.init(num_cpus=8, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     serve.start(
         http_options={"host": "127.0.0.1", "port": port},

@@ -4,6 +4,7 @@ and a stage on CPU computes with every core."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -123,30 +124,68 @@ def test_busy_signal_is_seen_from_another_process_and_ends_with_it(tmp_path):
     assert not reader.is_busy()
 
 
-def test_stages_that_take_turns_run_with_passive_openmp():
-    """OMP_WAIT_POLICY reaches the model stages' processes through their runtime_env (Serve file included), only
-    where they take turns, and never the ingress's."""
-    from blip2_serve.serve.config import AppConfig
+def _replica_envs(document: dict) -> dict[str, dict]:
+    deployments = document["applications"][0]["deployments"]
+    return {d["name"]: d["ray_actor_options"].get("runtime_env", {}).get("env_vars") for d in deployments}
+
+
+def _built_envs(application) -> dict[str, dict]:
+    """Each deployment of a built application (build_app) and its runtime_env's variables."""
+    from ray.serve import Application
+
+    envs, pending = {}, [application]
+    while pending:
+        deployment = pending.pop()._bound_deployment
+        envs[deployment.name] = deployment.ray_actor_options.get("runtime_env", {}).get("env_vars")
+        arguments = list(deployment.init_args) + list(deployment.init_kwargs.values())
+        pending.extend(a for a in arguments if isinstance(a, Application))
+    return envs
+
+
+def test_every_replica_takes_the_request_path_setting_and_stages_that_take_turns_passive_openmp():
+    """Every replica's runtime_env (built application and Serve file alike, so a cluster and KubeRay get them) carries
+    REQUEST_PATH_ENVIRONMENT; the model stages' also OMP_WAIT_POLICY where they take turns, never the ingress's; a
+    stage's own `env` wins."""
+    from blip2_serve.serve.app import build_app
+    from blip2_serve.serve.config import REQUEST_PATH_ENVIRONMENT, AppConfig
     from blip2_serve.serve.deploy_config import serve_config
 
+    assert REQUEST_PATH_ENVIRONMENT == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    turns = {**REQUEST_PATH_ENVIRONMENT, "OMP_WAIT_POLICY": "PASSIVE"}
     config = AppConfig.model_validate({"model": {"checkpoint": "x", "device": "cpu"}})
-    assert config.model_stage_env() == {"OMP_WAIT_POLICY": "PASSIVE"}
-    deployments = {d["name"]: d for d in serve_config(config)["applications"][0]["deployments"]}
-    for name in ("Vision", "LLM"):
-        assert deployments[name]["ray_actor_options"]["runtime_env"] == {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
-    assert "runtime_env" not in deployments["Ingress"]["ray_actor_options"]
+    for envs in (_replica_envs(serve_config(config)), _built_envs(build_app(config))):
+        assert envs["Vision"] == envs["LLM"] == turns
+        assert envs["Ingress"] == REQUEST_PATH_ENVIRONMENT
     free = AppConfig.model_validate({"model": {"checkpoint": "x", "device": "cpu"}, "cpu_turns": False})
-    assert free.model_stage_env() is None
-    written = serve_config(free)["applications"][0]["deployments"]
-    assert all("runtime_env" not in d["ray_actor_options"] for d in written)
+    for envs in (_replica_envs(serve_config(free)), _built_envs(build_app(free))):
+        assert envs["Vision"] == envs["LLM"] == envs["Ingress"] == REQUEST_PATH_ENVIRONMENT
+    mine = {"env": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}}
+    own = AppConfig.model_validate({"model": {"checkpoint": "x", "device": "cpu"}, "vision": mine})
+    for envs in (_replica_envs(serve_config(own)), _built_envs(build_app(own))):
+        assert envs["Vision"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "1"
+        assert envs["LLM"] == turns
 
 
-def test_served_model_stages_have_passive_openmp(apps):
+def _environ(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
+def test_served_replicas_have_the_request_path_setting_and_passive_openmp(apps):
+    """In the replicas' processes (the suite's Ray itself runs without the request path's setting: it reaches them
+    through their runtime_env only)."""
+    import subprocess
+
+    assert "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" not in os.environ
     app = apps["t5"]
     for stage in ("Vision", "LLM"):
-        pid = app.deployment(stage).stats.remote().result(timeout_s=60)["pid"]
-        environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        environment = _environ(app.deployment(stage).stats.remote().result(timeout_s=60)["pid"])
         assert b"OMP_WAIT_POLICY=PASSIVE" in environment, stage
+        assert b"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0" in environment, stage
+    found = subprocess.run(["pgrep", "-f", f"ServeReplica:{app.name}:Ingress"], capture_output=True, text=True)
+    (ingress,) = found.stdout.split()
+    environment = _environ(int(ingress))
+    assert b"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0" in environment
+    assert not any(line.startswith(b"OMP_WAIT_POLICY=") for line in environment)
 
 
 def test_a_small_language_model_decodes_on_one_thread(checkpoints):

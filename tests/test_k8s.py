@@ -107,6 +107,7 @@ def test_pod_templates_match_the_kubernetes_schemas():
 
 
 def test_serve_config_is_rays_and_ours():
+    from blip2_serve.serve.config import REQUEST_PATH_ENVIRONMENT
     from blip2_serve.serve.deploy_config import IMPORT_PATH, SERVICER_FUNCTIONS, app_config_of
     from ray.serve.schema import ServeDeploySchema
 
@@ -123,6 +124,9 @@ def test_serve_config_is_rays_and_ours():
         stage = getattr(config, deployment["name"].lower())
         assert deployment["ray_actor_options"]["num_gpus"] == stage.num_gpus
         assert deployment["autoscaling_config"]["max_replicas"] == stage.autoscaling.max_replicas
+        # Ray takes ray_actor_options from this section whole: the builder's runtime_env must be restated here
+        env = deployment["ray_actor_options"]["runtime_env"]["env_vars"]
+        assert env.items() >= REQUEST_PATH_ENVIRONMENT.items(), deployment["name"]
 
 
 def _start_param(group: dict, name: str) -> float:
