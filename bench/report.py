@@ -137,6 +137,15 @@ def markdown(document: dict) -> str:
                 "loop alone before and after instead: "
                 f"{summary['serving_overhead_c1_p50_ms_loop_alone']} ms.",
             ]
+    if "one_process_c16_over_baseline" in summary:
+        lines += [
+            "",
+            "one_process is the 16-client row's work with no serving at all: this project's stage code in one process "
+            "of its own, every image in one vision batch and every sequence in one decode batch from the first step "
+            "(the most a server built on these kernels could do here; it ran before and after the served rows). It "
+            f"took {summary['one_process_c16_over_baseline']}x the loop's throughput; the served 16-client row "
+            f"reached {summary['served_c16_over_one_process']} of it.",
+        ]
     if document["targets"]:
         lines += ["", "| target | measured | bound | applies to this size | met |", "|---|---|---|---|---|"]
         for t in document["targets"]:

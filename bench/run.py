@@ -25,6 +25,7 @@ from bench.scenarios import (
     alternated_lone,
     ask_many_once,
     kserve_load,
+    one_process,
     openai_streams,
     overhead_profile,
     profile_delta,
@@ -33,7 +34,7 @@ from bench.scenarios import (
     vision_backends,
 )
 
-ALL = ("baseline", "peer", "served", "streaming", "multi_question", "mixed", "triton", "vision")
+ALL = ("baseline", "peer", "one_process", "served", "streaming", "multi_question", "mixed", "triton", "vision")
 QUESTIONS = [
     "what is in the picture?",
     "what colour is the block?",
@@ -192,6 +193,13 @@ def peer_rows(
     return rows
 
 
+def one_process_row(checkpoint: str, jobs: list, max_new_tokens: int, expected: list, when: str = "") -> dict:
+    """The 16-client row's work in one process with no serving (bench/scenarios.one_process), alone on the machine."""
+    latencies, wall, answers = one_process(checkpoint, jobs, max_new_tokens)
+    variant = "stage code, one vision batch, one decode batch, no serving" + (f", {when}" if when else "")
+    return row("one_process", variant, latencies, wall, answers, expected, 16)
+
+
 def served_ratios(results: list[dict]) -> dict:
     """The served rows against the loop's and the peer's, each the mean of its run before and after the served
     rows (`*_drift`: after / before, how much the machine's speed moved meanwhile)."""
@@ -212,6 +220,11 @@ def served_ratios(results: list[dict]) -> dict:
     for r in results:
         if r["scenario"] == "via_proxy":  # diagnostic: what direct ingress took off a lone request
             ratios["serving_overhead_c1_p50_ms_via_proxy"] = round(r["p50_ms"] - direct_p50, 2)
+    alone = [r for r in results if r["scenario"] == "one_process"]
+    if alone:  # the most a server could do with these kernels here, and how much of it the served row reached
+        alone_rps = sum(r["throughput_rps"] for r in alone) / len(alone)
+        ratios["one_process_c16_over_baseline"] = round(alone_rps / base_rps, 2)
+        ratios["served_c16_over_one_process"] = round(served[16]["throughput_rps"] / alone_rps, 2)
     peer: dict[int, list[dict]] = {}
     for r in results:
         if r["scenario"] == "peer":
@@ -250,6 +263,8 @@ def run(
 
     if "peer" in scenarios:
         results += peer_rows(str(checkpoint), sets, max_new_tokens, expected, warmup)
+    if "one_process" in scenarios:
+        results.append(one_process_row(str(checkpoint), sets[16], max_new_tokens, expected[16]))
 
     port = (
         _start_serve(checkpoint, static="mixed" in scenarios)
@@ -354,6 +369,8 @@ def run(
         results.append(row("baseline", "model card loop, after", latencies, wall, answers, expected[1] + expected[16]))
         if "peer" in scenarios:
             results += peer_rows(str(checkpoint), sets, max_new_tokens, expected, warmup, when="after")
+        if "one_process" in scenarios:
+            results.append(one_process_row(str(checkpoint), sets[16], max_new_tokens, expected[16], when="after"))
         summary.update(served_ratios(results))
     if "triton" in scenarios:
         process, triton_url = _start_triton(checkpoint, cache)

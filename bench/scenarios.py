@@ -121,6 +121,55 @@ class LoopProcess:
             self._process.join()
 
 
+def _one_process(checkpoint: str, jobs: list[tuple[bytes, str]], max_new_tokens: int, batch: int):
+    """What `one_process` runs, in a process of its own."""
+    from concurrent.futures import Future
+
+    from blip2_serve.deployments.config import ModelConfig
+    from blip2_serve.deployments.engine import ContinuousBatcher, Sequence
+    from blip2_serve.deployments.generator import LanguageGenerator
+    from blip2_serve.deployments.images import check_image
+    from blip2_serve.deployments.types import GenerateRequest, GenerationParams
+    from blip2_serve.deployments.vision_encoder import VisionEncoder
+
+    model = ModelConfig(checkpoint=checkpoint, device="cpu")
+    encoder, generator = VisionEncoder(model), LanguageGenerator(model)
+    engine = ContinuousBatcher(generator, max_running=batch)
+
+    def settle(future: Future, outcome) -> None:
+        future.set_exception(outcome) if isinstance(outcome, BaseException) else future.set_result(outcome)
+
+    def caption(group: list[tuple[bytes, str]]) -> list[str]:
+        embeds = encoder.encode([encoder.preprocess(check_image(image)) for image, _ in group])
+        futures, sequences = [], []
+        for index, ((_, prompt), row) in enumerate(zip(group, embeds)):
+            future: Future = Future()
+            request = GenerateRequest(f"one-{index}", None, prompt, GenerationParams(max_new_tokens=max_new_tokens))
+            sequences.append(Sequence(generator.prepare(request, row), on_done=lambda o, f=future: settle(f, o)))
+            futures.append(future)
+        engine.submit_many(sequences)
+        return [future.result().text for future in futures]
+
+    caption(jobs[:1])  # warm-up, as every server gets
+    started = time.perf_counter()
+    answers = [text for i in range(0, len(jobs), batch) for text in caption(jobs[i : i + batch])]
+    wall = time.perf_counter() - started
+    return [wall] * len(jobs), wall, answers
+
+
+def one_process(checkpoint: str, jobs: list[tuple[bytes, str]], max_new_tokens: int, batch: int = 16):
+    """The 16-client row's work with no serving at all: this project's own stage code (VisionEncoder, the continuous
+    engine) in one process of its own, on both cores, with every image of a group in one vision batch and every
+    sequence in one decode batch from the first step. Not a server (no request arrives, joins or leaves): the most
+    any server built on these kernels could do here, to read the served row against. Returns (latencies, wall,
+    answers) like the other loads; each latency is the whole group's time."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_one_process, checkpoint, jobs, max_new_tokens, batch).result()
+
+
 def kserve_load(
     url: str,
     jobs: list[tuple[bytes, str]],

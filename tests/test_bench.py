@@ -26,7 +26,7 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
             "--max-new-tokens",
             "6",
             "--scenarios",
-            "baseline,peer,served,multi_question",
+            "baseline,peer,one_process,served,multi_question",
             "--out",
             str(out),
             "--cache",
@@ -45,6 +45,7 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
         ("baseline", 1),
         ("peer", 1),
         ("peer", 16),
+        ("one_process", 16),  # the 16-client row's work in one process with no serving: the ceiling it is read against
         ("served", 1),
         ("served", 16),
         ("via_proxy", 1),  # the same server's lone requests through Ray's proxy: what direct ingress took off
@@ -54,6 +55,7 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
         ("baseline", 1),  # the loop and the peer again after the served rows: the ratios are against both runs
         ("peer", 1),
         ("peer", 16),
+        ("one_process", 16),
     ]
     assert all(r["valid"] for r in document["results"]), document["results"]
     assert document["commit"] and document["versions"]["torch"] and "wide x" in document["checkpoint"]["llm"]
@@ -67,6 +69,8 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
         "five_questions_speedup",
         "baseline_drift",
         "peer_drift",
+        "one_process_c16_over_baseline",
+        "served_c16_over_one_process",
     }
     assert summary <= set(document["summary"])
     served = [r for r in document["results"] if r["scenario"] == "served"]
