@@ -33,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # Ctrl-C). Measured on 2 cores, lone tiny captions alternated between two applications of one Ray, one with this
 # setting (2026-12-03, 6 rounds of 60): the p50 1.6-8.7 ms lower and the mean 1-6 ms lower in every round, the CPU per
 # request lower in 5 of 6. The model stages compute off their event loops (threads of their own) either way. It is in
-# the runtime_env of every replica of the application (AppConfig.replica_env), so that a Ray cluster, KubeRay and a
-# Serve config file get it as `blip2-serve run` does; a stage's own `env` wins.
+# the runtime_env of every replica a request passes through, the ingress's and the model stages'
+# (AppConfig.replica_env), so that a Ray cluster, KubeRay and a Serve config file get it as `blip2-serve run` does; a
+# stage's own `env` wins. (The drain coordinator and the Batch API's replica get it only from the embedded Ray.)
 REQUEST_PATH_ENVIRONMENT = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
