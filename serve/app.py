@@ -55,8 +55,13 @@ def build_app(config: AppConfig) -> Application:
     metrics = new_directory(config.app_name)
     gpus = deployed_gpus(config)
 
+    def env(model_stage: bool) -> dict[str, str]:
+        # what this process's environment already holds (`blip2-serve run`'s embedded Ray: its workers inherit it)
+        # needs no runtime_env; a replica with none starts in a worker Ray keeps ready instead of a new one
+        return {k: v for k, v in config.replica_env(model_stage).items() if os.environ.get(k) != v}
+
     def options(name: str, stage: StageConfig) -> dict:
-        return stage.deployment_options(gpus[name], config.replica_env(model_stage=True), config.cpu_turns)
+        return stage.deployment_options(gpus[name], env(model_stage=True), config.cpu_turns)
 
     vision = stages.Vision.options(**options("vision", config.vision)).bind(
         config.model,
@@ -89,8 +94,7 @@ def build_app(config: AppConfig) -> Application:
             config.embedding_cache.max_bytes,
             cpu_turns=config.cpu_turns,
         )
-    ingress_env = config.replica_env(model_stage=False)
-    options = config.ingress.deployment_options(gpus["ingress"], ingress_env, config.cpu_turns)
+    options = config.ingress.deployment_options(gpus["ingress"], env(model_stage=False), config.cpu_turns)
     # the ingress's access lines (one per client request) at this process's level, whatever Ray's own is
     # (blip2-serve's --log-level, which the CLI sets on the "blip2_serve" logger; INFO under another driver)
     chosen = logging.getLogger("blip2_serve").level or logging.INFO
