@@ -10,6 +10,7 @@ import statistics
 import time
 from typing import Any
 
+from blip2_serve.clients.contract import STAGE_BATCH_SIZE
 from blip2_serve.clients.transports import bytes_inputs
 
 
@@ -157,7 +158,7 @@ def _one_process(checkpoint: str, jobs: list[tuple[bytes, str]], max_new_tokens:
     return [wall] * len(jobs), wall, answers
 
 
-def one_process(checkpoint: str, jobs: list[tuple[bytes, str]], max_new_tokens: int, batch: int = 16):
+def one_process(checkpoint: str, jobs: list[tuple[bytes, str]], max_new_tokens: int, batch: int = STAGE_BATCH_SIZE):
     """The 16-client row's work with no serving at all: this project's own stage code (VisionEncoder, the continuous
     engine) in one process of its own, on both cores, with every image of a group in one vision batch and every
     sequence in one decode batch from the first step. Not a server (no request arrives, joins or leaves): the most

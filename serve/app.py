@@ -112,7 +112,7 @@ def build_app(config: AppConfig) -> Application:
 # metrics exported every 100 ms by every replica): on a small node each wake-up is taken from the model stages'
 # cores. Measured on 2 cores, 16 concurrent captions on the realistic checkpoint: 0.80 -> 0.90 requests/s. Autoscaling
 # decisions are made over seconds anyway; a deployment's start is seen up to a second later. Every process of it also
-# gets REQUEST_PATH_ENVIRONMENT (serve/config.py), which the request path's replicas' runtime_env carries anywhere.
+# gets REQUEST_PATH_ENVIRONMENT (serve/config.py); elsewhere it reaches the request path's replicas by runtime_env.
 LOCAL_RAY_ENVIRONMENT = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",

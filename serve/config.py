@@ -229,7 +229,7 @@ class AppConfig(BaseModel):
 
     def replica_env(self, model_stage: bool) -> dict[str, str]:
         """Environment variables of a replica's process (its runtime_env, under the stage's own `env`): the request
-        path's (every replica), and those of a model stage that takes turns at the cores."""
+        path's (the ingress and every model stage), and those of a model stage that takes turns at the cores."""
         from blip2_serve.deployments.cores import TURN_ENVIRONMENT
 
         env = dict(REQUEST_PATH_ENVIRONMENT)

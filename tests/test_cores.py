@@ -142,7 +142,7 @@ def _built_envs(application) -> dict[str, dict]:
     return envs
 
 
-def test_every_replica_takes_the_request_path_setting_and_stages_that_take_turns_passive_openmp():
+def test_every_replica_takes_the_request_path_setting_and_stages_that_take_turns_passive_openmp(monkeypatch):
     """Every replica's runtime_env (built application and Serve file alike, so a cluster and KubeRay get them) carries
     REQUEST_PATH_ENVIRONMENT; the model stages' also OMP_WAIT_POLICY where they take turns, never the ingress's; a
     stage's own `env` wins."""
@@ -164,6 +164,12 @@ def test_every_replica_takes_the_request_path_setting_and_stages_that_take_turns
     for envs in (_replica_envs(serve_config(own)), _built_envs(build_app(own))):
         assert envs["Vision"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "1"
         assert envs["LLM"] == turns
+    # where the builder's environment already holds it (`blip2-serve run`'s embedded Ray, whose workers inherit it),
+    # the built application leaves it out: a replica with no runtime_env starts in a worker Ray keeps ready
+    monkeypatch.setenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
+    built = _built_envs(build_app(config))
+    assert built["Ingress"] is None and built["Vision"] == built["LLM"] == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert _replica_envs(serve_config(config))["Ingress"] == REQUEST_PATH_ENVIRONMENT  # a file is read elsewhere
 
 
 def _environ(pid: int) -> list[bytes]:
