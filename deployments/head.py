@@ -70,7 +70,8 @@ class GreedyHead(nn.Module):
     def __init__(self, linear: nn.Linear, packed: bool = False):
         super().__init__()
         self.linear = linear
-        self.packed = PackedLinear(linear) if packed else None  # the same weight, packed once (loading.py)
+        # the same weight packed once (loading.py), with the plain one it holds anyway for 1-2 rows
+        self.packed = PackedLinear(linear, keep_plain=True) if packed else None
         weight = linear.weight.detach()
         screen = weight.to(torch.bfloat16)
         self.screen = PackedLinear.of(screen)  # bf16 products, fp32 accumulation, bf16 out; the bias added in fp32

@@ -9,6 +9,7 @@ half's weights, so a replica holds only what it runs.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -138,6 +139,10 @@ def load_blip2_config(config: ModelConfig):
     return _from_pretrained(AutoConfig, config)
 
 
+# A PackedLinear that keeps its plain weight computes this many rows or fewer with PyTorch's linear (see its doc).
+PLAIN_MAX_ROWS = 2
+
+
 class PackedLinear(nn.Module):
     """`nn.Linear` on CPU with its weight packed once into oneDNN's blocked layout (`weight` is that tensor).
 
@@ -147,11 +152,19 @@ class PackedLinear(nn.Module):
     took 3.21 s packed against 2.69 s with PyTorch's GEMM (medians of 6, alternated; 1 image 0.364 / 0.381 s), so
     `auto` packs the language model only. Results differ from PyTorch's by rounding only (about 1e-6 relative), as a
     different batch size already makes them differ.
+
+    At one or two rows the packed GEMM is the slower one: on 2 cores, medians of 15, OPT's 2560 -> 2560 at 1 row
+    1.59 ms PyTorch's / 2.08 packed, 10240 -> 2560 7.90 / 9.32, 2560 -> 10240 7.74 / 9.66; at 4 rows 2.89 / 2.49,
+    17.80 / 10.72, 16.49 / 9.95. A lone request's decode steps are all one row: its 20-token caption on the realistic
+    OPT took 3.21 s packed against 2.54 s with PyTorch's layers (one process, medians of 8 alternated). So with
+    `plain` kept (`keep_plain`: the unpacked weight beside the packed one, its memory once more) up to PLAIN_MAX_ROWS
+    rows go through PyTorch's linear on it, and their results are the ones transformers computes.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, keep_plain: bool = False):
         super().__init__()
         self._pack(linear.weight, linear.bias)
+        self.register_buffer("plain", linear.weight.detach() if keep_plain else None, persistent=False)
 
     @classmethod
     def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
@@ -159,6 +172,7 @@ class PackedLinear(nn.Module):
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module._pack(weight, bias)
+        module.register_buffer("plain", None, persistent=False)
         return module
 
     def _pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -167,6 +181,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plain is not None and x.numel() <= PLAIN_MAX_ROWS * self.in_features:
+            return nn.functional.linear(x, self.plain, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
@@ -296,17 +312,66 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
     if language_model is not None and screen_wanted(config.greedy_screen, language_model):
         head = language_model.get_output_embeddings()
         GreedyHead.install(language_model, packed=_packs(head.weight, config))  # packed where worth it, screen beside
-    replaced = _replace_linear_layers(
-        model,
-        lambda parent, child: (
+
+    def wanted(parent: nn.Module, child: nn.Linear) -> bool:
+        return (
             type(parent).__name__ != "GreedyHead"  # it keeps the plain weight for its exact recount
             and child.weight.dtype in (torch.float32, torch.bfloat16)
             and _packs(child.weight, config)
-        ),
-        PackedLinear,
+        )
+
+    plain_bytes = sum(
+        child.weight.numel() * child.weight.element_size()
+        for parent in model.modules()
+        for child in parent.children()
+        if type(child) is nn.Linear and wanted(parent, child)
     )
-    logger.info("%d linear layers packed for oneDNN", replaced)
+    keep_plain = keeps_plain_weights(config, half, plain_bytes)
+    replaced = _replace_linear_layers(model, wanted, lambda linear: PackedLinear(linear, keep_plain=keep_plain))
+    logger.info(
+        "%d linear layers packed for oneDNN%s",
+        replaced,
+        f", their plain weights kept for 1-{PLAIN_MAX_ROWS} rows ({plain_bytes / 2**30:.2f} GiB)" if keep_plain else "",
+    )
     return model
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process could still allocate: the machine's MemAvailable, capped by a cgroup memory limit (a
+    Kubernetes memory limit) less what the cgroup already uses; None where neither can be read."""
+    available = None
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            room = int(limit) - int((cgroup / "memory.current").read_text())
+            available = room if available is None else min(available, room)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def keeps_plain_weights(config: ModelConfig, half: str, plain_bytes: int) -> bool:
+    """Whether the packed layers of a model's `half` keep their plain weights for 1-PLAIN_MAX_ROWS rows
+    (PackedLinear): under cpu_linear "auto", for the language model (whose decode steps have that few rows), where
+    the memory they hold, `plain_bytes`, is at most half of what is still available; "onednn" packs only."""
+    if config.cpu_linear != "auto" or half != "language":
+        return False
+    available = available_memory()
+    if available is not None and plain_bytes > available / 2:
+        logger.warning(
+            "linear layers packed only: keeping their plain weights for lone requests' decode steps would hold %.1f "
+            "GiB more, over half of the %.1f GiB available",
+            plain_bytes / 2**30,
+            available / 2**30,
+        )
+        return False
+    return True
 
 
 def _attention(config: ModelConfig) -> dict:

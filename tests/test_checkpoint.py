@@ -111,6 +111,67 @@ def test_cpu_linear_layers_are_packed_for_onednn_where_the_answers_stay_equal(ch
         torch.testing.assert_close(packed_layer(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
+def test_packed_layers_keep_their_plain_weights_for_one_or_two_rows(checkpoints):
+    """Under cpu_linear "auto" the language model's packed layers keep their plain weights, and a decode step of 1 or
+    2 rows (a lone request's) goes through PyTorch's linear on them: bitwise nn.Linear's result, which the packed GEMM
+    is not; from 3 rows on the packed GEMM computes. "onednn" packs only, and so does "auto" where the plain weights
+    would hold over half of the memory still available (available_memory reads MemAvailable and a cgroup limit)."""
+    import torch
+    from blip2_serve.deployments import loading
+    from blip2_serve.deployments.config import ModelConfig
+    from blip2_serve.deployments.loading import (
+        PLAIN_MAX_ROWS,
+        PackedLinear,
+        keeps_plain_weights,
+        load_language_model,
+    )
+    from torch import nn
+
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 384)
+    kept, packed_only = PackedLinear(linear, keep_plain=True), PackedLinear(linear)
+    with torch.inference_mode():
+        for rows in range(1, PLAIN_MAX_ROWS + 1):
+            x = torch.randn(rows, 1, 512)
+            assert torch.equal(kept(x), linear(x))
+            assert not torch.equal(packed_only(x), linear(x))  # so the equality above says which GEMM ran
+        x = torch.randn(PLAIN_MAX_ROWS + 1, 512)
+        assert torch.equal(kept(x), packed_only(x))
+
+    def plain_kept(cpu_linear: str) -> set[bool]:
+        settings = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", cpu_linear=cpu_linear)
+        saved, loading.PACK_MIN_WEIGHTS = loading.PACK_MIN_WEIGHTS, 1  # the tiny layers all pack
+        try:
+            model = load_language_model(settings)[0]
+        finally:
+            loading.PACK_MIN_WEIGHTS = saved
+        return {m.plain is not None for m in model.modules() if type(m) is PackedLinear}
+
+    assert plain_kept("auto") == {True} and plain_kept("onednn") == {False}
+    auto = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu")
+    assert keeps_plain_weights(auto, "language", 1 << 20)
+    assert not keeps_plain_weights(auto, "language", 1 << 60)  # more than any machine has
+    assert not keeps_plain_weights(auto, "vision", 1 << 20)
+
+
+def test_available_memory_is_memavailable_capped_by_a_cgroup_limit(tmp_path):
+    from blip2_serve.deployments.loading import available_memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert available_memory(meminfo, cgroup) == 20000000 * 1024  # no cgroup files: the machine's
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("5000\n")
+    assert available_memory(meminfo, cgroup) == 20000000 * 1024
+    (cgroup / "memory.max").write_text(f"{8 << 30}\n")
+    (cgroup / "memory.current").write_text(f"{3 << 30}\n")
+    assert available_memory(meminfo, cgroup) == 5 << 30
+    assert available_memory(tmp_path / "none", cgroup) == 5 << 30
+    assert available_memory(tmp_path / "none", tmp_path / "none") is None
+
+
 def test_attention_implementation_reaches_every_tower_and_keeps_tokens(checkpoints):
     """model.attn_implementation: "auto" leaves transformers' choice (SDPA), "eager" reaches the vision tower, the
     Q-Former's and the language model's config alike, and both give the same greedy tokens (tiny OPT)."""
