@@ -67,11 +67,11 @@ class GreedyHead(nn.Module):
     its layers, else PyTorch's linear) unless the engine turns `fast` on for its forwards, then the bf16 screen
     (beside a packed projection, for at most PACKED_SCREEN_ROWS rows)."""
 
-    def __init__(self, linear: nn.Linear, packed: bool = False):
+    def __init__(self, linear: nn.Linear, packed: bool = False, keep_plain: bool = False):
         super().__init__()
         self.linear = linear
-        # the same weight packed once (loading.py), with the plain one it holds anyway for 1-2 rows
-        self.packed = PackedLinear(linear, keep_plain=True) if packed else None
+        # the same weight packed once (loading.py); `keep_plain`: 1-2 rows on the plain one it holds anyway
+        self.packed = PackedLinear(linear, keep_plain=keep_plain) if packed else None
         weight = linear.weight.detach()
         screen = weight.to(torch.bfloat16)
         self.screen = PackedLinear.of(screen)  # bf16 products, fp32 accumulation, bf16 out; the bias added in fp32
@@ -89,10 +89,11 @@ class GreedyHead(nn.Module):
         self.rows = 0
 
     @classmethod
-    def install(cls, model: nn.Module, packed: bool = False) -> GreedyHead | None:
+    def install(cls, model: nn.Module, packed: bool = False, keep_plain: bool = False) -> GreedyHead | None:
         """Put a GreedyHead in place of `model`'s output projection where it helps: a plain fp32 nn.Linear on CPU
         with oneDNN available (not quantized or on a GPU); returns it, or None. `packed`: the full projection in
-        oneDNN's layout too (the model's other layers are packed: deployments/loading.py)."""
+        oneDNN's layout too (the model's other layers are packed: deployments/loading.py), computing 1-2 rows with
+        PyTorch's linear on the plain weight where `keep_plain` (cpu_linear "auto": loading.PackedLinear)."""
         head = model.get_output_embeddings()
         if isinstance(head, GreedyHead):  # a second engine on the same model, or installed when it was loaded
             return head
@@ -104,7 +105,7 @@ class GreedyHead(nn.Module):
             or not torch.ops.mkldnn._is_mkldnn_bf16_supported()
         ):
             return None
-        greedy = cls(head, packed=packed)
+        greedy = cls(head, packed=packed, keep_plain=keep_plain)
         model.set_output_embeddings(greedy)
         logger.info("output projection %s: greedy tokens from a bf16 screen, checked", tuple(head.weight.shape))
         return greedy

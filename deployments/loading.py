@@ -153,12 +153,14 @@ class PackedLinear(nn.Module):
     `auto` packs the language model only. Results differ from PyTorch's by rounding only (about 1e-6 relative), as a
     different batch size already makes them differ.
 
-    At one or two rows the packed GEMM is the slower one: on 2 cores, medians of 15, OPT's 2560 -> 2560 at 1 row
-    1.59 ms PyTorch's / 2.08 packed, 10240 -> 2560 7.90 / 9.32, 2560 -> 10240 7.74 / 9.66; at 4 rows 2.89 / 2.49,
-    17.80 / 10.72, 16.49 / 9.95. A lone request's decode steps are all one row. So with `plain` kept (`keep_plain`:
-    the unpacked weight beside the packed one, its memory once more) up to PLAIN_MAX_ROWS rows go through PyTorch's
-    linear on it, and their results are the ones transformers computes: the realistic OPT's lone 20-token caption in
-    the engine, one process, medians of 8 alternated, 2.98 s packed only -> 2.19 s (transformers' generate 2.64 s).
+    At one or two rows the packed GEMM is the slower one, measured again on 2026-12-03 (the 1-row figure above, from
+    an earlier day, no longer holds on this machine): on 2 cores, medians of 15, ms PyTorch's / packed, OPT's 2560 ->
+    2560 at 1 row 1.59 / 2.08, at 2 rows 1.71 / 3.89, at 4 rows 2.89 / 2.49; 2560 -> 10240 7.90 / 9.32, 8.76 / 11.29,
+    17.80 / 10.72; 10240 -> 2560 7.74 / 9.66, 8.08 / 10.68, 16.49 / 9.95. A lone request's decode steps are all one
+    row. So with `plain` kept (`keep_plain`: the unpacked weight beside the packed one, its memory once more) up to
+    PLAIN_MAX_ROWS rows go through PyTorch's linear on it, and their results are the ones transformers computes: the
+    realistic OPT's lone 20-token caption in the engine, one process, medians of 8 alternated, 2.98 s packed only ->
+    2.19 s (transformers' generate 2.64 s).
     """
 
     def __init__(self, linear: nn.Linear, keep_plain: bool = False):
@@ -193,7 +195,8 @@ class PackedLinear(nn.Module):
 # packs: a oneDNN call costs a fixed ~30 us more than PyTorch's at small sizes, which a small product does not win
 # back (measured on 2 cores with the stages' passive OpenMP waiting, best of 3: 64 -> 64, 1 to 16 rows, 12 us
 # PyTorch's / 40 us packed; 512 -> 2048, 1 row 132 / 204 us, 16 rows 708 / 339 us; 2560 -> 2560, 1 row 669 / 734,
-# 4 rows 1284 / 732; 2560 -> 10240, 1 row 5640 / 4261). Every layer of a published BLIP-2's language model is over
+# 4 rows 1284 / 732; 2560 -> 10240, 1 row 5640 / 4261; an earlier day's machine: on 2026-12-03 the 1-row figures
+# favoured PyTorch's, see PackedLinear). Every layer of a published BLIP-2's language model is over
 # it; the tiny test checkpoints' are all under it, and packing them made a lone tiny caption served 78 ms instead of
 # 60 (p50, blip2-serve run, alternated).
 PACK_MIN_WEIGHTS = 1 << 20
@@ -311,7 +314,12 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
     language_model = getattr(model, "language_model", None)
     if language_model is not None and screen_wanted(config.greedy_screen, language_model):
         head = language_model.get_output_embeddings()
-        GreedyHead.install(language_model, packed=_packs(head.weight, config))  # packed where worth it, screen beside
+        # packed where worth it, the screen beside; the plain weight it holds anyway serves 1-2 rows under "auto"
+        GreedyHead.install(
+            language_model,
+            packed=_packs(head.weight, config),
+            keep_plain=config.cpu_linear == "auto" and head.weight.dtype == torch.float32,
+        )
 
     def wanted(parent: nn.Module, child: nn.Linear) -> bool:
         return (
@@ -320,14 +328,19 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
             and _packs(child.weight, config)
         )
 
+    # fp32 layers only keep their plain weights: PyTorch's bf16 linear at 1-2 rows is unmeasured
     plain_bytes = sum(
         child.weight.numel() * child.weight.element_size()
         for parent in model.modules()
         for child in parent.children()
-        if type(child) is nn.Linear and wanted(parent, child)
+        if type(child) is nn.Linear and wanted(parent, child) and child.weight.dtype == torch.float32
     )
     keep_plain = keeps_plain_weights(config, half, plain_bytes)
-    replaced = _replace_linear_layers(model, wanted, lambda linear: PackedLinear(linear, keep_plain=keep_plain))
+    replaced = _replace_linear_layers(
+        model,
+        wanted,
+        lambda linear: PackedLinear(linear, keep_plain=keep_plain and linear.weight.dtype == torch.float32),
+    )
     logger.info(
         "%d linear layers packed for oneDNN%s",
         replaced,
@@ -337,19 +350,32 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
 
 
 def available_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Bytes this process could still allocate: the machine's MemAvailable, capped by a cgroup v2 memory limit (a
-    Kubernetes memory limit) less what the cgroup already uses; None where neither can be read."""
+    """Bytes this process could still allocate: the machine's MemAvailable (psutil's figure where /proc/meminfo is
+    missing), capped by a cgroup v2 memory limit (a Kubernetes memory limit) less the cgroup's working set (its usage
+    less its inactive file cache, which the kernel reclaims first, as the kubelet counts it); None where nothing can
+    be read."""
     available = None
     try:
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 available = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        pass
+        try:
+            import psutil
+
+            available = int(psutil.virtual_memory().available)
+        except Exception:  # no psutil, or it cannot read this platform
+            pass
     try:
         limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
-            room = int(limit) - int((cgroup / "memory.current").read_text())
+            used = int((cgroup / "memory.current").read_text())
+            try:
+                stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+                used -= int(stat.get("inactive_file", 0))
+            except (OSError, ValueError):
+                pass
+            room = int(limit) - max(0, used)
             available = room if available is None else min(available, room)
     except (OSError, ValueError):
         pass
