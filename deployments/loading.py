@@ -166,7 +166,9 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, keep_plain: bool = False):
         super().__init__()
         self._pack(linear.weight, linear.bias)
-        self.register_buffer("plain", linear.weight.detach() if keep_plain else None, persistent=False)
+        # fp32 only: PyTorch's bf16 linear at 1-2 rows is unmeasured
+        plain = linear.weight.detach() if keep_plain and linear.weight.dtype == torch.float32 else None
+        self.register_buffer("plain", plain, persistent=False)
 
     @classmethod
     def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
@@ -318,7 +320,7 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
         GreedyHead.install(
             language_model,
             packed=_packs(head.weight, config),
-            keep_plain=config.cpu_linear == "auto" and head.weight.dtype == torch.float32,
+            keep_plain=config.cpu_linear == "auto",
         )
 
     def wanted(parent: nn.Module, child: nn.Linear) -> bool:
@@ -328,7 +330,7 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
             and _packs(child.weight, config)
         )
 
-    # fp32 layers only keep their plain weights: PyTorch's bf16 linear at 1-2 rows is unmeasured
+    # what the fp32 layers' plain weights hold (PackedLinear keeps no other)
     plain_bytes = sum(
         child.weight.numel() * child.weight.element_size()
         for parent in model.modules()
@@ -336,11 +338,7 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
         if type(child) is nn.Linear and wanted(parent, child) and child.weight.dtype == torch.float32
     )
     keep_plain = keeps_plain_weights(config, half, plain_bytes)
-    replaced = _replace_linear_layers(
-        model,
-        wanted,
-        lambda linear: PackedLinear(linear, keep_plain=keep_plain and linear.weight.dtype == torch.float32),
-    )
+    replaced = _replace_linear_layers(model, wanted, lambda linear: PackedLinear(linear, keep_plain=keep_plain))
     logger.info(
         "%d linear layers packed for oneDNN%s",
         replaced,
