@@ -37,11 +37,13 @@ class ModelConfig(BaseModel):
     # those row counts, and a row's result is then bitwise the one a full batch of 16 gives it. "torch" leaves
     # every layer as it is. deployments/loading.py.
     cpu_linear: CpuLinear = "auto"
-    # Greedy tokens on CPU (continuous engine): "bf16" takes them from a bf16 screen of the output projection, each
-    # argmax proven against the exact logits (deployments/head.py: half the bytes of the biggest matmul of a decode
-    # step); "off" from the full fp32 projection; "auto": bf16 where the projection is big enough for the screen
-    # to pay (deployments/head.SCREEN_MIN_WEIGHTS: every published BLIP-2, not the tiny test checkpoints).
-    greedy_screen: Literal["auto", "bf16", "off"] = "auto"
+    # Greedy tokens on CPU (continuous engine): from a screen of the output projection, each argmax proven against
+    # the exact logits (deployments/head.py): "bf16" (oneDNN's bf16 GEMM, half the bytes of the biggest matmul of a
+    # decode step; CPUs with AVX-512 bf16 or AMX) or "int8" (PyTorch's int8 weight-only GEMM, a quarter of them;
+    # any x86 or Arm CPU); "off" from the full fp32 projection; "on": this CPU's screen (bf16 where it has it, else
+    # int8); "auto": that, where the projection is big enough for the screen to pay (head.SCREEN_MIN_WEIGHTS: every
+    # published BLIP-2, not the tiny test checkpoints).
+    greedy_screen: Literal["auto", "on", "bf16", "int8", "off"] = "auto"
     # Attention kernels, passed to from_pretrained as `attn_implementation`: "auto" is transformers' choice (SDPA
     # where the model supports it), "flash_attention_2" needs the flash-attn package and a GPU. Measured on 2 CPU
     # cores, realistic OPT, one process, medians of 4 alternated runs: vision over 8 images 2.75 s SDPA / 3.22 s

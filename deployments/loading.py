@@ -184,8 +184,11 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
         self.register_buffer("bias", None if bias is None else bias.detach())
 
+    # at most this many rows go through the plain weight (where kept); tune_plain_rows measures it per machine
+    plain_rows = PLAIN_MAX_ROWS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plain is not None and x.numel() <= PLAIN_MAX_ROWS * self.in_features:
+        if self.plain is not None and x.numel() <= self.plain_rows * self.in_features:
             return nn.functional.linear(x, self.plain, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
@@ -311,7 +314,7 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
     """
     if not packs_linear_layers(config, model.config, device, half):
         return model
-    from blip2_serve.deployments.head import GreedyHead, screen_wanted
+    from blip2_serve.deployments.head import GreedyHead, screen_kind, screen_wanted
 
     language_model = getattr(model, "language_model", None)
     if language_model is not None and screen_wanted(config.greedy_screen, language_model):
@@ -321,6 +324,7 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
             language_model,
             packed=_packs(head.weight, config),
             keep_plain=config.cpu_linear == "auto",
+            kind=screen_kind(config.greedy_screen),
         )
 
     def wanted(parent: nn.Module, child: nn.Linear) -> bool:
@@ -339,12 +343,71 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
     )
     keep_plain = keeps_plain_weights(config, half, plain_bytes)
     replaced = _replace_linear_layers(model, wanted, lambda linear: PackedLinear(linear, keep_plain=keep_plain))
-    logger.info(
-        "%d linear layers packed for oneDNN%s",
-        replaced,
-        f", their plain weights kept for 1-{PLAIN_MAX_ROWS} rows ({plain_bytes / 2**30:.2f} GiB)" if keep_plain else "",
-    )
+    logger.info("%d linear layers packed for oneDNN", replaced)
+    if keep_plain:
+        choices = tune_plain_rows(model)
+        logger.info(
+            "plain weights kept for the rows where PyTorch's linear was the faster here (0: let go): %s",
+            ", ".join(f"{shape[1]} -> {shape[0]}: {rows}" for shape, rows in choices.items()),
+        )
     return model
+
+
+def measure_linear(module: PackedLinear, rows: int, repeats: int = 7) -> tuple[float, float]:
+    """(PyTorch's linear on the plain weight, oneDNN's packed GEMM) on `rows` rows of `module`: medians in ms of
+    calls taken in turns."""
+    import statistics
+    import time
+
+    x = torch.randn(rows, module.in_features, dtype=module.plain.dtype)
+    calls = (
+        lambda: nn.functional.linear(x, module.plain, module.bias),
+        lambda: torch.ops.mkldnn._linear_pointwise(x, module.weight, module.bias, "none", [], ""),
+    )
+    times: tuple[list[float], list[float]] = ([], [])
+    with torch.inference_mode():
+        for call in calls:  # first calls allocate
+            call()
+        for _ in range(repeats):
+            for call, taken in zip(calls, times):
+                started = time.perf_counter()
+                call()
+                taken.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+# PyTorch's linear keeps a row count where it is at least this much faster than the packed GEMM (the plain weight
+# is memory held once more: a tie goes to freeing it)
+PLAIN_MARGIN = 0.95
+
+
+def tune_plain_rows(model: nn.Module, measure: Callable[[PackedLinear, int], tuple[float, float]] | None = None):
+    """Measure, on this machine, which of PyTorch's linear and the packed GEMM is faster at 1 and 2 rows for each
+    shape of `model`'s PackedLinears that keep a plain weight, and set each one's `plain_rows` to the rows up to
+    which the plain one wins (by PLAIN_MARGIN); where it wins at none, the plain weight is let go. Which is faster
+    depends on the CPU: on 2 cores of one machine the plain one won at 1-2 rows of every OPT shape (2560 -> 10240,
+    1 row 7.90 / 9.32 ms, 2 rows 8.76 / 11.29), on another, an AVX2 EPYC, the packed one did (6.69 / 5.76, 14.2 /
+    5.37), so no fixed rule is right for both. Returns {(out, in): rows}. Takes about half a second for OPT's four
+    shapes."""
+    layers: dict[tuple[int, int], list[PackedLinear]] = {}
+    for module in model.modules():
+        if isinstance(module, PackedLinear) and module.plain is not None:
+            layers.setdefault((module.out_features, module.in_features), []).append(module)
+    measure = measure or measure_linear
+    choices = {}
+    for shape, modules in layers.items():
+        rows = 0
+        for candidate in range(1, PLAIN_MAX_ROWS + 1):
+            plain_ms, packed_ms = measure(modules[0], candidate)
+            if plain_ms > PLAIN_MARGIN * packed_ms:
+                break
+            rows = candidate
+        choices[shape] = rows
+        for module in modules:
+            module.plain_rows = rows
+            if rows == 0:
+                module.plain = None
+    return choices
 
 
 def available_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:

@@ -136,7 +136,7 @@ TEST_SERVER = {
 }
 # The suite compares served answers with transformers on the CPU, in fp32: pinned, so that a GPU host runs the
 # same comparison (with device "auto" the stages would take the GPU and fp16).
-TEST_MODEL = {"device": "cpu", "dtype": "fp32", "greedy_screen": "bf16"}  # the screen served, as on full-size models
+TEST_MODEL = {"device": "cpu", "dtype": "fp32", "greedy_screen": "on"}  # the screen served, as on full-size models
 # A prompt holding this fails inside its model batch in the `apps` graphs' LLM stage (deployments/faults.py).
 FAULT_MARKER = "zzfaultzz"
 TEST_STAGE = {"num_cpus": 0, "torch_threads": 1, "batch": {"max_batch_size": 8, "wait_timeout_s": 0.02}}

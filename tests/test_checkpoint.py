@@ -92,7 +92,7 @@ def test_cpu_linear_layers_are_packed_for_onednn_where_the_answers_stay_equal(ch
     def kinds(llm: str, cpu_linear: str, load) -> set[type]:
         """The module types of one half; a GreedyHead's own plain weight (kept for its exact recount) left out."""
         settings = ModelConfig(
-            checkpoint=str(checkpoints[llm]), device="cpu", cpu_linear=cpu_linear, greedy_screen="bf16"
+            checkpoint=str(checkpoints[llm]), device="cpu", cpu_linear=cpu_linear, greedy_screen="on"
         )
         model = load(settings)[0]
         inner = {id(m.linear) for m in model.modules() if isinstance(m, GreedyHead)}
@@ -146,21 +146,61 @@ def test_packed_layers_keep_their_plain_weights_for_one_or_two_rows(checkpoints)
         x = torch.randn(PLAIN_MAX_ROWS + 1, 512)
         assert onednn_ran(kept, x) and torch.equal(kept(x), packed_only(x))
 
-    def plain_kept(cpu_linear: str) -> set[bool]:
+    def plain_kept(cpu_linear: str, plain_ms: float = 1.0) -> set[bool]:
+        """Whether the packed layers keep plain weights, PyTorch's linear timed at `plain_ms` against 2 ms packed."""
         settings = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", cpu_linear=cpu_linear)
-        saved, loading.PACK_MIN_WEIGHTS = loading.PACK_MIN_WEIGHTS, 1  # the tiny layers all pack
+        saved = loading.PACK_MIN_WEIGHTS, loading.measure_linear
+        loading.PACK_MIN_WEIGHTS = 1  # the tiny layers all pack
+        loading.measure_linear = lambda module, rows: (plain_ms, 2.0)  # what this machine's timing would say
         try:
             model = load_language_model(settings)[0]
         finally:
-            loading.PACK_MIN_WEIGHTS = saved
+            loading.PACK_MIN_WEIGHTS, loading.measure_linear = saved
         return {m.plain is not None for m in model.modules() if type(m) is PackedLinear}
 
     assert plain_kept("auto") == {True} and plain_kept("onednn") == {False}
+    assert plain_kept("auto", plain_ms=3.0) == {False}  # where the packed GEMM is the faster, the plain ones go
     assert available_memory() is not None  # so that the memory rule below is the one deciding
     auto = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu")
     assert keeps_plain_weights(auto, "language", 1 << 20)
     assert not keeps_plain_weights(auto, "language", 1 << 60)  # more than any machine has
     assert not keeps_plain_weights(auto, "vision", 1 << 20)
+
+
+def test_plain_rows_are_measured_per_shape_on_the_machine():
+    """tune_plain_rows: each shape of packed layer keeps its plain weight for the rows (1-2) where PyTorch's linear
+    was the faster by the margin, in order; none, and the plain weight is let go. The real measurement times both."""
+    import torch
+    from blip2_serve.deployments.loading import PackedLinear, measure_linear, tune_plain_rows
+    from torch import nn
+
+    model = nn.Sequential(*(PackedLinear(nn.Linear(i, o), keep_plain=True) for i, o in [(64, 32), (64, 48), (32, 64)]))
+    model.append(PackedLinear(nn.Linear(64, 32), keep_plain=True))  # the first shape again: measured once
+    # ms (plain, packed) by shape and rows: 64 -> 32 plain faster at 1 row only; 64 -> 48 never (a tie goes to the
+    # packed one); 32 -> 64 at both
+    timings = {
+        (32, 64): {1: (1.0, 2.0), 2: (3.0, 2.0)},
+        (48, 64): {1: (1.0, 1.0)},
+        (64, 32): {1: (1, 2), 2: (1, 2)},
+    }
+    asked = []
+
+    def measure(module, rows):
+        asked.append(((module.out_features, module.in_features), rows))
+        return timings[(module.out_features, module.in_features)][rows]
+
+    assert tune_plain_rows(model, measure) == {(32, 64): 1, (48, 64): 0, (64, 32): 2}
+    assert sorted(asked) == [((32, 64), 1), ((32, 64), 2), ((48, 64), 1), ((64, 32), 1), ((64, 32), 2)]
+    assert [m.plain_rows for m in model] == [1, 0, 2, 1]
+    assert [m.plain is not None for m in model] == [True, False, True, True]
+    with torch.inference_mode():
+        one, two = torch.randn(1, 64), torch.randn(2, 64)
+        assert torch.equal(model[0](one), nn.functional.linear(one, model[0].plain, model[0].bias))
+        assert torch.equal(
+            model[0](two), torch.ops.mkldnn._linear_pointwise(two, model[0].weight, model[0].bias, "none", [], "")
+        )
+    plain_ms, packed_ms = measure_linear(PackedLinear(nn.Linear(256, 256), keep_plain=True), 2, repeats=3)
+    assert plain_ms > 0 and packed_ms > 0
 
 
 def test_available_memory_is_memavailable_capped_by_a_cgroup_limit(tmp_path):

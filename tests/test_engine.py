@@ -21,7 +21,7 @@ from tests.helpers import image_bytes
 
 @pytest.fixture(scope="module", params=["opt", "t5"])
 def parts(request, checkpoints):
-    model = ModelConfig(checkpoint=str(checkpoints[request.param]), device="cpu", greedy_screen="bf16")  # as served
+    model = ModelConfig(checkpoint=str(checkpoints[request.param]), device="cpu", greedy_screen="on")  # as served
     vision, generator = VisionEncoder(model), LanguageGenerator(model)
     embeds = vision.encode([vision.preprocess(check_image(image_bytes(800 + i))) for i in range(6)])
     return generator, embeds
@@ -324,14 +324,18 @@ def test_a_short_request_sent_during_a_long_one_finishes_first(apps):
     assert finished["short"] < finished["long"]
 
 
-def test_the_fast_output_projection_keeps_the_exact_argmax():
-    """deployments/head.py: the bf16 screen is within its stated margin of the exact logits for every token; given
-    screen values moved by up to that margin in the worst direction (the runner-up raised, the maximum lowered, so
-    that the screen's argmax is wrong), each row's token is still the exact argmax, from a float64 recount of the
-    candidates; banned tokens are never taken; whole rows are the full projection's."""
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_the_fast_output_projection_keeps_the_exact_argmax(kind):
+    """deployments/head.py: each screen (bf16, int8) is within its stated margin of the exact logits for every
+    token; given screen values moved by up to that margin in the worst direction (the runner-up raised, the maximum
+    lowered, so that the screen's argmax is wrong), each row's token is still the exact argmax, from a float64
+    recount of the candidates; banned tokens are never taken; whole rows are the full projection's."""
     import torch
-    from blip2_serve.deployments.head import GreedyHead
+    from blip2_serve.deployments.head import GreedyHead, screen_kinds
     from torch import nn
+
+    if kind not in screen_kinds():
+        pytest.skip(f"this CPU computes no {kind} screen (it has {screen_kinds()})")
 
     torch.manual_seed(0)
     linear = nn.Linear(256, 500, bias=True)
@@ -344,8 +348,8 @@ def test_the_fast_output_projection_keeps_the_exact_argmax():
     model.lm_head = linear
     model.get_output_embeddings = lambda: model.lm_head
     model.set_output_embeddings = lambda module: setattr(model, "lm_head", module)
-    head = GreedyHead.install(model)
-    assert head is model.lm_head and GreedyHead.install(model) is head
+    head = GreedyHead.install(model, kind=kind)
+    assert head is model.lm_head and head.kind == kind and GreedyHead.install(model) is head
     inputs = torch.randn(64, 256) * torch.logspace(-2, 2, 64).unsqueeze(1)  # rows of every scale
     inputs[:3] = inputs[:3] * 0.01 + linear.weight[3].detach() / 8  # rows 0-2: 3 and 7 lead, in a near tie
     with torch.inference_mode():
@@ -359,16 +363,20 @@ def test_the_fast_output_projection_keeps_the_exact_argmax():
         assert ((fast.double() - logits).abs() <= margin).all()  # the bound holds, every row and token
         assert ((fast.double() - logits).abs() > margin / 8).any()  # and is not loose beyond reason
         # each part of the bound on its own, where it is the only error: the screen's rounding of its output (inputs
-        # and weights exact in bf16), of the weights (inputs exact), of the inputs (weights exact)
+        # exact in bf16, weights exact in the screen's form), of the weights (inputs exact), of the inputs (weights
+        # exact)
         exact_inputs = inputs.to(torch.bfloat16).float()
+        screened = head.screen_weight()
         for rounds, weight, rows in (
-            ("output", linear.weight.to(torch.bfloat16).float(), exact_inputs),
+            ("output", screened, exact_inputs),
             ("weights", linear.weight, exact_inputs),
-            ("inputs", linear.weight.to(torch.bfloat16).float(), inputs),
+            ("inputs", screened, inputs),
         ):
             alone = nn.Linear(256, 500, bias=False)
             alone.weight.copy_(weight)
-            part = GreedyHead(alone)
+            part = GreedyHead(alone, kind=kind)
+            if weight is screened:  # the screen's form of weights already in it is themselves
+                assert torch.equal(part.screen_weight(), screened), rounds
             part.fast = True
             screen = part(rows).double()
             error = (screen - rows.double() @ weight.double().T).abs()
@@ -387,7 +395,7 @@ def test_the_fast_output_projection_keeps_the_exact_argmax():
         assert banned[0] != exact[0] and banned[1] == exact[1]
         assert torch.equal(head.exact([0, 4]), linear(inputs[[0, 4]]))  # whole rows: PyTorch's own logits
         # beside a packed projection, the screen takes a few rows only; more take the packed logits' own argmax
-        packed = GreedyHead(linear, packed=True)
+        packed = GreedyHead(linear, packed=True, kind=kind)
         packed.fast = True
         assert packed(inputs[:4]).dtype == torch.float32 and packed.screened
         full = packed(inputs[:8])
@@ -398,7 +406,7 @@ def test_the_fast_output_projection_keeps_the_exact_argmax():
 def test_t5_engine_uses_the_checked_output_projection(checkpoints):
     """On CPU a Flan-T5 engine takes greedy tokens through the checked bf16 screen and they equal generate's (OPT's
     engine does too: its tokens are compared with generate's across tests/test_engine.py and tests/test_parity.py)."""
-    model = ModelConfig(checkpoint=str(checkpoints["t5"]), device="cpu", greedy_screen="bf16")
+    model = ModelConfig(checkpoint=str(checkpoints["t5"]), device="cpu", greedy_screen="on")
     vision, generator = VisionEncoder(model), LanguageGenerator(model)
     embeds = vision.encode([vision.preprocess(check_image(image_bytes(850 + i))) for i in range(4)])
     prepared = [
@@ -412,10 +420,10 @@ def test_t5_engine_uses_the_checked_output_projection(checkpoints):
     assert [f.result(timeout=120).token_ids for f in futures] == alone
     assert engine.head.rows >= 4 and engine.head.packed is None  # T5 keeps PyTorch's linear for whole rows
     opt = LanguageGenerator(
-        ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", greedy_screen="bf16", cpu_linear="onednn")
+        ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", greedy_screen="on", cpu_linear="onednn")
     )
     assert ContinuousBatcher(opt).head.packed is not None  # OPT packs its layers, the head's whole rows too
-    small = LanguageGenerator(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", greedy_screen="bf16"))
+    small = LanguageGenerator(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", greedy_screen="on"))
     assert ContinuousBatcher(small).head.packed is None  # "auto" packs no layer as small as the tiny ones
     # "auto" (the default) leaves a projection as small as the tiny checkpoints' unscreened: the proof would cost
     # more than the bytes it saves
@@ -428,7 +436,7 @@ def test_packed_opt_engine_tokens_equal_transformers_generate(checkpoints, refer
     """cpu_linear "onednn" (what "auto" does for a published OPT's layers; the tiny ones are under its threshold):
     the engine's greedy tokens through packed layers and a packed, screened head equal transformers' generate on
     PyTorch's own layers (the model card's run), batched, with min_new_tokens bans."""
-    packed = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", greedy_screen="bf16", cpu_linear="onednn")
+    packed = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", greedy_screen="on", cpu_linear="onednn")
     vision, generator = VisionEncoder(packed), LanguageGenerator(packed)
     assert type(generator.model.language_model.model.decoder.layers[0].fc1).__name__ == "PackedLinear"
     images = [image_bytes(870 + i) for i in range(4)]
@@ -484,7 +492,7 @@ def test_t5_engine_with_row_padded_layers_keeps_greedy_tokens(checkpoints, refer
     from blip2_serve.deployments import loading
 
     monkeypatch.setattr(loading, "PACK_MIN_WEIGHTS", 1)
-    model = ModelConfig(checkpoint=str(checkpoints["t5"]), device="cpu", greedy_screen="bf16")
+    model = ModelConfig(checkpoint=str(checkpoints["t5"]), device="cpu", greedy_screen="on")
     vision, generator = VisionEncoder(model), LanguageGenerator(model)
     assert type(generator.model.language_model.encoder.block[0].layer[1].DenseReluDense.wo).__name__ == (
         "RowPaddedLinear"
