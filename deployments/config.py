@@ -30,9 +30,10 @@ class ModelConfig(BaseModel):
     # model of OPT checkpoints, its layers of 1M weights or more (smaller ones are faster unpacked); PyTorch's for
     # every vision stage and for Flan-T5, whose greedy answers the different rounding changed (bench: 3 of 5
     # questions, 14 of 16 captions equal to transformers' on the realistic T5; every OPT answer equal). Under "auto"
-    # the packed layers keep their plain weights too, and 1-2 rows (a lone request's decode step, where PyTorch's
-    # GEMM is the faster) go through PyTorch's linear; that holds the language model's weights once more in memory,
-    # so it is done only where that is at most half the memory still available ("onednn" packs only). Where
+    # the packed layers keep their plain weights too, and 1-2 rows (a lone request's decode step) go through
+    # PyTorch's linear where it measured the faster at load on this machine (loading.tune_plain_rows); that holds
+    # the language model's weights once more in memory, so it is done only where that is at most half the memory
+    # still available ("onednn" packs only). Where
     # PyTorch's layers stay under "auto" (T5), those of 1M weights or more compute 8-15 rows as 16: MKL is slow at
     # those row counts, and a row's result is then bitwise the one a full batch of 16 gives it. "torch" leaves
     # every layer as it is. deployments/loading.py.

@@ -139,7 +139,8 @@ def load_blip2_config(config: ModelConfig):
     return _from_pretrained(AutoConfig, config)
 
 
-# A PackedLinear that keeps its plain weight computes this many rows or fewer with PyTorch's linear (see its doc).
+# A PackedLinear that keeps its plain weight computes at most this many rows with PyTorch's linear (tune_plain_rows
+# measures, per shape, up to which of them it is the faster).
 PLAIN_MAX_ROWS = 2
 
 
@@ -153,14 +154,15 @@ class PackedLinear(nn.Module):
     `auto` packs the language model only. Results differ from PyTorch's by rounding only (about 1e-6 relative), as a
     different batch size already makes them differ.
 
-    At one or two rows the packed GEMM is the slower one, measured again on 2026-12-03 (the 1-row figure above, from
-    an earlier day, no longer holds on this machine): on 2 cores, medians of 15, ms PyTorch's / packed, OPT's 2560 ->
-    2560 at 1 row 1.59 / 2.08, at 2 rows 1.71 / 3.89, at 4 rows 2.89 / 2.49; 2560 -> 10240 7.90 / 9.32, 8.76 / 11.29,
-    17.80 / 10.72; 10240 -> 2560 7.74 / 9.66, 8.08 / 10.68, 16.49 / 9.95. A lone request's decode steps are all one
-    row. So with `plain` kept (`keep_plain`: the unpacked weight beside the packed one, its memory once more) up to
-    PLAIN_MAX_ROWS rows go through PyTorch's linear on it, and their results are the ones transformers computes: the
-    realistic OPT's lone 20-token caption in the engine, one process, medians of 8 alternated, 2.98 s packed only ->
-    2.19 s (transformers' generate 2.64 s).
+    At one or two rows which one is faster depends on the machine. On one (2026-12-03, 2 cores, medians of 15, ms
+    PyTorch's / packed) the packed GEMM was the slower: OPT's 2560 -> 2560 at 1 row 1.59 / 2.08, at 2 rows 1.71 /
+    3.89, at 4 rows 2.89 / 2.49; 2560 -> 10240 7.90 / 9.32, 8.76 / 11.29, 17.80 / 10.72; 10240 -> 2560 7.74 / 9.66,
+    8.08 / 10.68, 16.49 / 9.95 (the realistic OPT's lone caption in the engine 2.98 s packed only -> 2.19 s with
+    PyTorch's at 1-2 rows). On another, an AVX2 EPYC, it was the faster: 2560 -> 10240 6.69 / 5.76, 14.2 / 5.37;
+    10240 -> 2560 5.63 / 5.43, 10.89 / 5.90. So with `plain` kept (`keep_plain`: the unpacked weight beside the
+    packed one, its memory once more) up to `plain_rows` rows go through PyTorch's linear on it, and their results
+    are the ones transformers computes; tune_plain_rows sets `plain_rows` per shape from a measurement at load (and
+    lets the plain weight go where it wins at no row count).
     """
 
     def __init__(self, linear: nn.Linear, keep_plain: bool = False):
