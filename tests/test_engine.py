@@ -350,6 +350,7 @@ def test_the_fast_output_projection_keeps_the_exact_argmax(kind):
     model.set_output_embeddings = lambda module: setattr(model, "lm_head", module)
     head = GreedyHead.install(model, kind=kind)
     assert head is model.lm_head and head.kind == kind and GreedyHead.install(model) is head
+    head.screen_rows = None  # the screen at every row count (int8 takes at most 4 by default: below)
     inputs = torch.randn(64, 256) * torch.logspace(-2, 2, 64).unsqueeze(1)  # rows of every scale
     inputs[:3] = inputs[:3] * 0.01 + linear.weight[3].detach() / 8  # rows 0-2: 3 and 7 lead, in a near tie
     with torch.inference_mode():
@@ -375,6 +376,7 @@ def test_the_fast_output_projection_keeps_the_exact_argmax(kind):
             alone = nn.Linear(256, 500, bias=False)
             alone.weight.copy_(weight)
             part = GreedyHead(alone, kind=kind)
+            part.screen_rows = None
             if weight is screened:  # the screen's form of weights already in it is themselves
                 assert torch.equal(part.screen_weight(), screened), rounds
             part.fast = True
@@ -401,6 +403,11 @@ def test_the_fast_output_projection_keeps_the_exact_argmax(kind):
         full = packed(inputs[:8])
         assert not packed.screened and torch.equal(full, packed.full(inputs[:8]))
         assert list(packed.greedy(full, list(range(8))).values()) == full.argmax(-1).tolist()
+        # without one, the bf16 screen takes every row count and the int8 one at most as few
+        alone = GreedyHead(linear, kind=kind)
+        alone.fast = True
+        alone(inputs[:8])
+        assert alone.screened == (kind == "bf16")
 
 
 def test_t5_engine_uses_the_checked_output_projection(checkpoints):
