@@ -28,7 +28,7 @@ from blip2_serve.clients.contract import STAGE_BATCH_SIZE
 from blip2_serve.deployments import faults
 from blip2_serve.deployments.cores import BusySignal, CoreTurns, threads_here, turn_of
 from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest, step_logprobs
-from blip2_serve.deployments.head import GreedyHead, screen_kind, screen_wanted, without_banned
+from blip2_serve.deployments.head import GreedyHead, wanted_screen, without_banned
 from blip2_serve.deployments.kvcache import SlabLayer, slab_wanted
 from blip2_serve.deployments.text import TextAssembler
 from blip2_serve.deployments.types import GenerateResult
@@ -163,9 +163,8 @@ class ContinuousBatcher:
         # on CPU: greedy tokens from a bf16 screen of the output projection, checked (deployments/head.py); a model
         # that packs its layers had its head installed when it was loaded
         compiled = generator.config.compile_decode  # then the full projection: the screen's bookkeeping is Python
-        screened = screen_wanted(generator.config.greedy_screen, self.model) and not compiled
-        kind = screen_kind(generator.config.greedy_screen)
-        self.head = GreedyHead.install(self.model, kind=kind) if screened else None
+        kind = None if compiled else wanted_screen(generator.config.greedy_screen, self.model)
+        self.head = GreedyHead.install(self.model, kind=kind) if kind is not None else None
         # the decode step's forward (ModelConfig.compile_decode); prefills stay eager (their shapes vary the most)
         self._decode = torch.compile(self.model, dynamic=True) if compiled else self.model
         self.slab = slab_wanted(generator.config.kv_cache)

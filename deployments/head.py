@@ -80,15 +80,15 @@ def screen_kind(setting: str) -> str | None:
     return setting if setting in kinds else None
 
 
-def screen_wanted(setting: str, model: nn.Module) -> bool:
-    """Whether ModelConfig.greedy_screen `setting` ("auto", "on", "bf16", "int8", "off") screens `model`'s output
-    projection: "auto" where it is big enough, the others whatever its size, where this CPU computes the screen."""
-    if screen_kind(setting) is None:
-        return False
-    if setting != "auto":
-        return True
+def wanted_screen(setting: str, model: nn.Module) -> str | None:
+    """The screen (screen_kind) ModelConfig.greedy_screen `setting` ("auto", "on", "bf16", "int8", "off") puts on
+    `model`'s output projection, or None: "auto" where it is big enough, the others whatever its size, where this
+    CPU computes the screen."""
+    kind = screen_kind(setting)
+    if kind is None or setting != "auto":
+        return kind
     weight = getattr(model.get_output_embeddings(), "weight", None)
-    return weight is not None and weight.numel() >= SCREEN_MIN_WEIGHTS
+    return kind if weight is not None and weight.numel() >= SCREEN_MIN_WEIGHTS else None
 
 
 class GreedyHead(nn.Module):

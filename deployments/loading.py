@@ -316,17 +316,18 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
     """
     if not packs_linear_layers(config, model.config, device, half):
         return model
-    from blip2_serve.deployments.head import GreedyHead, screen_kind, screen_wanted
+    from blip2_serve.deployments.head import GreedyHead, wanted_screen
 
     language_model = getattr(model, "language_model", None)
-    if language_model is not None and screen_wanted(config.greedy_screen, language_model):
+    kind = None if language_model is None else wanted_screen(config.greedy_screen, language_model)
+    if kind is not None:
         head = language_model.get_output_embeddings()
         # packed where worth it, the screen beside; the plain weight it holds anyway serves 1-2 rows under "auto"
         GreedyHead.install(
             language_model,
             packed=_packs(head.weight, config),
             keep_plain=config.cpu_linear == "auto",
-            kind=screen_kind(config.greedy_screen),
+            kind=kind,
         )
 
     def wanted(parent: nn.Module, child: nn.Linear) -> bool:
