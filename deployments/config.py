@@ -27,16 +27,15 @@ class ModelConfig(BaseModel):
     # Linear layers on CPU (fp32/bf16): "onednn" packs each weight once at load for oneDNN's GEMM, which is much
     # faster than PyTorch's default at the few rows of a decode step (16 rows x 2560 x 10240 here: 20 -> 6 ms), but
     # slower at a vision batch's thousands of rows; "torch" keeps PyTorch's own. "auto": oneDNN for the language
-    # model of OPT checkpoints, its layers of 1M weights or more (smaller ones are faster unpacked); PyTorch's for
-    # every vision stage and for Flan-T5, whose greedy answers the different rounding changed (bench: 3 of 5
-    # questions, 14 of 16 captions equal to transformers' on the realistic T5; every OPT answer equal). Under "auto"
-    # the packed layers keep their plain weights too, and 1-2 rows (a lone request's decode step) go through
-    # PyTorch's linear where it measured the faster at load on this machine (loading.tune_plain_rows); that holds
-    # the language model's weights once more in memory, so it is done only where that is at most half the memory
-    # still available ("onednn" packs only). Where
-    # PyTorch's layers stay under "auto" (T5), those of 1M weights or more compute 8-15 rows as 16: MKL is slow at
-    # those row counts, and a row's result is then bitwise the one a full batch of 16 gives it. "torch" leaves
-    # every layer as it is. deployments/loading.py.
+    # model's layers of 1M weights or more (smaller ones are faster unpacked): all of an OPT's, and of a Flan-T5 the
+    # decoder's (less the cross-attention's keys and values), which compute decode tokens only; PyTorch's for every
+    # vision stage and for a Flan-T5's encoder, whose different rounding changed greedy answers (bench: with every
+    # T5 layer packed 14 of 16 captions equal to transformers' on the realistic T5; with its decode layers only, 48
+    # of 48; every OPT answer equal). Under "auto" the packed layers keep their plain weights too, and 1-2 rows (a
+    # lone request's decode step) go through PyTorch's linear where it measured the faster at load on this machine
+    # (loading.tune_plain_rows); that holds those weights once more in memory, so it is done only where that is at
+    # most half the memory still available ("onednn" packs only). "torch" leaves every layer as it is.
+    # deployments/loading.py.
     cpu_linear: CpuLinear = "auto"
     # Greedy tokens on CPU (continuous engine): from a screen of the output projection, each argmax proven against
     # the exact logits (deployments/head.py): "bf16" (oneDNN's bf16 GEMM, half the bytes of the biggest matmul of a

@@ -96,11 +96,22 @@ class GreedyHead(nn.Module):
     its layers, else PyTorch's linear) unless the engine turns `fast` on for its forwards, then the bf16 screen
     (beside a packed projection, and for the int8 screen always, for at most PACKED_SCREEN_ROWS rows)."""
 
-    def __init__(self, linear: nn.Linear, packed: bool = False, keep_plain: bool = False, kind: str = "bf16"):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        packed: bool = False,
+        keep_plain: bool = False,
+        kind: str = "bf16",
+        prove_packed: bool = False,
+    ):
         super().__init__()
         self.linear = linear
         # the same weight packed once (loading.py); `keep_plain`: 1-2 rows on the plain one it holds anyway
         self.packed = PackedLinear(linear, keep_plain=keep_plain) if packed else None
+        # `prove_packed`: the packed GEMM is a screen too (the rows over `screen_rows`), its argmax proven like the
+        # screen's, and whole logits are PyTorch's linear (a model whose other layers keep transformers' rounding
+        # where it matters: Flan-T5, loading.decode_layers); else the packed logits are taken as they are
+        self.prove_packed = prove_packed and self.packed is not None
         self.kind = kind
         # the most rows the screen takes (more: the full projection); None, any number
         self.screen_rows = PACKED_SCREEN_ROWS if packed or kind == "int8" else None
@@ -124,21 +135,32 @@ class GreedyHead(nn.Module):
         self.weight_slack = float(((screened - exact).norm(dim=1) + gamma * screened.norm(dim=1)).max())
         self.max_row_norm = float(exact.norm(dim=1).max())
         self.max_bias = 0.0 if linear.bias is None else float(linear.bias.detach().abs().max())
+        # the packed fp32 GEMM's part of the bound: gamma_K max ||w_j|| (its inputs and weights are exact)
+        self.packed_slack = features * UNIT_ROUNDOFF / (1 - features * UNIT_ROUNDOFF) * self.max_row_norm
         self.fast = False
-        self.screened = False  # whether the last fast call's logits are the screen's (else the full projection's)
+        # what the last fast call's logits are: "screen" (the bf16 or int8 screen's), "packed" (the packed fp32
+        # GEMM's, to be proven) or None (the full projection's, taken as they are)
+        self.screened: str | None = None
         self.inputs: torch.Tensor | None = None  # [B, K]: the last fast call's input, last position
         self.checked = 0  # candidate tokens recounted in float64, over all rows
         self.rows = 0
+        self.packed_rows = 0  # rows whose packed logits' argmax was proven
 
     @classmethod
     def install(
-        cls, model: nn.Module, packed: bool = False, keep_plain: bool = False, kind: str | None = None
+        cls,
+        model: nn.Module,
+        packed: bool = False,
+        keep_plain: bool = False,
+        kind: str | None = None,
+        prove_packed: bool = False,
     ) -> GreedyHead | None:
         """Put a GreedyHead in place of `model`'s output projection where it helps: a plain fp32 nn.Linear on CPU
         with oneDNN available (not quantized or on a GPU), with the `kind` of screen (default: this CPU's, see
         `screen_kind`) where the CPU computes it; returns it, or None. `packed`: the full projection in
         oneDNN's layout too (the model's other layers are packed: deployments/loading.py), computing 1-2 rows with
-        PyTorch's linear on the plain weight where `keep_plain` (cpu_linear "auto": loading.PackedLinear)."""
+        PyTorch's linear on the plain weight where `keep_plain` (cpu_linear "auto": loading.PackedLinear);
+        `prove_packed`: its argmax proven, whole logits PyTorch's (see __init__)."""
         head = model.get_output_embeddings()
         if isinstance(head, GreedyHead):  # a second engine on the same model, or installed when it was loaded
             return head
@@ -152,7 +174,7 @@ class GreedyHead(nn.Module):
             or kind not in screen_kinds()
         ):
             return None
-        greedy = cls(head, packed=packed, keep_plain=keep_plain, kind=kind)
+        greedy = cls(head, packed=packed, keep_plain=keep_plain, kind=kind, prove_packed=prove_packed)
         model.set_output_embeddings(greedy)
         logger.info("output projection %s: greedy tokens from a %s screen, checked", tuple(head.weight.shape), kind)
         return greedy
@@ -166,15 +188,21 @@ class GreedyHead(nn.Module):
         return self.linear.bias
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
-        """The whole projection in fp32: oneDNN's packed GEMM where the model packs its layers, else PyTorch's."""
-        return self.packed(x) if self.packed is not None else self.linear(x)
+        """The whole projection in fp32: oneDNN's packed GEMM where the model packs its layers (and its argmax is
+        not proven), else PyTorch's."""
+        return self.packed(x) if self.packed is not None and not self.prove_packed else self.linear(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast:
             return self.full(x)
         self.inputs = x[:, -1] if x.dim() == 3 else x
-        self.screened = self.screen_rows is None or self.inputs.shape[0] <= self.screen_rows
-        if not self.screened:
+        if self.screen_rows is None or self.inputs.shape[0] <= self.screen_rows:
+            self.screened = "screen"
+        elif self.prove_packed:
+            self.screened = "packed"
+            return self.packed(x)
+        else:
+            self.screened = None
             return self.full(x)
         screen = self._screen(x.to(torch.bfloat16)).float()
         return screen if self.linear.bias is None else screen + self.linear.bias
@@ -199,6 +227,9 @@ class GreedyHead(nn.Module):
     def margin(self, inputs: torch.Tensor) -> tuple[torch.Tensor, float]:
         """`(slack [R, 1], relative)`: each screen value of a row of `inputs [R, K]` is within slack + relative * |its
         value| of the exact logit (float64)."""
+        if self.screened == "packed":  # fp32 products of exact inputs and weights, summed in fp32, then the bias
+            slack = inputs.double().norm(dim=-1) * self.packed_slack + UNIT_ROUNDOFF * self.max_bias
+            return slack.unsqueeze(1), 2 * UNIT_ROUNDOFF
         screened = inputs.to(torch.bfloat16).double()
         rounded = (screened - inputs.double()).norm(dim=-1)
         # the screen's rounding to bf16 is relative to s_j = fast_j - bias_j, so at most |fast_j| + max |bias|; the
@@ -239,4 +270,5 @@ class GreedyHead(nn.Module):
                 tokens[row], best_exact[row] = token, value
         self.checked += len(token_of)
         self.rows += len(rows)
+        self.packed_rows += len(rows) if self.screened == "packed" else 0
         return dict(zip(rows, tokens))

@@ -209,42 +209,6 @@ class PackedLinear(nn.Module):
 PACK_MIN_WEIGHTS = 1 << 20
 
 
-# PyTorch's fp32 linear on CPU is MKL's SGEMM, which takes a slow path at 8 to 15 rows for layers of these sizes:
-# measured on 2 cores with the stages' passive OpenMP waiting, medians of 7, ms as they are / as 16 rows: Flan-T5-XL's
-# 5120 x 2048 at 12 rows 14.4 / 8.4, its 2048 x 5120 at 15 rows 19.2 / 5.8 and at 8 rows 9.7 / 8.2, its 32128 x 2048
-# output projection at 12 rows 77.7 / 45.7 (at 1-3 rows and from 16 rows on there is no such step). A decode step's
-# rows are its running sequences, so a batch of 8-15 is computed as 16 in the layers that keep PyTorch's GEMM
-# (RowPaddedLinear).
-PADDED_ROWS = 16
-PAD_FROM_ROWS = 8
-
-
-class RowPaddedLinear(nn.Module):
-    """An `nn.Linear` (the same weight and bias) that computes 8-15 rows as 16: zero rows appended, then dropped.
-
-    MKL computes each output row from its input row alone within one code path, so every real row's result is
-    bitwise the one it has inside any batch of 16 (tests/test_checkpoint.py checks it): the rounding a full decode
-    batch already has, not a new one.
-    """
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias  # the same parameters (shared with any tied weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if not PAD_FROM_ROWS <= rows < PADDED_ROWS:
-            return nn.functional.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, self.in_features)
-        padded = torch.cat([flat, flat.new_zeros(PADDED_ROWS - rows, self.in_features)])
-        out = nn.functional.linear(padded, self.weight, self.bias)[:rows]
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
 def _replace_linear_layers(
     model: nn.Module, wanted: Callable[[nn.Module, nn.Linear], bool], make: Callable[[nn.Linear], nn.Module]
 ) -> int:
@@ -259,30 +223,10 @@ def _replace_linear_layers(
     return replaced
 
 
-def pad_linear_rows(model: nn.Module, config: ModelConfig, device: torch.device) -> nn.Module:
-    """A CPU language model that keeps PyTorch's layers under cpu_linear "auto" (T5; not with compile_decode, whose
-    compiled step keeps plain layers): its plain fp32 nn.Linear layers of PACK_MIN_WEIGHTS weights or more become
-    RowPaddedLinear, except the output projection, whose greedy rows the engine's bf16 screen computes
-    (deployments/head.py wants it a plain nn.Linear). "torch" leaves every layer as it is."""
-    if device.type != "cpu" or config.cpu_linear != "auto" or config.compile_decode:
-        return model
-    head = model.language_model.get_output_embeddings()
-    replaced = _replace_linear_layers(
-        model,
-        lambda _, child: (
-            child is not head and child.weight.dtype == torch.float32 and child.weight.numel() >= PACK_MIN_WEIGHTS
-        ),
-        RowPaddedLinear,
-    )
-    if replaced:
-        logger.info("%d linear layers compute 8-15 rows as 16", replaced)
-    return model
-
-
 def small_model(model: nn.Module) -> bool:
     """Whether every linear layer of `model` (plain or packed) has fewer than PACK_MIN_WEIGHTS weights: a model whose
     steps are too small to split across cores (deployments/llm.py computes such a language model on one thread)."""
-    sizes = [m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear, RowPaddedLinear))]
+    sizes = [m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
     return bool(sizes) and max(sizes) < PACK_MIN_WEIGHTS
 
 
@@ -292,42 +236,71 @@ def _packs(weight: torch.Tensor, config: ModelConfig) -> bool:
 
 
 def packs_linear_layers(config: ModelConfig, blip2_config, device: torch.device, half: str) -> bool:
-    """Whether the linear layers of a CPU model's `half` ("vision" or "language") become PackedLinear: `cpu_linear`
-    "onednn" (both halves), or "auto" for the language model of an OPT (decoder-only) checkpoint, each layer of at
-    least PACK_MIN_WEIGHTS weights (`_packs`). The vision half
-    keeps PyTorch's GEMM under "auto": packing was slower at its row counts (PackedLinear), and unpacked its
-    embeddings are the ones transformers computes."""
+    """Whether linear layers of a CPU model's `half` ("vision" or "language") become PackedLinear: `cpu_linear`
+    "onednn" (both halves, every layer), or "auto" for the language model (an OPT's layers of at least
+    PACK_MIN_WEIGHTS weights, `_packs`; a Flan-T5's decode layers only, `decode_layers`). The vision half keeps
+    PyTorch's GEMM under "auto": packing was slower at its row counts (PackedLinear), and unpacked its embeddings
+    are the ones transformers computes."""
     if device.type != "cpu" or config.cpu_linear == "torch" or not torch.backends.mkldnn.is_available():
         return False
     if config.cpu_linear == "onednn":
         return True
     if half == "language" and config.compile_decode:  # inductor cannot compile packed layers
         return False
-    return half == "language" and bool(getattr(blip2_config, "use_decoder_only_language_model", False))
+    return half == "language"
+
+
+def decode_layers(language_model: nn.Module) -> set[int]:
+    """The ids of an encoder-decoder (Flan-T5) language model's linear layers that compute decode tokens only: its
+    decoder's, less the cross-attention's keys and values (which read the encoder's states, as the encoder reads
+    the prompt: a prefill's rows).
+
+    Under cpu_linear "auto" these are packed and the others keep PyTorch's GEMM. A decode step has as many rows as
+    sequences running, where MKL's SGEMM is slow (measured on an AVX2 EPYC, 2 cores, medians of 15, ms PyTorch's /
+    packed, 4 and 16 rows: 2048 -> 5120 6.49 / 1.96, 7.52 / 3.49; 5120 -> 2048 5.90 / 2.19, 7.24 / 4.43; 2048 ->
+    2048 2.30 / 1.02, 2.72 / 1.77), and Flan-T5's greedy answers keep transformers' there: the realistic and medium
+    T5 checkpoints' 48 captions and 5 questions each, all equal with decode layers packed; with every layer packed
+    (cpu_linear "onednn") 2 of the realistic one's 48 captions changed. The encoder, which every decode step reads
+    through the cross-attention, keeps the rounding transformers gives it."""
+    decoder = language_model.get_decoder()
+    prefill = {
+        id(getattr(module.EncDecAttention, name))
+        for module in decoder.modules()
+        if hasattr(module, "EncDecAttention")
+        for name in ("k", "v")
+    }
+    return {id(m) for m in decoder.modules() if isinstance(m, nn.Linear) and id(m) not in prefill}
 
 
 def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.device, half: str) -> nn.Module:
     """Every plain `nn.Linear` of a CPU model's `half` in fp32/bf16 as a PackedLinear where packs_linear_layers says
     (under "auto", those of PACK_MIN_WEIGHTS weights or more).
 
-    Quantized layers (subclasses of nn.Linear) stay as they are. The language model's output projection becomes a
-    GreedyHead (deployments/head.py) holding a packed copy and a bf16 one beside the plain weight it shares with
-    the embedding: that matrix is held 2.5 times (1.3 GB for OPT-2.7B).
+    Quantized layers (subclasses of nn.Linear) stay as they are; of a Flan-T5 under "auto", only its decode layers
+    (decode_layers) are packed. The language model's output projection becomes a GreedyHead (deployments/head.py)
+    holding a packed copy and a screen's beside the plain weight it shares with the embedding: that matrix is held
+    2.25-2.5 times (1.3 GB for OPT-2.7B). Beside a Flan-T5's unpacked encoder, the packed copy's argmax is proven
+    too (GreedyHead's `prove_packed`), so that its greedy tokens are the exact logits' at every row count.
     """
     if not packs_linear_layers(config, model.config, device, half):
         return model
     from blip2_serve.deployments.head import GreedyHead, wanted_screen
 
     language_model = getattr(model, "language_model", None)
+    only: set[int] | None = None  # the layers packed, where not every one (a Flan-T5's decode layers under auto)
+    if language_model is not None and config.cpu_linear == "auto" and not model.config.use_decoder_only_language_model:
+        only = decode_layers(language_model)
     kind = None if language_model is None else wanted_screen(config.greedy_screen, language_model)
     if kind is not None:
         head = language_model.get_output_embeddings()
-        # packed where worth it, the screen beside; the plain weight it holds anyway serves 1-2 rows under "auto"
+        # packed where worth it, the screen beside; the plain weight it holds anyway serves 1-2 rows under "auto";
+        # where the other layers keep PyTorch's rounding somewhere (only), the packed logits' argmax is proven too
         GreedyHead.install(
             language_model,
             packed=_packs(head.weight, config),
             keep_plain=config.cpu_linear == "auto",
             kind=kind,
+            prove_packed=only is not None,
         )
 
     def wanted(parent: nn.Module, child: nn.Linear) -> bool:
@@ -335,6 +308,7 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
             type(parent).__name__ != "GreedyHead"  # it keeps the plain weight for its exact recount
             and child.weight.dtype in (torch.float32, torch.bfloat16)
             and _packs(child.weight, config)
+            and (only is None or id(child) in only)
         )
 
     # what the fp32 layers' plain weights hold (PackedLinear keeps no other)
@@ -506,5 +480,5 @@ def load_language_model(config: ModelConfig) -> tuple[Blip2LanguageModel, torch.
         model = model.to(device)
     model = model.eval()
     if packs_linear_layers(config, model.config, device, "language"):
-        return pack_linear_layers(model, config, device, "language"), device, dtype
-    return pad_linear_rows(model, config, device), device, dtype
+        model = pack_linear_layers(model, config, device, "language")
+    return model, device, dtype

@@ -61,8 +61,8 @@ def test_processor_without_num_query_tokens_is_refused(checkpoints, tmp_path):
 def test_cpu_linear_layers_are_packed_for_onednn_where_the_answers_stay_equal(checkpoints):
     """cpu_linear "auto" (default): every plain Linear of an OPT checkpoint's language model with PACK_MIN_WEIGHTS
     weights or more becomes a PackedLinear, whose output equals nn.Linear's to rounding, the smaller ones stay
-    PyTorch's; its vision half keeps PyTorch's (packing was slower at a vision batch's rows); a T5 checkpoint keeps
-    PyTorch's layers (its greedy answers moved with the rounding), unless "onednn" is asked, which packs both halves
+    PyTorch's; its vision half keeps PyTorch's (packing was slower at a vision batch's rows); a T5 checkpoint packs its
+    decode layers only (test_a_t5_packs_its_decode_layers_only), unless "onednn" is asked, which packs both halves
     whatever their size; "torch" never packs. (The tiny checkpoint's layers are all under the real threshold, so
     the threshold is lowered here to split them: 64 x 64 attention projections under it, the rest over.)"""
     import torch
@@ -259,48 +259,46 @@ def test_attention_implementation_reaches_every_tower_and_keeps_tokens(checkpoin
     assert tokens("eager") == tokens("sdpa")
 
 
-def test_row_padded_linear_computes_8_to_15_rows_as_a_batch_of_16(checkpoints, monkeypatch):
-    """RowPaddedLinear: 8-15 rows give bitwise the results those rows have inside a batch of 16 (MKL's fast path;
-    unpadded they take another path, whose rounding differs), other row counts PyTorch's own linear; a T5 language
-    model's big layers get it under "auto" (not its output projection, which the engine screens, and not under
-    "torch"); an OPT's are packed instead. (The threshold is lowered: the tiny layers are all under it.)"""
-    import torch
+def test_a_t5_packs_its_decode_layers_only(checkpoints, monkeypatch):
+    """cpu_linear "auto" for a Flan-T5 (the threshold lowered: the tiny layers are all under it): its decoder's
+    linear layers are packed, less the cross-attention's keys and values, which read the encoder's states; the
+    encoder keeps PyTorch's layers, so the states every decode step reads have transformers' rounding; the output
+    projection is a GreedyHead whose packed logits are proven (prove_packed). "onednn" packs every layer, "torch"
+    none; an OPT packs all of its language model's."""
     from blip2_serve.deployments import loading
     from blip2_serve.deployments.config import ModelConfig
-    from blip2_serve.deployments.loading import PackedLinear, RowPaddedLinear, load_language_model
+    from blip2_serve.deployments.head import GreedyHead
+    from blip2_serve.deployments.loading import PackedLinear, load_language_model
     from torch import nn
-
-    torch.manual_seed(0)
-    linear = nn.Linear(2048, 2048)  # a layer big enough for MKL to take different paths by row count
-    padded = RowPaddedLinear(linear)
-    assert padded.weight is linear.weight and padded.bias is linear.bias
-    batch = torch.randn(16, 2048)
-    differs = 0
-    with torch.inference_mode():
-        for rows in range(1, 21):
-            x = torch.randn(rows, 2048)
-            if loading.PAD_FROM_ROWS <= rows < loading.PADDED_ROWS:
-                inside = batch.clone()
-                inside[:rows] = x
-                expected = linear(inside)[:rows]
-                differs += not torch.equal(linear(x), expected)
-            else:
-                expected = linear(x)
-            assert torch.equal(padded(x), expected), rows
-        assert differs  # some row count's own path rounds otherwise: padding is what made them equal
-        x3 = torch.randn(12, 1, 2048)  # a decode step's [batch, 1, hidden]
-        assert padded(x3).shape == (12, 1, 2048) and torch.equal(padded(x3)[:, 0], padded(x3[:, 0]))
 
     def layer_types(llm: str, cpu_linear: str) -> dict[str, type]:
         settings = ModelConfig(checkpoint=str(checkpoints[llm]), device="cpu", cpu_linear=cpu_linear)
         model = load_language_model(settings)[0]
         head = model.language_model.get_output_embeddings()
-        return {name: type(m) for name, m in model.named_modules() if m is not head and hasattr(m, "in_features")}
+        inner = {id(head.linear)} if isinstance(head, GreedyHead) else set()
+        return {
+            name: type(m)
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, PackedLinear)) and id(m) not in inner and ".packed" not in name
+        }
 
-    assert set(layer_types("t5", "auto").values()) == {nn.Linear}  # the real threshold: no tiny layer is padded
+    assert PackedLinear not in set(layer_types("t5", "auto").values())  # the real threshold: no tiny layer packs
     monkeypatch.setattr(loading, "PACK_MIN_WEIGHTS", 1)
-    assert set(layer_types("t5", "auto").values()) == {RowPaddedLinear}
+    t5 = layer_types("t5", "auto")
+    packed = {name for name, kind in t5.items() if kind is PackedLinear}
+    cross_kv = {n for n in t5 if n.endswith(("EncDecAttention.k", "EncDecAttention.v"))}
+    encoder = {n for n in t5 if ".encoder." in n}
+    assert cross_kv and encoder and packed
+    head = {"language_model.lm_head"}  # unscreened here (too small for "auto"'s screen): PyTorch's, as transformers'
+    assert packed == set(t5) - cross_kv - encoder - head  # every decoder layer but the cross-attention's keys, values
+    assert all(".decoder." in name for name in packed)
+    assert {t5[name] for name in cross_kv | encoder | head} == {nn.Linear}
+    settings = ModelConfig(checkpoint=str(checkpoints["t5"]), device="cpu", greedy_screen="on")
+    model = load_language_model(settings)[0].language_model
+    head = model.get_output_embeddings()
+    assert isinstance(head, GreedyHead) and head.packed is not None and head.prove_packed
+    assert set(layer_types("t5", "onednn").values()) == {PackedLinear}
     assert set(layer_types("t5", "torch").values()) == {nn.Linear}
     assert set(layer_types("opt", "auto").values()) == {PackedLinear}
-    settings = ModelConfig(checkpoint=str(checkpoints["t5"]), device="cpu")
-    assert type(load_language_model(settings)[0].language_model.get_output_embeddings()) is nn.Linear
+    opt = load_language_model(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", greedy_screen="on"))[0]
+    assert not opt.language_model.get_output_embeddings().prove_packed  # OPT's packed logits are taken as they are

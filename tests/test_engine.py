@@ -407,7 +407,33 @@ def test_the_fast_output_projection_keeps_the_exact_argmax(kind):
         alone = GreedyHead(linear, kind=kind)
         alone.fast = True
         alone(inputs[:8])
-        assert alone.screened == (kind == "bf16")
+        assert (alone.screened == "screen") == (kind == "bf16")
+        # prove_packed: over the screen's rows the packed fp32 logits are a screen too, within their own margin of
+        # the exact logits, and their argmax is proven as the screen's is; whole logits are PyTorch's
+        proven = GreedyHead(linear, packed=True, kind=kind, prove_packed=True)
+        proven.fast = True
+        ties = inputs.clone()  # rows 0-2: 3 and 7 lead by far, in a tie far below fp32's rounding
+        ties[:3] = linear.weight[3].detach() * 10 + torch.randn(3, 256) * 0.01
+        logits = ties.double() @ linear.weight.double().T + linear.bias.double()
+        exact = logits.argmax(-1).tolist()
+        assert set(exact[:3]) <= {3, 7}
+        wide = proven(ties)
+        assert proven.screened == "packed" and torch.equal(wide, proven.packed(ties))
+        slack, relative = proven.margin(ties)
+        wide_margin = slack + relative * wide.double().abs()
+        assert ((wide.double() - logits).abs() <= wide_margin).all()
+        moved = wide.clone()
+        for row, token in enumerate(exact[:3]):
+            runner_up = 7 if token == 3 else 3
+            moved[row, token] -= 0.9 * wide_margin[row, token]
+            moved[row, runner_up] += 0.9 * wide_margin[row, runner_up]
+        assert [int(t) for t in moved[:3].argmax(-1)] != exact[:3]
+        proven_tokens = proven.greedy(moved, list(range(64)))
+        assert [proven_tokens[row] for row in range(64)] == exact
+        assert proven.packed_rows == 64 and proven.checked < 64 * 20
+        assert torch.equal(proven.exact([0, 4]), linear(ties[[0, 4]]))
+        proven.fast = False
+        assert torch.equal(proven(ties), linear(ties))  # outside the engine's greedy steps: PyTorch's
 
 
 def test_t5_engine_uses_the_checked_output_projection(checkpoints):
@@ -492,18 +518,19 @@ def test_compiled_decode_steps_keep_the_greedy_tokens(checkpoints):
         ModelConfig(checkpoint="x", compile_decode=True, cpu_linear="onednn")
 
 
-def test_t5_engine_with_row_padded_layers_keeps_greedy_tokens(checkpoints, references, monkeypatch):
-    """A Flan-T5 whose layers compute 8-15 rows as 16 (what "auto" gives a published T5's layers; the threshold is
-    lowered for the tiny one): ten captions stepped together, joining and leaving, equal transformers' generate on
-    PyTorch's own layers, one image at a time (the model card's loop)."""
+def test_t5_engine_with_packed_decode_layers_keeps_greedy_tokens(checkpoints, references, monkeypatch):
+    """A Flan-T5 whose decode layers are packed and whose output projection's packed logits are proven (what "auto"
+    gives a published T5; the threshold is lowered for the tiny one): ten captions stepped together, joining and
+    leaving, with min_new_tokens bans, equal transformers' generate on PyTorch's own layers, one image at a time
+    (the model card's loop); steps of more than the int8/bf16 screen's rows went through the proven packed GEMM."""
     from blip2_serve.deployments import loading
 
     monkeypatch.setattr(loading, "PACK_MIN_WEIGHTS", 1)
     model = ModelConfig(checkpoint=str(checkpoints["t5"]), device="cpu", greedy_screen="on")
     vision, generator = VisionEncoder(model), LanguageGenerator(model)
-    assert type(generator.model.language_model.encoder.block[0].layer[1].DenseReluDense.wo).__name__ == (
-        "RowPaddedLinear"
-    )
+    t5 = generator.model.language_model
+    assert type(t5.decoder.block[0].layer[2].DenseReluDense.wo).__name__ == "PackedLinear"
+    assert type(t5.encoder.block[0].layer[1].DenseReluDense.wo).__name__ == "Linear"
     images = [image_bytes(880 + i) for i in range(10)]
     embeds = vision.encode([vision.preprocess(check_image(b)) for b in images])
     prepared = [
@@ -512,12 +539,11 @@ def test_t5_engine_with_row_padded_layers_keeps_greedy_tokens(checkpoints, refer
         )
         for i, e in enumerate(embeds)
     ]
-    rows: list[int] = []
-    engine = ContinuousBatcher(generator, max_running=12, on_step=lambda sequences, _: rows.append(sequences))
+    engine = ContinuousBatcher(generator, max_running=12)
     served = [list(f.result(timeout=120).token_ids) for f in [_submit(engine, item) for item in prepared]]
     expected = [
         references["t5"].generate([b], None, max_new_tokens=8 + i % 5, min_new_tokens=i % 3)[0]
         for i, b in enumerate(images)
     ]
     assert served == expected
-    assert any(loading.PAD_FROM_ROWS <= r < loading.PADDED_ROWS for r in rows), rows  # steps that were padded
+    assert engine.head.prove_packed and engine.head.packed_rows > 0  # rows proven on the packed logits
