@@ -28,6 +28,8 @@ from bench.scenarios import (
     one_process,
     openai_streams,
     overhead_profile,
+    paired_rounds,
+    process_tree,
     profile_delta,
     row,
     stage_profile,
@@ -193,6 +195,66 @@ def peer_rows(
     return rows
 
 
+PAIRS = ("peer", "served")
+PAIRED_ORDER = ("peer", "served", "served", "peer", "peer", "served")  # ABBA AB: pairs (0, 0), (1, 1), (2, 2)
+
+
+def paired_rows(
+    checkpoint: str, url: str, pair_sets: list, max_new_tokens: int, parameters: dict, warmup: bytes
+) -> tuple[list[dict], list[tuple[bytes, str]]]:
+    """The 16-client load on the peer and on the served application in rounds taken in turn (PAIRED_ORDER), each
+    with every process of the other server stopped (scenarios.frozen), one set of images a pair: both servers get
+    the same images, each image once (the served one has not seen them: no cache hit). The loop and the peer before
+    and after the served rows (`served_ratios`) put the served rows between two other periods of a machine whose
+    speed drifts by tens of percent over minutes; here every served round has a peer round next to it.
+    Returns the rows (answers not yet judged: see `judge_paired`) and every job, in the rows' order."""
+    import psutil
+
+    ray_side = psutil.Process().children(recursive=True)  # Ray's processes, all of them (the peer is not up yet)
+    port = _free_port()
+    process = start_peer(checkpoint, port)
+    peer_url = f"http://127.0.0.1:{port}"
+    profiles: list[dict] = []
+
+    def peer(jobs):
+        return peer_load(peer_url, jobs, 16, max_new_tokens)
+
+    def served(jobs):
+        before = stage_profile("c")
+        outcome = kserve_load(url, jobs, 16, parameters)
+        profiles.append(profile_delta(before, stage_profile("c")))
+        return outcome
+
+    try:
+        peer_load(peer_url, [(warmup, "")], 1, max_new_tokens)  # its warm-up, as the served one had
+        rounds = [(side, pair_sets[i // 2]) for i, side in enumerate(PAIRED_ORDER)]
+        out = paired_rounds(rounds, {"peer": (peer, process_tree(process.pid)), "served": (served, ray_side)})
+    finally:
+        stop_peer(process)
+    rows, jobs = [], []
+    for side in ("peer", "served"):
+        sets = [pair_sets[i // 2] for i, name in enumerate(PAIRED_ORDER) if name == side]
+        for k, ((latencies, wall, answers), images) in enumerate(zip(out[side], sets)):
+            extra = profiles[k] if side == "served" else {}
+            variant = ("litserve, batched generate" if side == "peer" else "blip2-serve, kserve http") + (
+                f", paired round {k + 1} (the other server stopped)"
+            )
+            rows.append({"_answers": answers, **row(side, variant, latencies, wall, answers, answers, 16, **extra)})
+            jobs.append(images)
+    return rows, jobs
+
+
+def judge_paired(rows: list[dict], jobs: list, expected: dict[bytes, str]) -> list[dict]:
+    """The paired rows with their answers judged against the loop's (`expected`: image -> the loop's answer)."""
+    judged = []
+    for r, images in zip(rows, jobs):
+        answers = r.pop("_answers")
+        want = [expected[image] for image, _ in images]
+        same = sum(a == b for a, b in zip(answers, want))
+        judged.append({**r, "answers_equal": f"{same}/{len(want)}", "valid": same == len(want) == len(answers)})
+    return judged
+
+
 def one_process_row(checkpoint: str, jobs: list, max_new_tokens: int, expected: list, when: str = "") -> dict:
     """The 16-client row's work in one process with no serving (bench/scenarios.one_process), alone on the machine."""
     latencies, wall, answers = one_process(checkpoint, jobs, max_new_tokens)
@@ -204,7 +266,7 @@ def served_ratios(results: list[dict]) -> dict:
     """The served rows against the loop's and the peer's, each the mean of its run before and after the served
     rows (`*_drift`: after / before, how much the machine's speed moved meanwhile)."""
     baseline = [r for r in results if r["scenario"] == "baseline"]
-    served = {r["concurrency"]: r for r in results if r["scenario"] == "served"}
+    served = {r["concurrency"]: r for r in results if r["scenario"] == "served" and "paired" not in r["variant"]}
     base_rps = sum(r["throughput_rps"] for r in baseline) / len(baseline)
     base_p50 = sum(r["p50_ms"] for r in baseline) / len(baseline)
     # the serving overhead against the loop's calls taken in turn with the lone served requests (the same rounds, the
@@ -227,8 +289,15 @@ def served_ratios(results: list[dict]) -> dict:
         ratios["served_c16_over_one_process"] = round(served[16]["throughput_rps"] / alone_rps, 2)
     peer: dict[int, list[dict]] = {}
     for r in results:
-        if r["scenario"] == "peer":
+        if r["scenario"] == "peer" and "paired" not in r["variant"]:
             peer.setdefault(r["concurrency"], []).append(r)
+    paired = {side: [r for r in results if r["scenario"] == side and "paired" in r["variant"]] for side in PAIRS}
+    if all(paired.values()):  # throughput over all rounds of each side, and each pair's ratio
+        rps = {side: sum(r["requests"] for r in rs) / sum(r["seconds"] for r in rs) for side, rs in paired.items()}
+        ratios["captioning_throughput_c16_over_peer_paired"] = round(rps["served"] / rps["peer"], 2)
+        ratios["paired_round_ratios"] = [
+            round(p["seconds"] / s["seconds"], 3) for p, s in zip(paired["peer"], paired["served"])
+        ]
     if peer:
         peer_rps = sum(r["throughput_rps"] for r in peer[16]) / len(peer[16])
         peer_p50 = sum(r["p50_ms"] for r in peer[1]) / len(peer[1])
@@ -246,7 +315,9 @@ def run(
     checkpoint = _checkpoint(cache, size, llm)
     # Every timed load gets images the server has not seen (the embedding cache would otherwise answer the vision
     # stage's part): one set per concurrency, one for streaming, one for the mixed load, one for the five questions.
-    pictures = sample_images(4 * images + 6, size=96 if size == "tiny" else 224)
+    pictures = sample_images(7 * images + 6, size=96 if size == "tiny" else 224)
+    pictures, paired_pictures = pictures[: 4 * images + 6], pictures[4 * images + 6 :]
+    pair_sets = [[(p, "") for p in paired_pictures[i * images : (i + 1) * images]] for i in range(3)]
     warmup, question_image = pictures[-1], pictures[-2]
     sets = {c: [(p, "") for p in pictures[i * images : (i + 1) * images]] for i, c in enumerate((1, 16))}
     streamed = [(p, "") for p in pictures[2 * images : 2 * images + 4]]
@@ -317,6 +388,8 @@ def run(
             variant = "model card loop, in turn with the c=1 row (the server idle meanwhile)"
             results.append(row("loop_in_turn", variant, *looped, expected[1], 1))
         summary["overhead_profile"] = overhead_profile(f"http://{url}", "c", warmup)
+        if "peer" in scenarios:
+            paired, paired_jobs = paired_rows(str(checkpoint), url, pair_sets, max_new_tokens, parameters, warmup)
     if "streaming" in scenarios:
         latencies, wall, answers, extra = openai_streams(f"http://127.0.0.1:{port}/c", streamed, max_new_tokens)
         streamed_expected = [baseline.answer(image, "", max_new_tokens) for image, _ in streamed]
@@ -371,6 +444,10 @@ def run(
             results += peer_rows(str(checkpoint), sets, max_new_tokens, expected, warmup, when="after")
         if "one_process" in scenarios:
             results.append(one_process_row(str(checkpoint), sets[16], max_new_tokens, expected[16], when="after"))
+        if "peer" in scenarios:  # the paired rounds' answers against the loop's, untimed
+            paired_images = [image for jobs in pair_sets for image, _ in jobs]
+            loop_answers = baseline.run([(image, "") for image in paired_images], max_new_tokens)[2]
+            results += judge_paired(paired, paired_jobs, dict(zip(paired_images, loop_answers)))
         summary.update(served_ratios(results))
     if "triton" in scenarios:
         process, triton_url = _start_triton(checkpoint, cache)

@@ -56,8 +56,14 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
         ("peer", 1),
         ("peer", 16),
         ("one_process", 16),
+        # the 16-client load in rounds taken in turn (ABBA AB), each with the other server stopped: 3 peer rounds,
+        # then 3 served rounds, each judged against the loop's answers on its images
+        *[("peer", 16)] * 3,
+        *[("served", 16)] * 3,
     ]
     assert all(r["valid"] for r in document["results"]), document["results"]
+    paired = [r for r in document["results"] if "paired round" in r["variant"]]
+    assert len(paired) == 6 and all(r["answers_equal"] == "4/4" for r in paired), paired
     assert document["commit"] and document["versions"]["torch"] and "wide x" in document["checkpoint"]["llm"]
     summary = {
         "captioning_throughput_c16_over_baseline",
@@ -71,10 +77,13 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, checkpoints):
         "peer_drift",
         "one_process_c16_over_baseline",
         "served_c16_over_one_process",
+        "captioning_throughput_c16_over_peer_paired",
+        "paired_round_ratios",
     }
     assert summary <= set(document["summary"])
     served = [r for r in document["results"] if r["scenario"] == "served"]
     assert all(r["vision_executions"] >= 1 and r["llm_steps"] >= 1 for r in served)  # the profile behind each row
+    assert len(document["summary"]["paired_round_ratios"]) == 3
     assert (out / "tiny-opt.md").read_text().startswith("# bench: tiny opt")
     assert (out / "tiny-opt.png").stat().st_size > 10_000
 
