@@ -121,12 +121,15 @@ def _start_serve(checkpoint: Path, static: bool, server: dict | None = None):
         )
         for i, (name, scheduler) in enumerate((("c", "continuous"), ("s", "static"))[: 2 if static else 1])
     ]
+    threads = os.environ.get("OMP_NUM_THREADS")
     options = prepare_local_ray(configs[0])  # as `blip2-serve run` starts its Ray
     if options is not None:  # a port range of one per application, in the order they are deployed
         os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + len(configs))
     # Logical CPUs: room for the second application's replicas (each model stage asks for one by default); the cores
     # they compute on are the machine's, shared in turns (deployments/cores.py).
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    if threads is None:  # Ray's processes have it; the loop, the peer and one_process started later do not
+        os.environ.pop("OMP_NUM_THREADS", None)
     serve.start(**(options or {"http_options": {"host": "127.0.0.1", "port": port}}))
     if options is not None:
         PROXY["port"] = options["http_options"]["port"]
@@ -226,7 +229,9 @@ def paired_rows(
         return outcome
 
     try:
-        peer_load(peer_url, [(warmup, "")], 1, max_new_tokens)  # its warm-up, as the served one had
+        # Its warm-up: one lone request and one batch of 16, as the served one had its 16-client row before these
+        # rounds (a first batch of 16 in a fresh process is slow: its memory is not yet mapped).
+        peer_load(peer_url, [(warmup, "")] * 16, 16, max_new_tokens)
         rounds = [(side, pair_sets[i // 2]) for i, side in enumerate(PAIRED_ORDER)]
         out = paired_rounds(rounds, {"peer": (peer, process_tree(process.pid)), "served": (served, ray_side)})
     finally:

@@ -15,7 +15,7 @@ from blip2_serve.clients.contract import LLM_MODEL, MAX_PROMPT_TOKENS
 from blip2_serve.deployments.batching import DynamicBatcher, ModelWorker
 from blip2_serve.deployments.config import BatchConfig, ModelConfig
 from blip2_serve.deployments.cores import cpu_turns as cpu_turns_for
-from blip2_serve.deployments.cores import vision_signal
+from blip2_serve.deployments.cores import load_threads, vision_signal
 from blip2_serve.deployments.engine import ContinuousBatcher, Sequence
 from blip2_serve.deployments.errors import InvalidInput
 from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest
@@ -56,7 +56,8 @@ class LLMDeployment:
         scheduler: str = "continuous",
         cpu_turns: bool = True,
     ):
-        self._generator = LanguageGenerator(model, max_prompt_tokens)
+        with load_threads(cpu_turns, torch_threads):
+            self._generator = LanguageGenerator(model, max_prompt_tokens)
         # A language model as small as the test checkpoints decodes faster on one thread: its ops are too small to
         # split, and waking a second OpenMP thread for each one costs more than it saves (in one process, the tiny
         # OPT's 20 tokens: 20.3 ms on 2 threads, 16.7 ms on 1, medians of 60 alternated). Published models use

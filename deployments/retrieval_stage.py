@@ -17,6 +17,7 @@ from blip2_serve.deployments.batching import DynamicBatcher, ModelWorker, run_is
 from blip2_serve.deployments.cache import EmbeddingCache
 from blip2_serve.deployments.config import BatchConfig, ModelConfig
 from blip2_serve.deployments.cores import cpu_turns as cpu_turns_for
+from blip2_serve.deployments.cores import load_threads
 from blip2_serve.deployments.errors import InvalidInput
 from blip2_serve.deployments.images import ImageLimits
 from blip2_serve.deployments.metrics import MetricsRecorder
@@ -38,7 +39,8 @@ class RetrievalDeployment:
         cache_bytes: int = 0,
         cpu_turns: bool = True,
     ):
-        self._model = RetrievalModel.load(model)
+        with load_threads(cpu_turns, torch_threads):
+            self._model = RetrievalModel.load(model)
         turns = cpu_turns_for(str(self._model.device), cpu_turns, torch_threads)
         self._preprocess = ImagePreprocessor(None, limits, image_processor=self._model.processor.image_processor)
         self._worker = ModelWorker("retrieval", turns=turns)

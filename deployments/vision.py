@@ -15,7 +15,7 @@ from blip2_serve.deployments.batching import DynamicBatcher, ModelWorker, run_is
 from blip2_serve.deployments.cache import EmbeddingCache
 from blip2_serve.deployments.config import BatchConfig, ModelConfig, VisionBackendConfig
 from blip2_serve.deployments.cores import cpu_turns as cpu_turns_for
-from blip2_serve.deployments.cores import vision_signal
+from blip2_serve.deployments.cores import load_threads, vision_signal
 from blip2_serve.deployments.images import ImageLimits
 from blip2_serve.deployments.metrics import MetricsRecorder
 from blip2_serve.deployments.types import INTERACTIVE, EncodedImage, ImageEmbeds
@@ -38,7 +38,8 @@ class VisionDeployment:
         metrics_directory: str | None = None,
         cpu_turns: bool = True,
     ):
-        self._encoder = VisionEncoder(model, limits, backend)
+        with load_threads(cpu_turns, torch_threads):
+            self._encoder = VisionEncoder(model, limits, backend)
         turns = cpu_turns_for(str(self._encoder.backend.device), cpu_turns, torch_threads)
         self._worker = ModelWorker("vision", turns=turns)
         self._busy = vision_signal() if turns is not None else None  # this application's LLM stage reads it

@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
+from blip2_serve.deployments.cores import node_cores
 from blip2_serve.serve.config import AppConfig, StageConfig
 from pydantic import ValidationError
 
@@ -143,6 +145,11 @@ def test_make_tiny_then_run_serves_stock_tritonclient(tmp_path):
         server.wait_for("ready at http://127.0.0.1")
         # the ingress replica itself listens on both ports (Ray Serve's direct ingress): no hop through Ray's proxy
         assert "ServeReplica:blip2:Ingress" in _listener(port) == _listener(grpc_port), server.output
+        # its model stages' processes started with OpenMP at the node's cores, not Ray's 1 (serve/app.py)
+        stages = [p for p in psutil.Process(server.process.pid).children(recursive=True)
+                  if any(f"ServeReplica:blip2:{s}" in " ".join(p.cmdline()) for s in ("Vision", "LLM"))]  # fmt: skip
+        threads = os.environ.get("OMP_NUM_THREADS", str(node_cores()))
+        assert len(stages) == 2 and all(p.environ().get("OMP_NUM_THREADS") == threads for p in stages), stages
         client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
         assert client.is_server_ready()
         image = httpclient.InferInput("IMAGE", [1, 1], "BYTES")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from blip2_serve.deployments.cores import BusySignal, CoreTurns, cpu_turns, node_cores
+from blip2_serve.deployments.cores import BusySignal, CoreTurns, cpu_turns, load_threads, node_cores
 
 
 def _worker(directory: str, name: str, turns: int, hold_s: float, log: str, ready) -> None:
@@ -102,6 +102,33 @@ def test_a_cpu_stage_takes_every_core_in_turns(restore_threads):
     assert torch.get_num_threads() == node_cores()
     assert cpu_turns("cpu", False, 1) is None and torch.get_num_threads() == 1
     assert cpu_turns("cuda:0", True, None) is None  # a GPU stage computes on its GPU, no turns
+
+
+def test_a_stage_loads_its_model_on_the_threads_it_computes_on(checkpoints, monkeypatch, restore_threads):
+    """oneDNN packs the linear layers and `tune_plain_rows` times its GEMMs at load, on the loading thread's count: a
+    stage loads on the count it will compute on (a Ray worker starts at its num_cpus, 1), and the process gets its
+    own count back for `cpu_turns` to set. (The stages' classes are built here without Ray: cpu_turns off needs no
+    replica context.)"""
+    from blip2_serve.deployments import llm, vision
+    from blip2_serve.deployments.config import ModelConfig
+
+    seen = {}
+    for module, name in ((llm, "LanguageGenerator"), (vision, "VisionEncoder")):
+
+        def spy(*args, _real=getattr(module, name), _name=name, **kwargs):
+            seen[_name] = torch.get_num_threads()  # the count the real class loads and packs on
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    model = ModelConfig(checkpoint=str(checkpoints["t5"]), device="cpu")
+    torch.set_num_threads(1)
+    llm.LLMDeployment(model, cpu_turns=False, torch_threads=2)
+    vision.VisionDeployment(model, cpu_turns=False, torch_threads=2)
+    assert seen == {"LanguageGenerator": 2, "VisionEncoder": 2}
+    torch.set_num_threads(1)
+    with load_threads(True, None):  # a stage that takes turns: every core of the node
+        assert torch.get_num_threads() == node_cores()
+    assert torch.get_num_threads() == 1
 
 
 def _hold_busy(directory: str, seconds: float, started) -> None:
