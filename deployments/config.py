@@ -32,9 +32,9 @@ class ModelConfig(BaseModel):
     # vision stage and for a Flan-T5's encoder, whose different rounding changed greedy answers (bench: with every
     # T5 layer packed 14 of 16 captions equal to transformers' on the realistic T5; with its decode layers only, 48
     # of 48; every OPT answer equal). Under "auto" the packed layers keep their plain weights too, and 1-2 rows (a
-    # lone request's decode step) go through PyTorch's linear where it measured the faster at load on this machine
-    # (loading.tune_plain_rows); that holds those weights once more in memory, so it is done only where that is at
-    # most half the memory still available ("onednn" packs only). "torch" leaves every layer as it is.
+    # lone request's decode step) go through PyTorch's linear where it measured the faster on this machine, at the
+    # first request (loading.tune_once); that holds those weights once more in memory, so it is done only where that
+    # is at most half the memory still available ("onednn" packs only). "torch" leaves every layer as it is.
     # deployments/loading.py.
     cpu_linear: CpuLinear = "auto"
     # Greedy tokens on CPU (continuous engine): from a screen of the output projection, each argmax proven against

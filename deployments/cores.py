@@ -101,11 +101,10 @@ def load_threads(enabled: bool, torch_threads: int | None) -> Iterator[None]:
     """Load a model stage's model on the threads it will compute on (`torch_threads`, else where the stage takes
     turns every core of the node), then give the process back its count (`cpu_turns` sets the stage's own after
     loading, once it knows the device). Loading is where the count matters first: oneDNN packs the linear layers and
-    creates their primitives, and `loading.tune_plain_rows` times the plain GEMM against the packed one, all on the
-    calling thread's count, which in a Ray worker is its num_cpus (1) until the stage sets its own. Measured on 2
-    cores, a realistic Flan-T5 stage loaded in a Ray actor at 1 thread then computing on 2: a lone caption's second
-    OpenMP thread did 0.26-0.29 CPU-s of its 20 tokens, against 0.73-0.78 in one process (1.15-1.25 s against
-    1.02-1.16 s a caption)."""
+    creates their primitives on the calling thread's count, which in a Ray worker is its num_cpus (1) until the stage
+    sets its own. Measured on 2 cores, a realistic Flan-T5 stage loaded in a Ray actor at 1 thread then computing on
+    2: a lone caption's second OpenMP thread did 0.26-0.29 CPU-s of its 20 tokens; loaded on 2, 0.52-0.56; in one
+    process 0.73-0.78."""
     import torch
 
     before = torch.get_num_threads()

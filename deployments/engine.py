@@ -252,6 +252,7 @@ class ContinuousBatcher:
 
     def _iterate(self) -> None:
         """Exclusive jobs, then admit what waits, then one decode step for every running sequence."""
+        self.generator.tune_once()  # at the first iteration, in the engine's turn at the cores (loading.tune_once)
         while not self._exclusive.empty():
             fn, args, future = self._exclusive.get()
             try:

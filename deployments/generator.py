@@ -21,7 +21,7 @@ from blip2_serve.deployments.batching import run_isolated
 from blip2_serve.deployments.config import ModelConfig
 from blip2_serve.deployments.errors import InvalidInput
 from blip2_serve.deployments.guided import Grammars
-from blip2_serve.deployments.loading import load_language_model, load_processor
+from blip2_serve.deployments.loading import load_language_model, load_processor, tune_once
 from blip2_serve.deployments.text import final_text
 from blip2_serve.deployments.types import GenerateRequest, GenerateResult, TokenLogprob
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -117,8 +117,14 @@ class LanguageGenerator:
             self.grammars.check(request.grammar)  # compiled once per format; one it cannot produce fails here
         return prepared
 
+    def tune_once(self) -> None:
+        """Time this machine's GEMMs for the packed layers, the first time (loading.tune_once); on the model's thread,
+        in its turn at the cores."""
+        tune_once(self.model)
+
     def run(self, batch: list[PreparedRequest]) -> list[GenerateResult | BaseException]:
         """Generate for a batch: requests that may share a generate call do; results in input order."""
+        self.tune_once()
         groups: dict[tuple, list[int]] = {}
         for index, item in enumerate(batch):
             params = item.request.params
@@ -229,6 +235,7 @@ class LanguageGenerator:
     def stream(self, item: PreparedRequest, on_tokens, cancelled: threading.Event) -> GenerateResult:
         """Generate for one request, calling `on_tokens(list[int])` as each token comes; ends early when
         `cancelled` is set. Runs on the model thread; streams greedy or sampled decoding (not beams)."""
+        self.tune_once()
         streamer = _TokenStreamer(on_tokens)
         stopping = StoppingCriteriaList([_Cancelled(cancelled)])
         return self.generate([item], streamer=streamer, stopping_criteria=stopping)[0]

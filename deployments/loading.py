@@ -161,8 +161,8 @@ class PackedLinear(nn.Module):
     PyTorch's at 1-2 rows). On another, an AVX2 EPYC, it was the faster: 2560 -> 10240 6.69 / 5.76, 14.2 / 5.37;
     10240 -> 2560 5.63 / 5.43, 10.89 / 5.90. So with `plain` kept (`keep_plain`: the unpacked weight beside the
     packed one, its memory once more) up to `plain_rows` rows go through PyTorch's linear on it, and their results
-    are the ones transformers computes; tune_plain_rows sets `plain_rows` per shape from a measurement at load (and
-    lets the plain weight go where it wins at no row count).
+    are the ones transformers computes; tune_plain_rows sets `plain_rows` per shape from a measurement at the model's
+    first use (tune_once; and lets the plain weight go where it wins at no row count).
     """
 
     def __init__(self, linear: nn.Linear, keep_plain: bool = False):
@@ -321,13 +321,27 @@ def pack_linear_layers(model: nn.Module, config: ModelConfig, device: torch.devi
     keep_plain = keeps_plain_weights(config, half, plain_bytes)
     replaced = _replace_linear_layers(model, wanted, lambda linear: PackedLinear(linear, keep_plain=keep_plain))
     logger.info("%d linear layers packed for oneDNN", replaced)
-    if keep_plain:
-        choices = tune_plain_rows(model)
-        logger.info(
-            "plain weights kept for the rows where PyTorch's linear was the faster here (0: let go): %s",
-            ", ".join(f"{shape[1]} -> {shape[0]}: {rows}" for shape, rows in choices.items()),
-        )
+    if keep_plain:  # timed at the model's first use (tune_once); until then PLAIN_MAX_ROWS rows go the plain way
+        model.plain_rows_pending = True
     return model
+
+
+def tune_once(model: nn.Module) -> None:
+    """`tune_plain_rows` on a model from `pack_linear_layers`, the first time it is called; the caller holds its turn
+    at the node's cores. Not at load: the stages of a node load together (`blip2-serve run` starts them at once),
+    and a GEMM on two threads timed while another process computes on one of the cores runs as if on one, while
+    PyTorch's linear at 1-2 rows runs on one thread anyway, so the plain weights win where they lose in a quiet
+    process. Measured on 2 cores (an AVX2 EPYC), the realistic Flan-T5: timed in one process the packed GEMM won on
+    every shape; in the LLM replica, timed beside the vision stage's loading, PyTorch's linear kept 1-2 rows, and a
+    lone caption's 20 tokens ran on about one thread (its engine thread 1.4 CPU-s, the second 0.7)."""
+    if not getattr(model, "plain_rows_pending", False):
+        return
+    model.plain_rows_pending = False
+    choices = tune_plain_rows(model)
+    logger.info(
+        "plain weights kept for the rows where PyTorch's linear was the faster here (0: let go): %s",
+        ", ".join(f"{shape[1]} -> {shape[0]}: {rows}" for shape, rows in choices.items()),
+    )
 
 
 def measure_linear(module: PackedLinear, rows: int, repeats: int = 7) -> tuple[float, float]:

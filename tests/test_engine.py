@@ -540,7 +540,9 @@ def test_t5_engine_with_packed_decode_layers_keeps_greedy_tokens(checkpoints, re
         for i, e in enumerate(embeds)
     ]
     engine = ContinuousBatcher(generator, max_running=12)
+    assert generator.model.plain_rows_pending  # timed at the first request, in the engine's turn (loading.tune_once)
     served = [list(f.result(timeout=120).token_ids) for f in [_submit(engine, item) for item in prepared]]
+    assert not generator.model.plain_rows_pending
     expected = [
         references["t5"].generate([b], None, max_new_tokens=8 + i % 5, min_new_tokens=i % 3)[0]
         for i, b in enumerate(images)
