@@ -28,12 +28,14 @@ import json
 import logging
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,15 @@ VISION_BATCHES = (1, 8, 32)
 DECODE_BATCHES = (1, 8, 32, 64)
 PARITY_IMAGES = 8
 NEW_TOKENS = 20
+E2E_IMAGES = 16  # the bench's 16 concurrent clients (bench/run.py), here as one group in one process
+LONE_REPEATS = 5
+QUESTIONS = (  # bench/run.py's five questions about one image
+    "what is in the picture?",
+    "what colour is the block?",
+    "where is the block?",
+    "is it large?",
+    "what is it?",
+)
 
 
 def _sync(device: str) -> None:
@@ -216,11 +227,9 @@ def bitsandbytes_config(quantization: str, dtype):
     )
 
 
-def reference_answers(checkpoint: Path, images: list, device: str, dtype, quantization: str | None = None) -> list[str]:
-    """transformers' Blip2ForConditionalGeneration.generate over the images as one batch, greedy, the model card's
-    way (T5 takes text=""), in `dtype` on `device`, quantized by bitsandbytes where `quantization` says."""
-    import torch
-    from PIL import Image
+def load_reference(checkpoint: Path, device: str, dtype, quantization: str | None = None):
+    """transformers' Blip2Processor and Blip2ForConditionalGeneration in `dtype` on `device` (quantized by
+    bitsandbytes where `quantization` says), as the model card loads them."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     processor = Blip2Processor.from_pretrained(checkpoint)
@@ -233,22 +242,108 @@ def reference_answers(checkpoint: Path, images: list, device: str, dtype, quanti
             quantization_config=bitsandbytes_config(quantization, dtype),
             device_map={"": device},
         ).eval()
+    return processor, model
+
+
+def generate_answers(processor, model, images: list, device: str, dtype, prompt: str = "") -> list[str]:
+    """transformers' Blip2ForConditionalGeneration.generate over the images as one batch, greedy, NEW_TOKENS, the
+    model card's way (a caption: T5 takes text="", OPT no text; else `prompt` for every image)."""
+    import torch
+    from PIL import Image
+
     pictures = [Image.open(io.BytesIO(image.data)).convert("RGB") for image in images]
     decoder_only = bool(model.config.use_decoder_only_language_model)
-    if decoder_only:
+    if decoder_only and not prompt:
         inputs = processor(images=pictures, return_tensors="pt")
-        start = model.config.num_query_tokens + 1
     else:
-        inputs = processor(images=pictures, text=[""] * len(pictures), return_tensors="pt")
-        start = 0
+        inputs = processor(images=pictures, text=[prompt] * len(pictures), return_tensors="pt")
+    start = 0
+    if decoder_only:
+        start = inputs["input_ids"].shape[1] if "input_ids" in inputs else model.config.num_query_tokens + 1
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=NEW_TOKENS)
-    if decoder_only:
-        output = output[:, start:]
-    answers = [text.strip() for text in processor.batch_decode(output, skip_special_tokens=True)]
+    return [text.strip() for text in processor.batch_decode(output[:, start:], skip_special_tokens=True)]
+
+
+def reference_answers(checkpoint: Path, images: list, device: str, dtype, quantization: str | None = None) -> list[str]:
+    """generate_answers with a model loaded for the purpose (load_reference), let go after."""
+    processor, model = load_reference(checkpoint, device, dtype, quantization)
+    answers = generate_answers(processor, model, images, device, dtype)
     del model
     return answers
+
+
+def _timed(call, device: str) -> tuple[float, Any]:
+    """(seconds, result) of one call of `call`, the device synchronised around it."""
+    _sync(device)
+    started = time.perf_counter()
+    result = call()
+    _sync(device)
+    return time.perf_counter() - started, result
+
+
+def end_to_end(processor, model, encoder, engine, generator, images: list, device: str, dtype) -> dict:
+    """The bench's captioning workloads (bench/run.py) in one process on this device, without Ray or HTTP (Ray is
+    not on the GPU machine): 16 captions as the model card's loop (one generate per image), as one batched
+    `generate` (what the LitServe peer runs once its 16 requests are in its window) and as this project's stages
+    (one vision batch, then the continuous engine with all 16 running); one caption alone (p50 of LONE_REPEATS,
+    loop against stages); five questions about one image (five loop calls against one vision pass and five
+    sequences in the engine, as ask_many). Answers are compared with the loop's (an agreement count: fp16 kernels
+    differ by batch shape)."""
+
+    def stages(group: list, prompts: list[str]) -> list[str]:
+        pixels = [encoder.preprocess(image) for image in group]
+        embeds = encoder.encode(pixels)
+        if len(embeds) == 1 and len(prompts) > 1:
+            embeds = list(embeds) * len(prompts)
+        return [r.text for r in _run_engine(engine, generator, list(embeds), NEW_TOKENS, prompts)]
+
+    # warm-up of every path (cuBLAS handles, allocator, the engine's buffers)
+    generate_answers(processor, model, images[:1], device, dtype)
+    generate_answers(processor, model, images[:2], device, dtype)
+    stages(images[:2], ["", ""])
+
+    def loop(image, prompt: str = "") -> str:
+        return generate_answers(processor, model, [image], device, dtype, prompt)[0]
+
+    loop_times, loop_answers = [], []
+    for image in images:
+        seconds, answer = _timed(lambda image=image: loop(image), device)
+        loop_times.append(seconds)
+        loop_answers.append(answer)
+    batched_s, batched_answers = _timed(lambda: generate_answers(processor, model, images, device, dtype), device)
+    stages_s, stage_answers = _timed(lambda: stages(images, [""] * len(images)), device)
+    lone_loop, lone_stages = [], []
+    for image in images[:LONE_REPEATS]:  # in turn, so that a drift falls on both
+        lone_loop.append(_timed(lambda image=image: loop(image), device)[0])
+        lone_stages.append(_timed(lambda image=image: stages([image], [""]), device)[0])
+    prompts = [f"Question: {q} Answer:" for q in QUESTIONS]
+    five_loop_s, five_loop = _timed(lambda: [loop(images[0], prompt) for prompt in prompts], device)
+    five_stages_s, five_stages = _timed(lambda: stages(images[:1], prompts), device)
+    loop_s = sum(loop_times)
+    p50 = statistics.median
+    return {
+        "images": len(images),
+        "loop_s": round(loop_s, 3),
+        "batched_generate_s": round(batched_s, 3),
+        "stages_s": round(stages_s, 3),
+        "stages_vs_batched_generate": round(batched_s / stages_s, 3),  # throughput ratio
+        "stages_vs_loop": round(loop_s / stages_s, 3),
+        "batched_generate_vs_loop": round(loop_s / batched_s, 3),
+        "lone_p50_ms": {"loop": round(1000 * p50(lone_loop), 2), "stages": round(1000 * p50(lone_stages), 2)},
+        "lone_stages_over_loop": round(p50(lone_stages) / p50(lone_loop), 3),
+        "five_questions": {
+            "loop_s": round(five_loop_s, 3),
+            "stages_s": round(five_stages_s, 3),
+            "speedup": round(five_loop_s / five_stages_s, 2),
+            "answers_equal": sum(a == b for a, b in zip(five_stages, five_loop)),
+        },
+        "answers_equal_to_loop": {
+            "batched_generate": sum(a == b for a, b in zip(batched_answers, loop_answers)),
+            "stages": sum(a == b for a, b in zip(stage_answers, loop_answers)),
+        },
+    }
 
 
 def _commit() -> str:
@@ -319,7 +414,12 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict, compiled_rows: bool 
     )
     served = [r.text for r in _run_engine(engine, generator, embeds, NEW_TOKENS)]
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-    del engine, dynamic, generator, encoder  # before a second copy of the language model is loaded
+    # transformers' whole model beside the stages (a GPU holds both): the end-to-end rows, then the parity answers
+    processor, reference = load_reference(checkpoint, device, dtype)
+    e2e = end_to_end(processor, reference, encoder, engine, generator, _images(E2E_IMAGES, picture_size), device, dtype)
+    logger.info("%s end to end: %s", llm, e2e)
+    expected = generate_answers(processor, reference, images, device, dtype)
+    del reference, engine, dynamic, generator, encoder  # before another copy of the language model is loaded
     compiled_decode = None
     if compiled_rows:  # the decode step compiled (ModelConfig.compile_decode) at the largest batch
         compiled_generator = LanguageGenerator(model.model_copy(update={"compile_decode": True}))
@@ -341,7 +441,6 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict, compiled_rows: bool 
         compiled_answers = [r.text for r in _run_engine(compiled_engine, compiled_generator, embeds, NEW_TOKENS)]
         compiled_decode["answers_equal_to_eager"] = sum(a == b for a, b in zip(compiled_answers, served))
         del compiled_engine, compiled_generator
-    expected = reference_answers(checkpoint, images, device, dtype)
     parity = {
         "dtype": dtype_name,
         "images": len(images),
@@ -349,7 +448,36 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict, compiled_rows: bool 
         "served": served,
         "transformers": expected,
     }
-    quantized = {}
+    return {
+        "llm": llm,
+        "size": size,
+        "checkpoint_built_s": round(built_s, 1),
+        "vision": vision,
+        "vision_compiled": compiled,
+        "decode": decode,
+        "decode_dynamic_cache": kv_dynamic,
+        "decode_compiled": compiled_decode,
+        "parity": parity,
+        "end_to_end": e2e,
+        "quantized": {},  # quantized_rows, after every language model's other rows
+        "peak_device_bytes": peak,
+        "seconds": round(time.perf_counter() - started, 1),
+        "_then": (checkpoint, images, embeds, served),  # for quantized_rows; not written out
+    }
+
+
+def quantized_rows(part: dict, device: str, dtype) -> dict:
+    """int8 / int4 (bitsandbytes) for one language model's check (`part`, from check): the LLM stage's answers
+    against transformers' loaded with the same BitsAndBytesConfig and against the unquantized answers, and memory.
+    Run after every language model's other rows: on a GPU whose time is short, these come last."""
+    import torch
+    from blip2_serve.deployments.config import ModelConfig
+    from blip2_serve.deployments.engine import ContinuousBatcher
+    from blip2_serve.deployments.generator import LanguageGenerator
+
+    checkpoint, images, embeds, served = part["_then"]
+    dtype_name = part["parity"]["dtype"]
+    quantized: dict = {}
     for quantization in ("int8", "int4"):  # on CPU in a dry run too: bitsandbytes' CPU backend runs the same code
         try:
             import bitsandbytes  # noqa: F401
@@ -371,20 +499,7 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict, compiled_rows: bool 
             "equal_to_unquantized": sum(a == b for a, b in zip(answers, served)),
             "images": len(answers),
         }
-    return {
-        "llm": llm,
-        "size": size,
-        "checkpoint_built_s": round(built_s, 1),
-        "vision": vision,
-        "vision_compiled": compiled,
-        "decode": decode,
-        "decode_dynamic_cache": kv_dynamic,
-        "decode_compiled": compiled_decode,
-        "parity": parity,
-        "quantized": quantized,
-        "peak_device_bytes": peak,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    return quantized
 
 
 def markdown(document: dict) -> str:
@@ -440,6 +555,26 @@ def markdown(document: dict) -> str:
                 f"{c['step_ms']} ms, after {c['compile_s']} s compiling; {c['answers_equal_to_eager']} of "
                 f"{PARITY_IMAGES} answers equal to the eager engine's.",
             ]
+        e2e = part.get("end_to_end")
+        if e2e:
+            lone, five, same = e2e["lone_p50_ms"], e2e["five_questions"], e2e["answers_equal_to_loop"]
+            lines += [
+                "",
+                f"End to end in one process, no Ray and no HTTP ({e2e['images']} captions, {NEW_TOKENS} tokens):",
+                "",
+                "| workload | model card loop | transformers' batched generate (the peer's work) | this project's "
+                "stages | stages / batched generate | stages / loop |",
+                "|---|---|---|---|---|---|",
+                f"| {e2e['images']} captions, s | {e2e['loop_s']} | {e2e['batched_generate_s']} | {e2e['stages_s']} | "
+                f"{e2e['stages_vs_batched_generate']}x | {e2e['stages_vs_loop']}x |",
+                f"| one caption alone, p50 ms | {lone['loop']} | | {lone['stages']} | | "
+                f"{e2e['lone_stages_over_loop']} of the loop's time |",
+                f"| five questions about one image, s | {five['loop_s']} | | {five['stages_s']} | | "
+                f"{five['speedup']}x |",
+                "",
+                f"Answers equal to the loop's: batched generate {same['batched_generate']}/{e2e['images']}, stages "
+                f"{same['stages']}/{e2e['images']}, five questions {five['answers_equal']}/{len(QUESTIONS)}.",
+            ]
         parity = part["parity"]
         lines += [
             "",
@@ -482,13 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rates = device_rates(device, dtype)
     logger.info("device ceilings: %s", rates)
-    with tempfile.TemporaryDirectory(dir=args.work) as work:
-        checks = []
-        for index, llm in enumerate(name for name in args.llm.split(",") if name):
-            # compiled rows with the first LLM only: the vision half is the same ViT-g + Q-Former for both
-            compiled = index == 0 and (args.compile or args.dry_run)  # the dry run always: CI tests that code
-            checks.append(check(llm, args.dry_run, Path(work), rates, compiled_rows=compiled))
-            logger.info("%s done after %.0f s", llm, time.perf_counter() - started)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "device-check-dry-run" if args.dry_run else "device-check"
     document = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -497,13 +628,34 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
         "dtype": "fp32" if args.dry_run else "fp16",
         "rates": rates,
-        "checks": checks,
-        "seconds": round(time.perf_counter() - started, 1),
+        "checks": [],
+        "complete": False,
+        "seconds": None,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "device-check-dry-run" if args.dry_run else "device-check"
-    (out / f"{name}.json").write_text(json.dumps(document, indent=2))
+
+    def write() -> None:
+        public = {
+            **document,
+            "checks": [{k: v for k, v in c.items() if not k.startswith("_")} for c in document["checks"]],
+        }
+        (out / f"{name}.json").write_text(json.dumps(public, indent=2))
+
+    with tempfile.TemporaryDirectory(dir=args.work) as work:
+        for index, llm in enumerate(name for name in args.llm.split(",") if name):
+            # compiled rows with the first LLM only: the vision half is the same ViT-g + Q-Former for both
+            compiled = index == 0 and (args.compile or args.dry_run)  # the dry run always: CI tests that code
+            document["checks"].append(check(llm, args.dry_run, Path(work), rates, compiled_rows=compiled))
+            document["seconds"] = round(time.perf_counter() - started, 1)
+            logger.info("%s done after %.0f s", llm, document["seconds"])
+            # written after each step, so that a run cut short by its machine's time keeps what it did
+            write()
+        for part in document["checks"]:
+            part["quantized"] = quantized_rows(part, device, dtype)
+            document["seconds"] = round(time.perf_counter() - started, 1)
+            logger.info("%s quantized rows done after %.0f s", part["llm"], document["seconds"])
+            write()
+    document["complete"] = True
+    write()
     (out / f"{name}.md").write_text(markdown(document))
     print(markdown(document))
     return 0
