@@ -18,6 +18,8 @@ fi
 repo="$PWD"
 out="$(realpath "${OUT:-bench/results}")"
 export PYTHONPATH="/tmp/site:$repo" PYTHONUNBUFFERED=1
+# transformers kernelizes layers from the Hub by default (use_kernels): no network there, no remote code here
+export USE_HUB_KERNELS=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device-check-gpu.txt" || true
 cd /tmp
 python3 -m bench.device_check --commit "${COMMIT:-unknown}" --out "$out" "$@" 2>&1 | tee "$out/device-check.log"
