@@ -50,6 +50,15 @@ class ModelConfig(BaseModel):
     # eager, 1 image 0.39 / 0.38 s; 20 decode steps alone 1.52 / 1.55 s, at 16 rows 3.14 / 3.03 s (same tokens):
     # SDPA or even, so auto keeps it.
     attn_implementation: Attention = "auto"
+    # On CUDA, whether PyTorch's scaled-dot-product attention may pick cuDNN's kernel (torch's default does). cuDNN
+    # builds a plan for every new shape, and a decode step's key length is new at every step of a request whose
+    # lengths were not seen before, so a request's first pass at new shapes pays for all of them. Measured on an
+    # H200 (bench/results/device-check.md's machine kind, full blip2-opt-2.7b shapes, fp16, one process each way,
+    # same run): a lone caption's first call 4.68 s with cuDNN / 0.87 s without, five questions about one image 4.73 /
+    # 0.62 s, 16 captions 1.51 / 0.43 s; transformers' own generate 1.22 / 0.25 s for one image; warm calls (the
+    # shapes seen) about even (lone 0.25-0.51 / 0.22-0.35 s, 16 captions 0.35-0.58 / 0.27 s). Off by default; the
+    # setting is process-wide (deployments/loading.py sets it when a stage loads on CUDA).
+    cudnn_attention: bool = False
     # torch.compile the vision half (tower + Q-Former + projection; inductor, static shapes): batches run padded to
     # the next power of two, so that at most log2(max batch) + 1 shapes are compiled, each on its first use. Off by
     # default: measured on 2 CPU cores (realistic OPT, one process, medians of 4 alternated runs) it gained nothing,

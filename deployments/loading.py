@@ -457,9 +457,17 @@ def _attention(config: ModelConfig) -> dict:
     return {} if config.attn_implementation == "auto" else {"attn_implementation": config.attn_implementation}
 
 
+def cuda_attention_backends(config: ModelConfig, device: torch.device) -> None:
+    """On CUDA, let scaled-dot-product attention use cuDNN's kernel only where `cudnn_attention` says (a process-wide
+    switch of PyTorch's; ModelConfig.cudnn_attention has the measurements). Elsewhere nothing changes."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(config.cudnn_attention)
+
+
 def load_vision(config: ModelConfig) -> tuple[Blip2VisionConnector, torch.device, torch.dtype]:
     """The vision half on its device, in eval mode (its linear layers packed on CPU only with cpu_linear onednn)."""
     device = resolve_device(config)
+    cuda_attention_backends(config, device)
     dtype = resolve_dtype(config, device)
     model = _from_pretrained(Blip2VisionConnector, config, dtype=dtype, **_attention(config))
     return pack_linear_layers(model.to(device).eval(), config, device, "vision"), device, dtype
@@ -484,6 +492,7 @@ def load_language_model(config: ModelConfig) -> tuple[Blip2LanguageModel, torch.
     """The LLM half on its device, in eval mode, quantized by bitsandbytes when configured, its linear layers packed
     on CPU (pack_linear_layers)."""
     device = resolve_device(config)
+    cuda_attention_backends(config, device)
     dtype = resolve_dtype(config, device)
     quantization = _quantization_config(config, dtype)
     kwargs = _attention(config)

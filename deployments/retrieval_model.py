@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from blip2_serve.clients.contract import MAX_PROMPT_TOKENS
 from blip2_serve.deployments.config import ModelConfig
 from blip2_serve.deployments.errors import InvalidInput
-from blip2_serve.deployments.loading import _from_pretrained, resolve_device, resolve_dtype
+from blip2_serve.deployments.loading import _from_pretrained, cuda_attention_backends, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -44,6 +44,7 @@ class RetrievalModel:
         from transformers import AutoProcessor, Blip2ForImageTextRetrieval
 
         device = resolve_device(config)
+        cuda_attention_backends(config, device)
         dtype = resolve_dtype(config, device)
         model = _from_pretrained(Blip2ForImageTextRetrieval, config, dtype=dtype).to(device).eval()
         if not getattr(model.config.qformer_config, "use_qformer_text_input", False):

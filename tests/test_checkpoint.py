@@ -309,3 +309,38 @@ def test_a_t5_packs_its_decode_layers_only(checkpoints, monkeypatch):
     assert set(layer_types("opt", "auto").values()) == {PackedLinear}
     opt = load_language_model(ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", greedy_screen="on"))[0]
     assert not opt.language_model.get_output_embeddings().prove_packed  # OPT's packed logits are taken as they are
+
+
+def test_cudnn_attention_is_switched_by_every_loader_on_cuda_only(checkpoints, itm_checkpoint, monkeypatch):
+    """model.cudnn_attention: on CUDA, PyTorch's process-wide switch for cuDNN's SDPA kernel follows it (off by
+    default: its per-shape plans made first calls 4-7x slower on an H200, ModelConfig), and the vision, language-model
+    and retrieval loaders each apply it for the device they load on; on CPU the switch is left as it was. This
+    machine has no GPU: the switch is checked through the helper with a CUDA device, the loaders' wiring on CPU."""
+    from blip2_serve.deployments import loading, retrieval_model
+    from blip2_serve.deployments.loading import cuda_attention_backends, load_language_model, load_vision
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        cuda_attention_backends(ModelConfig(checkpoint="x"), torch.device("cpu"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # CPU: untouched
+        cuda_attention_backends(ModelConfig(checkpoint="x"), torch.device("cuda"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()  # CUDA, default: off
+        cuda_attention_backends(ModelConfig(checkpoint="x", cudnn_attention=True), torch.device("cuda"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # asked for
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+    seen = []
+
+    def record(config, device):
+        seen.append((config.checkpoint, device.type))
+        cuda_attention_backends(config, device)
+
+    monkeypatch.setattr(loading, "cuda_attention_backends", record)
+    monkeypatch.setattr(retrieval_model, "cuda_attention_backends", record)
+    opt = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu")
+    load_vision(opt)
+    load_language_model(opt)
+    retrieval_model.RetrievalModel.load(ModelConfig(checkpoint=str(itm_checkpoint), device="cpu"))
+    assert seen == [(str(checkpoints["opt"]), "cpu")] * 2 + [(str(itm_checkpoint), "cpu")]
