@@ -124,4 +124,18 @@ def test_device_check_dry_run_measures_every_part_and_matches_transformers(tmp_p
             q = part["quantized"][quantization]
             assert q["images"] == 8 and q["equal_to_transformers"] == 8 and q["llm_weight_bytes"] > 0, q
         assert len(set(parity["served"])) > 1  # the images give different answers: the comparison means something
+        # the end-to-end rows (loop, batched generate, stages): fp32 on CPU gives the loop's answers everywhere
+        e2e = part["end_to_end"]
+        assert e2e["images"] == 16 and e2e["answers_equal_to_loop"] == {"batched_generate": 16, "stages": 16}, e2e
+        assert e2e["five_questions"]["answers_equal"] == 5, e2e
+        assert min(e2e["loop_s"], e2e["batched_generate_s"], e2e["stages_s"], *e2e["lone_p50_ms"].values()) > 0, e2e
+        assert set(e2e["first_call_s"]) == {
+            "batched_generate",
+            "stages",
+            "five_questions_loop",
+            "five_questions_stages",
+        }
+        assert "_then" not in part  # the quantized rows' hand-over stays out of the JSON
+    assert document["complete"] is True
     assert (out / "device-check-dry-run.md").read_text().startswith("# device check")
+    assert "End to end in one process" in (out / "device-check-dry-run.md").read_text()
