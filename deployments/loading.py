@@ -105,11 +105,19 @@ def _from_pretrained(cls, config: ModelConfig, **kwargs):
     """`cls.from_pretrained(checkpoint)`: a local directory, or a hub name fetched (and cached) by transformers.
 
     Without transformers' progress bars below DEBUG: each replica's "Loading weights" bar reaches the console of
-    `blip2-serve run` (the driver resolves and downloads a hub name once, with its own bar, serve/checkpoints.py)."""
+    `blip2-serve run` (the driver resolves and downloads a hub name once, with its own bar, serve/checkpoints.py).
+
+    A model is loaded without the Hub's kernels unless `trust_remote_code`: transformers (5.21 on) replaces layers by
+    kernels it fetches from the Hub by default (`use_kernels`), which is code from elsewhere, needs a network at load
+    (without one, on the H200 of bench/results/device-check.md, a bitsandbytes load failed there) and computes
+    other than what this project tests."""
+    from transformers import PreTrainedModel
     from transformers.utils import logging as transformers_logging
 
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         transformers_logging.disable_progress_bar()
+    if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+        kwargs.setdefault("use_kernels", config.trust_remote_code)
     try:
         return cls.from_pretrained(
             config.checkpoint,

@@ -344,3 +344,19 @@ def test_cudnn_attention_is_switched_by_every_loader_on_cuda_only(checkpoints, i
     load_language_model(opt)
     retrieval_model.RetrievalModel.load(ModelConfig(checkpoint=str(itm_checkpoint), device="cpu"))
     assert seen == [(str(checkpoints["opt"]), "cpu")] * 2 + [(str(itm_checkpoint), "cpu")]
+
+
+def test_stages_load_without_the_hubs_kernels_unless_remote_code_is_trusted(checkpoints, itm_checkpoint):
+    """transformers kernelizes a model from the Hub by default (use_kernels): code fetched from elsewhere at load.
+    The vision, language-model and retrieval loaders turn that off unless model.trust_remote_code; the processor
+    loads as before."""
+    from blip2_serve.deployments.loading import load_language_model, load_processor, load_vision
+    from blip2_serve.deployments.retrieval_model import RetrievalModel
+
+    opt = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu")
+    models = [load_vision(opt)[0], load_language_model(opt)[0]]
+    models.append(RetrievalModel.load(ModelConfig(checkpoint=str(itm_checkpoint), device="cpu")).model)
+    assert [model.use_kernels for model in models] == [False, False, False]
+    assert load_processor(opt).num_query_tokens
+    trusted = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu", trust_remote_code=True)
+    assert load_vision(trusted)[0].use_kernels is True  # transformers' default, where the operator trusts it
