@@ -37,6 +37,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from bench import QUESTIONS
+
 logger = logging.getLogger(__name__)
 
 VISION_BATCHES = (1, 8, 32)
@@ -45,13 +47,6 @@ PARITY_IMAGES = 8
 NEW_TOKENS = 20
 E2E_IMAGES = 16  # the bench's 16 concurrent clients (bench/run.py), here as one group in one process
 LONE_REPEATS = 5
-QUESTIONS = (  # bench/run.py's five questions about one image
-    "what is in the picture?",
-    "what colour is the block?",
-    "where is the block?",
-    "is it large?",
-    "what is it?",
-)
 
 
 def _sync(device: str) -> None:
@@ -97,16 +92,18 @@ def _images(count: int, size: int) -> list:
     return [check_image(data) for data in sample_images(count, size=size)]
 
 
+def _timed(call, device: str) -> tuple[float, Any]:
+    """(seconds, result) of one call of `call`, the device synchronised around it."""
+    _sync(device)
+    started = time.perf_counter()
+    result = call()
+    _sync(device)
+    return time.perf_counter() - started, result
+
+
 def _best_of_3(call, device: str) -> float:
     """Seconds of the fastest of three calls of `call`, the device synchronised around each."""
-    times = []
-    for _ in range(3):
-        _sync(device)
-        started = time.perf_counter()
-        call()
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    return min(times)
+    return min(_timed(call, device)[0] for _ in range(3))
 
 
 def vision_rows(encoder, images: list, device: str, gflop_per_image: float, tflops: float) -> list[dict]:
@@ -277,15 +274,6 @@ def reference_answers(checkpoint: Path, images: list, device: str, dtype, quanti
     return answers
 
 
-def _timed(call, device: str) -> tuple[float, Any]:
-    """(seconds, result) of one call of `call`, the device synchronised around it."""
-    _sync(device)
-    started = time.perf_counter()
-    result = call()
-    _sync(device)
-    return time.perf_counter() - started, result
-
-
 def end_to_end(processor, model, encoder, engine, generator, images: list, device: str, dtype) -> dict:
     """The bench's captioning workloads (bench/run.py) in one process on this device, without Ray or HTTP (Ray is
     not on the GPU machine): 16 captions as the model card's loop (one generate per image), as one batched
@@ -307,29 +295,30 @@ def end_to_end(processor, model, encoder, engine, generator, images: list, devic
         return generate_answers(processor, model, [image], device, dtype, prompt)[0]
 
     prompts = [f"Question: {q} Answer:" for q in QUESTIONS]
+    workloads = {
+        "batched_generate": lambda: generate_answers(processor, model, images, device, dtype),
+        "stages": lambda: stages(images, [""] * len(images)),
+        "five_questions_loop": lambda: [loop(images[0], prompt) for prompt in prompts],
+        "five_questions_stages": lambda: stages(images[:1], prompts),
+    }
     # warm-up of every path (cuBLAS handles, allocator, the engine's buffers)
     loop(images[0])
     stages(images[:1], [""])
     # the first call of each workload pays for its shapes (a new batch size, a new prompt length): timed apart
-    first_s = {
-        "batched_generate": _timed(lambda: generate_answers(processor, model, images, device, dtype), device)[0],
-        "stages": _timed(lambda: stages(images, [""] * len(images)), device)[0],
-        "five_questions_loop": _timed(lambda: [loop(images[0], prompt) for prompt in prompts], device)[0],
-        "five_questions_stages": _timed(lambda: stages(images[:1], prompts), device)[0],
-    }
+    first_s = {name: _timed(call, device)[0] for name, call in workloads.items()}
     loop_times, loop_answers = [], []
     for image in images:
         seconds, answer = _timed(lambda image=image: loop(image), device)
         loop_times.append(seconds)
         loop_answers.append(answer)
-    batched_s, batched_answers = _timed(lambda: generate_answers(processor, model, images, device, dtype), device)
-    stages_s, stage_answers = _timed(lambda: stages(images, [""] * len(images)), device)
+    batched_s, batched_answers = _timed(workloads["batched_generate"], device)
+    stages_s, stage_answers = _timed(workloads["stages"], device)
     lone_loop, lone_stages = [], []
     for image in images[:LONE_REPEATS]:  # in turn, so that a drift falls on both
         lone_loop.append(_timed(lambda image=image: loop(image), device)[0])
         lone_stages.append(_timed(lambda image=image: stages([image], [""]), device)[0])
-    five_loop_s, five_loop = _timed(lambda: [loop(images[0], prompt) for prompt in prompts], device)
-    five_stages_s, five_stages = _timed(lambda: stages(images[:1], prompts), device)
+    five_loop_s, five_loop = _timed(workloads["five_questions_loop"], device)
+    five_stages_s, five_stages = _timed(workloads["five_questions_stages"], device)
     loop_s = sum(loop_times)
     p50 = statistics.median
     return {
@@ -629,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("device ceilings: %s", rates)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "device-check-dry-run" if args.dry_run else "device-check"
+    stem = "device-check-dry-run" if args.dry_run else "device-check"
     document = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -648,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
             **document,
             "checks": [{k: v for k, v in c.items() if not k.startswith("_")} for c in document["checks"]],
         }
-        (out / f"{name}.json").write_text(json.dumps(public, indent=2))
+        (out / f"{stem}.json").write_text(json.dumps(public, indent=2))
 
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         for index, llm in enumerate(name for name in args.llm.split(",") if name):
@@ -666,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
             write()
     document["complete"] = True
     write()
-    (out / f"{name}.md").write_text(markdown(document))
+    (out / f"{stem}.md").write_text(markdown(document))
     print(markdown(document))
     return 0
 

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import report
+from bench import QUESTIONS, report
 from bench.flops import proportions
 from bench.peer import peer_load, start_peer, stop_peer
 from bench.scenarios import (
@@ -37,13 +37,6 @@ from bench.scenarios import (
 )
 
 ALL = ("baseline", "peer", "one_process", "served", "streaming", "multi_question", "mixed", "triton", "vision")
-QUESTIONS = [
-    "what is in the picture?",
-    "what colour is the block?",
-    "where is the block?",
-    "is it large?",
-    "what is it?",
-]
 
 
 def _free_port() -> int:
