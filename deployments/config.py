@@ -53,12 +53,12 @@ class ModelConfig(BaseModel):
     # On CUDA, whether PyTorch's scaled-dot-product attention may pick cuDNN's kernel (torch's default does). cuDNN
     # builds a plan for every new shape, and a decode step's key length is new at every step of a request whose
     # lengths were not seen before, so a request's first pass at new shapes pays for all of them. Measured on an
-    # H200 (bench/results/device-check.md's machine kind, full blip2-opt-2.7b shapes, fp16, one process each way,
-    # same run): a lone caption's first call 4.68 s with cuDNN / 0.87 s without, five questions about one image 4.73 /
-    # 0.62 s, 16 captions 1.51 / 0.43 s; transformers' own generate 1.22 / 0.25 s for one image. Warm calls (the
-    # shapes seen): lone 0.25-0.51 / 0.22-0.35 s, 16 captions 0.35-0.58 / 0.27 s, but five questions (prompts of
-    # different lengths, masked) 0.32-0.35 / 0.56-0.59 s: cuDNN's kernel wins there once its plans exist. A server's
-    # shapes keep changing (each join and step), so off by default; the setting is process-wide
+    # H200 (bench/sdpa_ab.py, bench/results/cudnn-attention-h200.md: full blip2-opt-2.7b shapes, fp16, one process
+    # each way, same run): a lone caption's first call 4.68 s with cuDNN / 0.87 s without, five questions about one
+    # image 4.73 / 0.62 s, 16 captions 1.51 / 0.43 s; transformers' own generate 1.22 / 0.25 s for one image. Warm
+    # calls (the shapes seen): lone 0.25-0.51 / 0.22-0.35 s, 16 captions 0.35-0.58 / 0.27 s, but five questions
+    # (prompts of different lengths, masked) 0.32-0.35 / 0.56-0.59 s: cuDNN's kernel wins there once its plans
+    # exist. A server's shapes keep changing (each join and step), so off by default; the setting is process-wide
     # (deployments/loading.py sets it when a stage loads on CUDA).
     cudnn_attention: bool = False
     # torch.compile the vision half (tower + Q-Former + projection; inductor, static shapes): batches run padded to
