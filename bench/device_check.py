@@ -368,9 +368,15 @@ def _weight_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def check(llm: str, dry_run: bool, work: Path, rates: dict, compiled_rows: bool = False) -> dict:
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch's names, looked up once torch is in
+
+
+def check(
+    llm: str, dry_run: bool, work: Path, rates: dict, compiled_rows: bool = False, dtype_name: str = "fp16"
+) -> dict:
     """Everything for one language model: its checkpoint, vision, decode, parity, quantization; where
-    `compiled_rows`, the vision stage and the decode step compiled (torch.compile) at the largest batch."""
+    `compiled_rows`, the vision stage and the decode step compiled (torch.compile) at the largest batch. On a GPU in
+    `dtype_name` (fp16 or bf16), the dry run on CPU in fp32."""
     import torch
     from blip2_serve.deployments.config import ModelConfig
     from blip2_serve.deployments.engine import ContinuousBatcher
@@ -381,7 +387,8 @@ def check(llm: str, dry_run: bool, work: Path, rates: dict, compiled_rows: bool 
     from bench.flops import caption_flops
 
     device = "cpu" if dry_run else "cuda"
-    dtype_name, dtype = ("fp32", torch.float32) if dry_run else ("fp16", torch.float16)
+    dtype_name = "fp32" if dry_run else dtype_name
+    dtype = getattr(torch, DTYPES[dtype_name])
     size = "tiny" if dry_run else "full"
     started = time.perf_counter()
     checkpoint = make_tiny_checkpoint(work / f"{size}-{llm}", llm, size=size, dtype=dtype_name, device=device)
@@ -599,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--commit", default=None, help="the commit measured (where the tree travels without .git)")
     parser.add_argument("--work", default=None, help="where to write the checkpoints (default: a temporary folder)")
+    parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="on the GPU (the dry run: fp32)")
+    parser.add_argument("--no-quantized", action="store_true", help="leave out the int8 / int4 rows (bitsandbytes)")
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -612,20 +621,25 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device here: run on a GPU, or pass --dry-run")
     device = "cpu" if args.dry_run else "cuda"
-    dtype = torch.float32 if args.dry_run else torch.float16
+    dtype_name = "fp32" if args.dry_run else args.dtype
+    dtype = getattr(torch, DTYPES[dtype_name])
     started = time.perf_counter()
     rates = device_rates(device, dtype)
     logger.info("device ceilings: %s", rates)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # fp16 (the default) keeps the committed name; another dtype's run, or one with the compiled rows, is a file of
+    # its own beside it
     stem = "device-check-dry-run" if args.dry_run else "device-check"
+    if not args.dry_run:
+        stem += ("" if dtype_name == "fp16" else f"-{dtype_name}") + ("-compiled" if args.compile else "")
     document = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "commit": args.commit or _commit(),
         "versions": _versions(),
         "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
-        "dtype": "fp32" if args.dry_run else "fp16",
+        "dtype": dtype_name,
         "rates": rates,
         "checks": [],
         "complete": False,
@@ -643,12 +657,12 @@ def main(argv: list[str] | None = None) -> int:
         for index, llm in enumerate(name for name in args.llm.split(",") if name):
             # compiled rows with the first LLM only: the vision half is the same ViT-g + Q-Former for both
             compiled = index == 0 and (args.compile or args.dry_run)  # the dry run always: CI tests that code
-            document["checks"].append(check(llm, args.dry_run, Path(work), rates, compiled_rows=compiled))
+            document["checks"].append(check(llm, args.dry_run, Path(work), rates, compiled, dtype_name))
             document["seconds"] = round(time.perf_counter() - started, 1)
             logger.info("%s done after %.0f s", llm, document["seconds"])
             # written after each step, so that a run cut short by its machine's time keeps what it did
             write()
-        for part in document["checks"]:
+        for part in document["checks"] if not args.no_quantized else []:
             part["quantized"] = quantized_rows(part, device, dtype)
             document["seconds"] = round(time.perf_counter() - started, 1)
             logger.info("%s quantized rows done after %.0f s", part["llm"], document["seconds"])

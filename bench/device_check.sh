@@ -22,4 +22,5 @@ export PYTHONPATH="/tmp/site:$repo" PYTHONUNBUFFERED=1
 export USE_HUB_KERNELS=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device-check-gpu.txt" || true
 cd /tmp
-python3 -m bench.device_check --commit "${COMMIT:-unknown}" --out "$out" "$@" 2>&1 | tee "$out/device-check.log"
+# LOG names the log where one call runs this more than once (another --dtype, --compile)
+python3 -m bench.device_check --commit "${COMMIT:-unknown}" --out "$out" "$@" 2>&1 | tee "$out/${LOG:-device-check}.log"
