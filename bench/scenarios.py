@@ -194,20 +194,14 @@ def kserve_load(
         answers: list[str | None] = [None] * len(jobs)
         latencies: list[float] = []
 
-        async def worker():
-            client = client_module.InferenceServerClient(url)
-            try:
-                while pending:
-                    index, (image, prompt) = pending.pop(0)
-                    begin = time.perf_counter()
-                    sent = per_job[index] if per_job else parameters
-                    result = await client.infer(
-                        "blip2", bytes_inputs(client_module, [image], [prompt]), parameters=sent
-                    )
-                    latencies.append(time.perf_counter() - begin)
-                    answers[index] = result.as_numpy("TEXT")[0, 0].decode()
-            finally:
-                await client.close()
+        async def worker(client):
+            while pending:
+                index, (image, prompt) = pending.pop(0)
+                begin = time.perf_counter()
+                sent = per_job[index] if per_job else parameters
+                result = await client.infer("blip2", bytes_inputs(client_module, [image], [prompt]), parameters=sent)
+                latencies.append(time.perf_counter() - begin)
+                answers[index] = result.as_numpy("TEXT")[0, 0].decode()
 
         if warmup is not None:
             warm = client_module.InferenceServerClient(url)
@@ -215,9 +209,15 @@ def kserve_load(
                 await warm.infer("blip2", bytes_inputs(client_module, [warmup], [""]), parameters=parameters)
             finally:
                 await warm.close()
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return latencies, time.perf_counter() - started, answers
+        # every client made before the clock and before any sends, as bench.peer.peer_load's are
+        clients = [client_module.InferenceServerClient(url) for _ in range(concurrency)]
+        try:
+            started = time.perf_counter()
+            await asyncio.gather(*(worker(client) for client in clients))
+            return latencies, time.perf_counter() - started, answers
+        finally:
+            for client in clients:
+                await client.close()
 
     return asyncio.run(main())
 

@@ -139,3 +139,54 @@ def test_device_check_dry_run_measures_every_part_and_matches_transformers(tmp_p
     assert document["complete"] is True
     assert (out / "device-check-dry-run.md").read_text().startswith("# device check")
     assert "End to end in one process" in (out / "device-check-dry-run.md").read_text()
+
+
+def test_the_peers_clock_starts_with_its_requests_not_with_making_its_clients():
+    """bench.peer.peer_load's wall time (its throughput's denominator) is the requests' time: its 16 httpx clients
+    are made before the clock starts. Made inside it (about 20 ms each on 2 cores, an httpx client's SSL context),
+    they added about 0.3 s to every 16-client peer row, which the served side's tritonclient clients (well under a
+    millisecond for 16) did not. A plain HTTP server on 127.0.0.1 records when the first request arrives and when
+    the last answer leaves, and holds every answer until all 16 are in (they are concurrent)."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from bench.peer import peer_load
+
+    arrived: list[float] = []
+    answered: list[float] = []
+    everyone = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            arrived.append(time.monotonic())
+            if len(arrived) == 16:
+                everyone.set()
+            everyone.wait(10)
+            body = json.dumps({"text": "a caption"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            answered.append(time.monotonic())
+
+        def log_message(self, *args):
+            pass
+
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 64  # as uvicorn's 2048: at socketserver's 5, connections past it waited a second
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        jobs = [(bytes([i]) * 1000, "") for i in range(16)]
+        latencies, wall, answers = peer_load(f"http://127.0.0.1:{server.server_address[1]}", jobs, 16, 20)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answers == ["a caption"] * 16 and len(latencies) == 16
+    served = max(answered) - min(arrived)  # the server's part of the timed load
+    assert max(arrived) - min(arrived) < 0.1  # concurrent: all 16 sent before any answer
+    assert wall < served + 0.1, f"wall {1000 * wall:.0f} ms for {1000 * served:.0f} ms at the server"
