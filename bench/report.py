@@ -132,7 +132,9 @@ def markdown(document: dict) -> str:
         lines += [
             "",
             "The loop and the peer ran before and after the served rows (each alone on the machine); every ratio is "
-            f"against the mean of both runs. Time after / before: the loop's p50 {summary['baseline_drift']}{peer}.",
+            f"against the mean of both runs. Time after / before: the loop's p50 {summary['baseline_drift']}{peer}. "
+            "Every 16-client row (peer, served, one_process) follows an untimed batch of 16 other images on the same "
+            "server or process: steady state, not a first batch of 16.",
         ]
         if "serving_overhead_c1_p50_ms_loop_alone" in summary:  # where the c=1 row ran in turn with the loop
             lines += [
