@@ -372,11 +372,11 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch's n
 
 
 def check(
-    llm: str, dry_run: bool, work: Path, rates: dict, compiled_rows: bool = False, dtype_name: str = "fp16"
+    llm: str, dry_run: bool, work: Path, rates: dict, compiled_rows: bool = False, dtype_name: str = "fp32"
 ) -> dict:
     """Everything for one language model: its checkpoint, vision, decode, parity, quantization; where
-    `compiled_rows`, the vision stage and the decode step compiled (torch.compile) at the largest batch. On a GPU in
-    `dtype_name` (fp16 or bf16), the dry run on CPU in fp32."""
+    `compiled_rows`, the vision stage and the decode step compiled (torch.compile) at the largest batch. In
+    `dtype_name` (main's: fp16 or bf16 on a GPU, fp32 for the dry run on CPU)."""
     import torch
     from blip2_serve.deployments.config import ModelConfig
     from blip2_serve.deployments.engine import ContinuousBatcher
@@ -387,7 +387,6 @@ def check(
     from bench.flops import caption_flops
 
     device = "cpu" if dry_run else "cuda"
-    dtype_name = "fp32" if dry_run else dtype_name
     dtype = getattr(torch, DTYPES[dtype_name])
     size = "tiny" if dry_run else "full"
     started = time.perf_counter()

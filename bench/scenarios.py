@@ -183,7 +183,7 @@ def one_process(
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_one_process, checkpoint, jobs, max_new_tokens, batch, warm or []).result()
+        return pool.submit(_one_process, checkpoint, jobs, max_new_tokens, batch, warm).result()
 
 
 def kserve_load(
