@@ -44,7 +44,7 @@ async def _infer_concurrently(url: str, images: list[bytes], prompts: list[str])
 
 
 def test_sixteen_concurrent_requests_are_batched(app, references):
-    images = [image_bytes(100 + i) for i in range(16)]  # not sent before: no embedding-cache hits
+    images = [image_bytes(5100 + i) for i in range(16)]  # seeds no other test sends: no embedding-cache hits
     prompts = ["a photo of" if i % 2 else "Question: what is this? Answer:" for i in range(16)]
     reference = references[app.llm]
     alone = [reference.text(reference.generate([i], [p], max_new_tokens=8)[0]) for i, p in zip(images, prompts)]

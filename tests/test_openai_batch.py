@@ -90,7 +90,7 @@ def test_a_batch_of_chat_lines_answers_as_one_by_one_and_keeps_bad_lines_as_erro
 
 def test_cancel_stops_a_batch_and_keeps_what_finished(batch_app, tmp_path):
     client = client_for(batch_app)
-    lines = [_chat_line(f"c-{i}", 100 + i, "describe it", max_tokens=24) for i in range(16)]
+    lines = [_chat_line(f"c-{i}", 2100 + i, "describe it", max_tokens=24) for i in range(16)]
     created = client.batches.create(
         input_file_id=_upload(client, lines, tmp_path), endpoint="/v1/chat/completions", completion_window="24h"
     )
