@@ -233,7 +233,7 @@ def _replace_linear_layers(
 
 def small_model(model: nn.Module) -> bool:
     """Whether every linear layer of `model` (plain or packed) has fewer than PACK_MIN_WEIGHTS weights: a model whose
-    steps are too small to split across cores (deployments/llm.py computes such a language model on one thread)."""
+    steps are too small to split across cores (the LLM and vision stages compute such a model on one thread)."""
     sizes = [m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
     return bool(sizes) and max(sizes) < PACK_MIN_WEIGHTS
 

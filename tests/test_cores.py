@@ -221,14 +221,15 @@ def test_served_replicas_have_the_request_path_setting_and_passive_openmp(apps):
     assert not any(line.startswith(b"OMP_WAIT_POLICY=") for line in environment)
 
 
-def test_a_small_language_model_decodes_on_one_thread(checkpoints):
-    """The LLM stage computes a language model whose every linear layer is under PACK_MIN_WEIGHTS (the tiny test
+def test_a_small_model_computes_on_one_thread(checkpoints):
+    """The LLM and vision stages compute a model whose every linear layer is under PACK_MIN_WEIGHTS (the tiny test
     checkpoints) on one thread unless torch_threads says otherwise; a model with one layer of PACK_MIN_WEIGHTS
-    weights is not small. (The stage's class is built in this process, without Ray: cpu_turns off needs no replica
-    context; the process's thread count is restored after.)"""
+    weights is not small. (The stages' classes are built in this process, without Ray: cpu_turns off needs no
+    replica context; the process's thread count is restored after.)"""
     from blip2_serve.deployments.config import ModelConfig
     from blip2_serve.deployments.llm import LLMDeployment
     from blip2_serve.deployments.loading import PACK_MIN_WEIGHTS, PackedLinear, small_model
+    from blip2_serve.deployments.vision import VisionDeployment
     from torch import nn
 
     assert not small_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(PACK_MIN_WEIGHTS // 1024, 1024)))
@@ -243,5 +244,10 @@ def test_a_small_language_model_decodes_on_one_thread(checkpoints):
             default = stage(model, cpu_turns=False)
             assert small_model(default._generator.model.language_model) and default._threads == 1, llm
             assert stage(model, cpu_turns=False, torch_threads=2)._threads == 2, llm
+        model = ModelConfig(checkpoint=str(checkpoints["opt"]), device="cpu")
+        torch.set_num_threads(2)
+        vision = VisionDeployment(model, cpu_turns=False)
+        assert small_model(vision._encoder.backend.model) and vision._threads == 1
+        assert VisionDeployment(model, cpu_turns=False, torch_threads=2)._threads == 2
     finally:
         torch.set_num_threads(saved)
