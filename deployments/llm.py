@@ -19,7 +19,7 @@ from blip2_serve.deployments.cores import load_threads, vision_signal
 from blip2_serve.deployments.engine import ContinuousBatcher, Sequence
 from blip2_serve.deployments.errors import InvalidInput
 from blip2_serve.deployments.generator import LanguageGenerator, PreparedRequest
-from blip2_serve.deployments.loading import small_model
+from blip2_serve.deployments.loading import stage_threads
 from blip2_serve.deployments.metrics import MetricsRecorder
 from blip2_serve.deployments.text import TextAssembler
 from blip2_serve.deployments.types import GenerateChunk, GenerateRequest, GenerateResult, ImageEmbeds
@@ -58,12 +58,7 @@ class LLMDeployment:
     ):
         with load_threads(cpu_turns, torch_threads):
             self._generator = LanguageGenerator(model, max_prompt_tokens)
-        # A language model as small as the test checkpoints decodes faster on one thread: its ops are too small to
-        # split, and waking a second OpenMP thread for each one costs more than it saves (in one process, the tiny
-        # OPT's 20 tokens: 20.3 ms on 2 threads, 16.7 ms on 1, medians of 60 alternated). Published models use
-        # every core.
-        if torch_threads is None and small_model(self._generator.model.language_model):
-            torch_threads = 1
+        torch_threads = stage_threads(self._generator.model.language_model, torch_threads)
         turns = cpu_turns_for(str(self._generator.device), cpu_turns, torch_threads)
         self._threads = torch.get_num_threads()  # what its model computes on (the engine's thread takes the same)
         vision = vision_signal() if turns is not None else None  # the stage that feeds this one, on this node

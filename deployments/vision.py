@@ -17,7 +17,7 @@ from blip2_serve.deployments.config import BatchConfig, ModelConfig, VisionBacke
 from blip2_serve.deployments.cores import cpu_turns as cpu_turns_for
 from blip2_serve.deployments.cores import load_threads, vision_signal
 from blip2_serve.deployments.images import ImageLimits
-from blip2_serve.deployments.loading import small_model
+from blip2_serve.deployments.loading import stage_threads
 from blip2_serve.deployments.metrics import MetricsRecorder
 from blip2_serve.deployments.types import INTERACTIVE, EncodedImage, ImageEmbeds
 from blip2_serve.deployments.vision_encoder import VisionEncoder
@@ -41,11 +41,7 @@ class VisionDeployment:
     ):
         with load_threads(cpu_turns, torch_threads):
             self._encoder = VisionEncoder(model, limits, backend)
-        # as the LLM stage's (deployments/llm.py): a vision tower as small as the test checkpoints' encodes faster on
-        # one thread (in one process, one tiny image: 5.3 ms on 2 threads, 2.2 ms on 1, medians of 60)
-        network = getattr(self._encoder.backend, "model", None)  # ONNX Runtime's backend sets its own threads
-        if torch_threads is None and network is not None and small_model(network):
-            torch_threads = 1
+        torch_threads = stage_threads(getattr(self._encoder.backend, "model", None), torch_threads)  # ONNX: None
         turns = cpu_turns_for(str(self._encoder.backend.device), cpu_turns, torch_threads)
         self._threads = torch.get_num_threads()  # what its model computes on
         self._worker = ModelWorker("vision", turns=turns)
