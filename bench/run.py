@@ -364,8 +364,8 @@ def run(
     if "served" in scenarios:
         proxied = looped = None
         for concurrency, jobs in sets.items():
-            before = stage_profile("c")
             if concurrency == 1:
+                before = stage_profile("c")
                 # Lone requests taken in turn with the loop's own call on the same image (the server idle meanwhile)
                 # and, where the server has direct ingress, with the same server's lone requests through Ray's proxy
                 # (fresh images; the profile counts both): the machine's drift falls on all alike, so the serving
